@@ -1,0 +1,469 @@
+//! The root bus and its two configuration-access mechanisms.
+
+use std::sync::{Arc, Mutex};
+
+use thiserror::Error;
+
+use super::config::{BarKind, BarMove, PciClass, PciConfig};
+use super::PciDevice;
+use crate::bus::{Bus, BusDevice, BusError};
+
+pub const PCI_SLOTS: usize = 32;
+pub const CONFIG_IO_PORT: u64 = 0xcf8;
+pub const CONFIG_IO_LEN: u64 = 8;
+/// ECAM covers bus 0 only: 32 devices x 8 functions x 4 KiB.
+pub const ECAM_BUS0_SIZE: u64 = 1 << 20;
+
+pub type SharedPciDevice = Arc<Mutex<dyn PciDevice>>;
+
+#[derive(Debug, Error)]
+pub enum PciRootError {
+    #[error("PCI slot {0} does not exist (0..{PCI_SLOTS})")]
+    BadSlot(usize),
+    #[error("PCI slot {0} is already in use")]
+    SlotBusy(usize),
+    #[error("PCI slot {0} is empty")]
+    SlotEmpty(usize),
+    #[error("no free PCI slot")]
+    Full,
+    #[error("cannot map BAR {bar} of slot {slot}: {source}")]
+    MapBar {
+        slot: usize,
+        bar: usize,
+        source: BusError,
+    },
+}
+
+struct Slot {
+    device: SharedPciDevice,
+    /// BARs currently placed on a bus: (bar index, kind, base).
+    mapped: Vec<(usize, BarKind, u64, u64)>,
+}
+
+/// Bus 0: slot 0 holds the host bridge; devices go in 1..32.
+pub struct PciRoot {
+    slots: Vec<Option<Slot>>,
+    mmio: Arc<Bus>,
+    pio: Arc<Bus>,
+}
+
+impl PciRoot {
+    pub fn new(mmio: Arc<Bus>, pio: Arc<Bus>) -> Self {
+        let mut root = Self {
+            slots: (0..PCI_SLOTS).map(|_| None).collect(),
+            mmio,
+            pio,
+        };
+        root.slots[0] = Some(Slot {
+            device: Arc::new(Mutex::new(HostBridge::new())),
+            mapped: vec![],
+        });
+        root
+    }
+
+    /// The lowest free slot, from 1.
+    pub fn free_slot(&self) -> Result<usize, PciRootError> {
+        (1..PCI_SLOTS)
+            .find(|s| self.slots[*s].is_none())
+            .ok_or(PciRootError::Full)
+    }
+
+    /// Put `device` in `slot` and map its BARs at the bases its config space
+    /// holds (the VMM allocated them before).
+    pub fn add(
+        &mut self,
+        slot: usize,
+        device: SharedPciDevice,
+        bars: &[(usize, BarKind, u64, u64)],
+    ) -> Result<(), PciRootError> {
+        let entry = self.slots.get(slot).ok_or(PciRootError::BadSlot(slot))?;
+        if entry.is_some() {
+            return Err(PciRootError::SlotBusy(slot));
+        }
+        let mut mapped = Vec::new();
+        for &(bar, kind, base, len) in bars {
+            if let Err(source) = self.map_bar(&device, bar, kind, base, len) {
+                for &(_, k, b, _) in &mapped {
+                    let _ = self.bus(k).remove(b);
+                }
+                return Err(PciRootError::MapBar { slot, bar, source });
+            }
+            mapped.push((bar, kind, base, len));
+        }
+        self.slots[slot] = Some(Slot { device, mapped });
+        Ok(())
+    }
+
+    /// Take the device out of `slot`, unmapping its BARs.
+    pub fn remove(&mut self, slot: usize) -> Result<SharedPciDevice, PciRootError> {
+        if slot == 0 {
+            return Err(PciRootError::BadSlot(slot));
+        }
+        let s = self
+            .slots
+            .get_mut(slot)
+            .ok_or(PciRootError::BadSlot(slot))?
+            .take()
+            .ok_or(PciRootError::SlotEmpty(slot))?;
+        for (_, kind, base, _) in s.mapped {
+            let _ = self.bus(kind).remove(base);
+        }
+        Ok(s.device)
+    }
+
+    pub fn occupied(&self, slot: usize) -> bool {
+        matches!(self.slots.get(slot), Some(Some(_)))
+    }
+
+    fn bus(&self, kind: BarKind) -> &Bus {
+        match kind {
+            BarKind::Io => &self.pio,
+            BarKind::Mem32 | BarKind::Mem64 => &self.mmio,
+        }
+    }
+
+    fn map_bar(
+        &self,
+        device: &SharedPciDevice,
+        bar: usize,
+        kind: BarKind,
+        base: u64,
+        len: u64,
+    ) -> Result<(), BusError> {
+        let region = Arc::new(Mutex::new(BarRegion {
+            device: device.clone(),
+            bar,
+        }));
+        self.bus(kind).insert(region, base, len)
+    }
+
+    fn config_read(&self, dev: usize, func: usize, reg: usize) -> u32 {
+        match self.slots.get(dev) {
+            Some(Some(s)) if func == 0 => s
+                .device
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .config_read(reg),
+            _ => 0xffff_ffff,
+        }
+    }
+
+    fn config_write(&mut self, dev: usize, func: usize, reg: usize, offset: usize, data: &[u8]) {
+        let Some(Some(s)) = self.slots.get(dev) else {
+            return;
+        };
+        if func != 0 {
+            return;
+        }
+        let device = s.device.clone();
+        let moved = device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .config_write(reg, offset, data);
+        if let Some(mv) = moved {
+            self.move_bar(dev, mv);
+        }
+    }
+
+    fn move_bar(&mut self, dev: usize, mv: BarMove) {
+        let Some(Some(slot)) = self.slots.get(dev) else {
+            return;
+        };
+        let device = slot.device.clone();
+        let Some(pos) = slot.mapped.iter().position(|m| m.0 == mv.bar) else {
+            return;
+        };
+        let (bar, kind, old, len) = slot.mapped[pos];
+        let _ = self.bus(kind).remove(old);
+        let new_base = match self.map_bar(&device, bar, kind, mv.new, len) {
+            Ok(()) => mv.new,
+            Err(e) => {
+                // An overlapping placement: the BAR stays unreachable until
+                // the guest moves it somewhere sane.
+                tracing::warn!("slot {dev} BAR {bar} -> {:#x}: {e}", mv.new);
+                mv.new
+            }
+        };
+        if let Some(Some(slot)) = self.slots.get_mut(dev) {
+            slot.mapped[pos] = (bar, kind, new_base, len);
+        }
+    }
+}
+
+/// Forwards bus accesses to one BAR of a PCI device.
+struct BarRegion {
+    device: SharedPciDevice,
+    bar: usize,
+}
+
+impl BusDevice for BarRegion {
+    fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+        self.device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .bar_read(self.bar, offset, data);
+    }
+    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        self.device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .bar_write(self.bar, offset, data);
+    }
+}
+
+/// 00:00.0, a host bridge with no BARs.
+pub struct HostBridge {
+    config: PciConfig,
+}
+
+impl HostBridge {
+    pub fn new() -> Self {
+        Self {
+            config: PciConfig::new(0x8086, 0x0d57, PciClass::HOST_BRIDGE, 0),
+        }
+    }
+}
+
+impl Default for HostBridge {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PciDevice for HostBridge {
+    fn config_read(&mut self, reg: usize) -> u32 {
+        self.config.read(reg)
+    }
+    fn config_write(&mut self, reg: usize, offset: usize, data: &[u8]) -> Option<BarMove> {
+        self.config.write(reg, offset, data)
+    }
+    fn bar_read(&mut self, _bar: usize, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn bar_write(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
+}
+
+fn read_part(value: u32, offset: usize, data: &mut [u8]) {
+    let bytes = value.to_le_bytes();
+    for (i, d) in data.iter_mut().enumerate() {
+        *d = bytes.get(offset + i).copied().unwrap_or(0xff);
+    }
+}
+
+/// The legacy mechanism: an address latch at 0xCF8 and data at 0xCFC..0xCFF.
+pub struct PciConfigIo {
+    root: Arc<Mutex<PciRoot>>,
+    address: u32,
+}
+
+impl PciConfigIo {
+    pub fn new(root: Arc<Mutex<PciRoot>>) -> Self {
+        Self { root, address: 0 }
+    }
+
+    /// (device, function, register) the latch selects on bus 0, if enabled.
+    fn target(&self) -> Option<(usize, usize, usize)> {
+        let a = self.address;
+        let enabled = a & 0x8000_0000 != 0;
+        let bus = (a >> 16) & 0xff;
+        (enabled && bus == 0).then(|| {
+            (
+                ((a >> 11) & 0x1f) as usize,
+                ((a >> 8) & 7) as usize,
+                ((a >> 2) & 0x3f) as usize,
+            )
+        })
+    }
+}
+
+impl BusDevice for PciConfigIo {
+    fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+        match offset {
+            0..=3 => read_part(self.address, offset as usize, data),
+            4..=7 => {
+                let v = match self.target() {
+                    Some((d, f, r)) => self
+                        .root
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .config_read(d, f, r),
+                    None => 0xffff_ffff,
+                };
+                read_part(v, (offset - 4) as usize, data);
+            }
+            _ => data.fill(0xff),
+        }
+    }
+
+    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        match offset {
+            0 if data.len() == 4 => {
+                let mut b = [0u8; 4];
+                b.copy_from_slice(data);
+                self.address = u32::from_le_bytes(b);
+            }
+            4..=7 => {
+                let off = (offset - 4) as usize;
+                if off + data.len() > 4 {
+                    return;
+                }
+                if let Some((d, f, r)) = self.target() {
+                    self.root
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .config_write(d, f, r, off, data);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// ECAM over bus 0.
+pub struct PciConfigMmio {
+    root: Arc<Mutex<PciRoot>>,
+}
+
+impl PciConfigMmio {
+    pub fn new(root: Arc<Mutex<PciRoot>>) -> Self {
+        Self { root }
+    }
+
+    fn decode(offset: u64) -> (usize, usize, usize, usize) {
+        let dev = ((offset >> 15) & 0x1f) as usize;
+        let func = ((offset >> 12) & 7) as usize;
+        let reg = ((offset & 0xfff) >> 2) as usize;
+        (dev, func, reg, (offset & 3) as usize)
+    }
+}
+
+impl BusDevice for PciConfigMmio {
+    fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+        let (d, f, r, off) = Self::decode(offset);
+        if off + data.len() > 4 || offset >= ECAM_BUS0_SIZE {
+            data.fill(0xff);
+            return;
+        }
+        let v = self
+            .root
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .config_read(d, f, r);
+        read_part(v, off, data);
+    }
+
+    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        let (d, f, r, off) = Self::decode(offset);
+        if off + data.len() > 4 || offset >= ECAM_BUS0_SIZE {
+            return;
+        }
+        self.root
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .config_write(d, f, r, off, data);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct BarDev {
+        config: PciConfig,
+        last_write: Option<(usize, u64, Vec<u8>)>,
+    }
+    impl PciDevice for BarDev {
+        fn config_read(&mut self, reg: usize) -> u32 {
+            self.config.read(reg)
+        }
+        fn config_write(&mut self, reg: usize, offset: usize, data: &[u8]) -> Option<BarMove> {
+            self.config.write(reg, offset, data)
+        }
+        fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+            data.fill((bar as u8) << 4 | offset as u8);
+        }
+        fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+            self.last_write = Some((bar, offset, data.to_vec()));
+        }
+    }
+
+    fn setup() -> (Arc<Mutex<PciRoot>>, Arc<Bus>, PciConfigIo, PciConfigMmio) {
+        let mmio = Arc::new(Bus::new());
+        let pio = Arc::new(Bus::new());
+        let root = Arc::new(Mutex::new(PciRoot::new(mmio.clone(), pio)));
+        (
+            root.clone(),
+            mmio,
+            PciConfigIo::new(root.clone()),
+            PciConfigMmio::new(root),
+        )
+    }
+
+    fn cf8(io: &mut PciConfigIo, dev: u32, reg: u32) -> u32 {
+        io.write(
+            0,
+            0,
+            &(0x8000_0000 | (dev << 11) | (reg << 2)).to_le_bytes(),
+        );
+        let mut b = [0u8; 4];
+        io.read(0, 4, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    #[test]
+    fn host_bridge_through_both_mechanisms() {
+        let (_root, _mmio, mut io, mut ecam) = setup();
+        assert_eq!(cf8(&mut io, 0, 0), 0x0d57_8086);
+        assert_eq!(cf8(&mut io, 3, 0), 0xffff_ffff, "empty slot");
+        let mut b = [0u8; 2];
+        ecam.read(0, 2, &mut b);
+        assert_eq!(u16::from_le_bytes(b), 0x0d57);
+        // Class code 06/00 at 0x0b/0x0a.
+        let mut c = [0u8; 1];
+        ecam.read(0, 0xb, &mut c);
+        assert_eq!(c[0], 0x06);
+        // Disabled latch and other buses read as absent.
+        io.write(0, 0, &0u32.to_le_bytes());
+        let mut d = [0u8; 4];
+        io.read(0, 4, &mut d);
+        assert_eq!(d, [0xff; 4]);
+        ecam.read(0, 1 << 20, &mut d);
+        assert_eq!(d, [0xff; 4]);
+    }
+
+    #[test]
+    fn bars_are_mapped_moved_and_unmapped() {
+        let (root, mmio, mut io, _ecam) = setup();
+        let mut config = PciConfig::new(0x1af4, 0x1041, PciClass::ETHERNET, 0);
+        config.add_bar(0, BarKind::Mem32, 0x1000, 0xc000_0000, false);
+        let dev = Arc::new(Mutex::new(BarDev {
+            config,
+            last_write: None,
+        }));
+        root.lock()
+            .unwrap()
+            .add(3, dev.clone(), &[(0, BarKind::Mem32, 0xc000_0000, 0x1000)])
+            .unwrap();
+        let mut b = [0u8; 1];
+        assert!(mmio.read(0xc000_0005, &mut b));
+        assert_eq!(b[0], 0x05);
+        assert_eq!(cf8(&mut io, 3, 0), 0x1041_1af4);
+        // The guest moves the BAR through 0xCF8/0xCFC.
+        io.write(0, 0, &(0x8000_0000u32 | (3 << 11) | (4 << 2)).to_le_bytes());
+        io.write(0, 4, &0xc010_0000u32.to_le_bytes());
+        assert!(!mmio.read(0xc000_0005, &mut b));
+        assert!(mmio.write(0xc010_0004, &[9]));
+        assert_eq!(dev.lock().unwrap().last_write, Some((0, 4, vec![9])));
+        assert!(matches!(
+            root.lock().unwrap().add(3, dev.clone(), &[]),
+            Err(PciRootError::SlotBusy(3))
+        ));
+        root.lock().unwrap().remove(3).unwrap();
+        assert!(!mmio.read(0xc010_0004, &mut b));
+        assert!(matches!(
+            root.lock().unwrap().remove(0),
+            Err(PciRootError::BadSlot(0))
+        ));
+        assert_eq!(root.lock().unwrap().free_slot().unwrap(), 1);
+    }
+}

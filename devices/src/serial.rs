@@ -1,0 +1,270 @@
+//! The COM1 UART (a 16550A from vm-superio) and its host-side backends.
+//!
+//! Output goes to a [`SerialSink`]; input arrives from a backend thread that
+//! pushes bytes into the UART's receive FIFO, waiting while the FIFO is full
+//! so that nothing the host sends is dropped (the guest agent depends on it).
+//!
+//! The device outlives a guest reboot: [`Serial::reset`] rebuilds the UART
+//! registers with the new VM's interrupt while the backend stays connected.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use vm_superio::serial::NoEvents;
+use vm_superio::Trigger;
+
+use crate::bus::BusDevice;
+use crate::Interrupt;
+
+/// COM1's port base and IRQ.
+pub const COM1_PORT: u64 = 0x3f8;
+pub const COM1_IRQ: u32 = 4;
+/// What a socket backend keeps of the output while no client is connected.
+const UNCONNECTED_BACKLOG: usize = 256 * 1024;
+
+/// vm-superio's interrupt trigger over our [`Interrupt`].
+#[derive(Clone)]
+pub struct IrqTrigger(pub Arc<dyn Interrupt>);
+
+impl Trigger for IrqTrigger {
+    type E = io::Error;
+    fn trigger(&self) -> io::Result<()> {
+        self.0.trigger()
+    }
+}
+
+/// Where the guest's serial output goes.
+pub type SerialSink = Box<dyn Write + Send>;
+
+pub struct Serial {
+    uart: Option<vm_superio::Serial<IrqTrigger, NoEvents, SerialSink>>,
+}
+
+impl Serial {
+    pub fn new(irq: Arc<dyn Interrupt>, out: SerialSink) -> Self {
+        Self {
+            uart: Some(vm_superio::Serial::new(IrqTrigger(irq), out)),
+        }
+    }
+
+    /// Power-on state with a new interrupt (after a VM reset); the output
+    /// sink, and so the host connection, is kept.
+    pub fn reset(&mut self, irq: Arc<dyn Interrupt>) {
+        if let Some(old) = self.uart.take() {
+            let out = old.into_writer();
+            self.uart = Some(vm_superio::Serial::new(IrqTrigger(irq), out));
+        }
+    }
+
+    /// Queue host input for the guest; returns how many bytes fit.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        match self.uart.as_mut() {
+            Some(uart) => uart.enqueue_raw_bytes(bytes).unwrap_or(0),
+            None => 0,
+        }
+    }
+}
+
+impl BusDevice for Serial {
+    fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+        let v = match (self.uart.as_mut(), data.len(), u8::try_from(offset)) {
+            (Some(uart), 1, Ok(off)) => uart.read(off),
+            _ => 0xff,
+        };
+        data.fill(v);
+    }
+
+    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        if let (Some(uart), [value], Ok(off)) = (self.uart.as_mut(), data, u8::try_from(offset)) {
+            if let Err(e) = uart.write(off, *value) {
+                tracing::debug!("serial write failed: {e:?}");
+            }
+        }
+    }
+}
+
+/// Feed `input` into the UART until EOF, waiting while its FIFO is full.
+pub fn pump_input(serial: Arc<Mutex<Serial>>, mut input: impl Read) {
+    let mut buf = [0u8; 256];
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        };
+        let mut rest = &buf[..n];
+        while !rest.is_empty() {
+            let taken = serial
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .enqueue_input(rest);
+            rest = &rest[taken..];
+            if !rest.is_empty() {
+                thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+}
+
+/// Open a file for the guest's output (created or truncated).
+pub fn file_sink(path: &Path) -> io::Result<SerialSink> {
+    Ok(Box::new(File::create(path)?))
+}
+
+/// A unix-socket console: Tandem listens on a path; one client at a time
+/// reads the guest's output and writes its input. Output produced while no
+/// client is connected is kept (up to a bound) and delivered on connect.
+#[derive(Clone)]
+pub struct SocketConsole {
+    shared: Arc<Mutex<SocketState>>,
+    path: PathBuf,
+}
+
+#[derive(Default)]
+struct SocketState {
+    client: Option<UnixStream>,
+    backlog: VecDeque<u8>,
+    target: Option<Arc<Mutex<Serial>>>,
+}
+
+impl SocketConsole {
+    /// Bind `path` (it must not exist) and start accepting clients.
+    pub fn bind(path: &Path) -> io::Result<Self> {
+        let listener = UnixListener::bind(path).map_err(|e| {
+            io::Error::new(e.kind(), format!("serial socket {}: {e}", path.display()))
+        })?;
+        let console = Self {
+            shared: Arc::default(),
+            path: path.to_path_buf(),
+        };
+        let c = console.clone();
+        thread::Builder::new()
+            .name("serial-accept".into())
+            .spawn(move || c.accept_loop(listener))?;
+        Ok(console)
+    }
+
+    /// Where input from clients goes: set once the UART exists.
+    pub fn attach_input(&self, serial: Arc<Mutex<Serial>>) {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner()).target = Some(serial);
+    }
+
+    fn accept_loop(self, listener: UnixListener) {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
+            let Ok(reader) = stream.try_clone() else {
+                continue;
+            };
+            let target = {
+                let mut st = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+                let mut s = &stream;
+                let backlog: Vec<u8> = st.backlog.drain(..).collect();
+                if s.write_all(&backlog).is_err() {
+                    continue;
+                }
+                st.client = Some(stream);
+                st.target.clone()
+            };
+            if let Some(serial) = target {
+                thread::Builder::new()
+                    .name("serial-input".into())
+                    .spawn(move || pump_input(serial, reader))
+                    .ok();
+            }
+        }
+    }
+
+    pub fn sink(&self) -> SerialSink {
+        Box::new(self.clone())
+    }
+}
+
+impl Write for SocketConsole {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut st = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(client) = st.client.as_mut() {
+            if client.write_all(buf).is_ok() {
+                return Ok(buf.len());
+            }
+            // The client went away: keep what follows for the next one.
+            st.client = None;
+        }
+        st.backlog.extend(buf);
+        let excess = st.backlog.len().saturating_sub(UNCONNECTED_BACKLOG);
+        st.backlog.drain(..excess);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl SocketConsole {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[derive(Default)]
+    struct Count(AtomicUsize);
+    impl Interrupt for Count {
+        fn trigger(&self) -> io::Result<()> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+    impl Write for Capture {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn output_and_input_through_ports() {
+        let irq = Arc::new(Count::default());
+        let out = Capture::default();
+        let mut s = Serial::new(irq.clone(), Box::new(out.clone()));
+        s.write(COM1_PORT, 0, b"A");
+        assert_eq!(&*out.0.lock().unwrap(), b"A");
+        // Enable the received-data interrupt, then queue input.
+        s.write(COM1_PORT, 1, &[1]);
+        assert_eq!(s.enqueue_input(b"hi"), 2);
+        assert!(irq.0.load(Ordering::SeqCst) > 0);
+        let mut b = [0u8];
+        s.read(COM1_PORT, 0, &mut b);
+        assert_eq!(b, *b"h");
+        // Odd-sized or out-of-range accesses never panic.
+        s.read(COM1_PORT, 300, &mut [0u8; 4]);
+        s.write(COM1_PORT, 0, &[1, 2]);
+    }
+
+    #[test]
+    fn input_fifo_backpressure() {
+        let mut s = Serial::new(Arc::new(Count::default()), Box::new(io::sink()));
+        let big = [b'x'; 200];
+        let taken = s.enqueue_input(&big);
+        assert!(taken < big.len());
+        assert_eq!(s.enqueue_input(&big), 0);
+    }
+}
