@@ -105,12 +105,12 @@ impl QemuBuilder {
     }
 
     /// virtio-net `id` on tap `tap` with `mac`, on its own PCIe root port;
-    /// `failover` offers VIRTIO_NET_F_STANDBY.
+    /// `failover` offers VIRTIO_NET_F_STANDBY. Option ROMs are off (no iPXE delay).
     pub fn virtio_net(mut self, id: &str, tap: &str, mac: &str, failover: bool) -> Self {
         let bus = self.root_port();
         self.extra.extend(["-netdev".into(), format!("tap,id=nd-{id},ifname={tap},script=no,downscript=no")]);
         let fo = if failover { ",failover=on" } else { "" };
-        self.devices.push(format!("virtio-net-pci,id={id},netdev=nd-{id},mac={mac},bus={bus}{fo}"));
+        self.devices.push(format!("virtio-net-pci,id={id},netdev=nd-{id},mac={mac},bus={bus},romfile={fo}"));
         self
     }
 
@@ -119,7 +119,7 @@ impl QemuBuilder {
     pub fn vfio(mut self, id: &str, bdf: &str, failover_pair_id: Option<&str>) -> Self {
         let bus = self.root_port();
         let pair = failover_pair_id.map(|p| format!(",failover_pair_id={p}")).unwrap_or_default();
-        self.devices.push(format!("vfio-pci,id={id},host={bdf},bus={bus}{pair}"));
+        self.devices.push(format!("vfio-pci,id={id},host={bdf},bus={bus},rombar=0{pair}"));
         self
     }
 

@@ -47,7 +47,7 @@ harness::guest_test!(fn qemu_vfio_e1000e_pings_peer(env) {
     let vm = QemuVm::builder(&env.guest, &env.rundir, "vfio").mem_mib(512).vfio("hostdev0", &nic.bdf, None).spawn()?;
     let (_vm, mut agent) = boot(env, vm, "vfio")?;
     let dev = agent.run_ok(
-        "for n in /sys/class/net/*; do d=$(readlink $n/device/driver); [ \"${d##*/}\" = e1000e ] && echo ${n##*/}; done",
+        "for n in /sys/class/net/*; do d=$(readlink $n/device/driver); [ \"${d##*/}\" = e1000e ] && echo ${n##*/}; done; true",
     )?;
     let dev = dev.trim();
     if dev.is_empty() {
