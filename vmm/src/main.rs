@@ -1,1 +1,185 @@
-fn main() {}
+//! `tandem`: run a VM, or talk to a running one.
+
+mod acpi;
+mod boot;
+mod config;
+mod control;
+mod cpu;
+mod events;
+mod layout;
+mod memory;
+mod vcpu;
+mod vm;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{ConfigError, VmConfig};
+use crate::control::{Exit, Vmm};
+
+#[derive(Parser)]
+#[command(
+    name = "tandem",
+    version,
+    about = "A KVM virtual machine monitor built for failover-aware live migration of passthrough NICs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a Linux guest.
+    Run(RunArgs),
+    /// Send a command to a running tandem through its API socket.
+    Remote(RemoteArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Guest kernel: a bzImage or an uncompressed 64-bit ELF vmlinux.
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+    /// Initramfs (cpio, optionally compressed) handed to the kernel.
+    #[arg(long, value_name = "PATH")]
+    initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STR", default_value = config::DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// vCPUs: boot=N (1 to 254).
+    #[arg(long, value_name = "boot=N", default_value = "boot=1")]
+    cpus: String,
+    /// Guest RAM: size=SIZE with K, M, G or T suffix (at least 64M).
+    #[arg(long, value_name = "size=SIZE", default_value = "size=512M")]
+    memory: String,
+    /// COM1: tty (this terminal), off, file=PATH (output only) or
+    /// socket=PATH (tandem listens; one client at a time reads output and sends input).
+    #[arg(long, value_name = "MODE", default_value = "tty")]
+    serial: String,
+    /// Serve the control API on this unix socket: path=PATH or PATH.
+    #[arg(long, value_name = "path=PATH")]
+    api_socket: Option<String>,
+}
+
+#[derive(Args)]
+struct RemoteArgs {
+    /// The API socket of the running tandem.
+    #[arg(long, value_name = "PATH")]
+    api_socket: PathBuf,
+    /// One of: ping, info, pause, resume, shutdown, reboot.
+    command: String,
+}
+
+fn build_config(a: RunArgs) -> Result<VmConfig, ConfigError> {
+    config::check_kernel(&a.kernel)?;
+    if let Some(i) = &a.initramfs {
+        config::check_initramfs(i)?;
+    }
+    if a.cmdline.contains('\0') {
+        return Err(ConfigError::Cmdline("contains a NUL byte".into()));
+    }
+    Ok(VmConfig {
+        vcpus: config::parse_cpus(&a.cpus)?,
+        memory_bytes: config::parse_memory(&a.memory, config::host_memory_bytes())?,
+        serial: config::parse_serial(&a.serial)?,
+        api_socket: a
+            .api_socket
+            .as_deref()
+            .map(config::parse_api_socket)
+            .transpose()?,
+        kernel: a.kernel,
+        initramfs: a.initramfs,
+        cmdline: a.cmdline,
+    })
+}
+
+fn run(a: RunArgs) -> ExitCode {
+    let cfg = match build_config(a) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tandem: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let signals = match control::block_exit_signals() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("tandem: cannot set up signal handling: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let vmm = match Vmm::new(cfg, signals) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("tandem: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match vmm.run() {
+        Ok(Exit::Shutdown) => ExitCode::SUCCESS,
+        Ok(Exit::Signal(sig)) => {
+            eprintln!("tandem: stopped by signal {sig}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tandem: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn remote(a: RemoteArgs) -> ExitCode {
+    let Some(endpoint) = api::Endpoint::from_command(&a.command) else {
+        let names: Vec<&str> = api::ENDPOINTS.iter().map(|r| r.3).collect();
+        eprintln!(
+            "tandem remote: unknown command '{}' (expected one of: {})",
+            a.command,
+            names.join(", ")
+        );
+        return ExitCode::from(2);
+    };
+    match api::client::request(
+        &a.api_socket,
+        endpoint.method().as_str(),
+        &endpoint.path(),
+        None,
+    ) {
+        Ok(r) if (200..300).contains(&r.status) => {
+            if !r.body.is_empty() {
+                match serde_json::from_str::<serde_json::Value>(&r.body) {
+                    Ok(v) => println!("{}", serde_json::to_string_pretty(&v).unwrap_or(r.body)),
+                    Err(_) => println!("{}", r.body),
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            let msg = serde_json::from_str::<api::ErrorBody>(&r.body)
+                .map(|e| e.error)
+                .unwrap_or(r.body);
+            eprintln!("tandem remote: {} (HTTP {})", msg, r.status);
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("tandem remote: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    match Cli::parse().command {
+        Command::Run(a) => run(a),
+        Command::Remote(a) => remote(a),
+    }
+}

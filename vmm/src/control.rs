@@ -1,0 +1,421 @@
+//! The control loop: the one place that changes the VM.
+//!
+//! It owns what outlives a single boot (the serial device and its backend,
+//! the API channel, the event fds), builds a [`Vm`], and waits on epoll for:
+//! the guest powering off or resetting, a fatal vCPU error, an API request,
+//! or SIGTERM/SIGINT.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, Mutex};
+
+use api::{ApiError, ApiMessage, ApiResponse, DeviceInfo, Endpoint, VmInfo, VmState};
+use devices::serial::{self, Serial, SerialSink, SocketConsole};
+use kvm_ioctls::Kvm;
+use thiserror::Error;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::{SerialConfig, VmConfig};
+use crate::events::VmEvents;
+use crate::vm::{Vm, VmError};
+
+#[derive(Debug, Error)]
+pub enum VmmError {
+    #[error("cannot open /dev/kvm: {0} (is KVM available and are you allowed to use it?)")]
+    Kvm(kvm_ioctls::Error),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("{0}")]
+    Guest(String),
+}
+
+/// How the VMM ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// The guest powered off, or the API asked to shut down.
+    Shutdown,
+    /// SIGTERM or SIGINT.
+    Signal(i32),
+}
+
+#[derive(Clone, Copy)]
+enum Token {
+    Shutdown = 1,
+    Reset,
+    Error,
+    Api,
+    Signal,
+}
+
+impl Token {
+    fn from_u64(v: u64) -> Option<Self> {
+        [
+            Token::Shutdown,
+            Token::Reset,
+            Token::Error,
+            Token::Api,
+            Token::Signal,
+        ]
+        .into_iter()
+        .find(|t| *t as u64 == v)
+    }
+}
+
+/// Restores the terminal when the VMM exits.
+struct TtyGuard(Option<libc::termios>);
+
+impl TtyGuard {
+    fn raw_stdin() -> Self {
+        // SAFETY: isatty only inspects the descriptor.
+        if unsafe { libc::isatty(0) } != 1 {
+            return Self(None);
+        }
+        // SAFETY: a zeroed termios is a valid out-parameter for tcgetattr.
+        let mut orig: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: fd 0 is a terminal and `orig` is a valid termios.
+        if unsafe { libc::tcgetattr(0, &mut orig) } != 0 {
+            return Self(None);
+        }
+        let mut raw = orig;
+        // SAFETY: cfmakeraw only modifies the struct it is given.
+        unsafe { libc::cfmakeraw(&mut raw) };
+        // Keep output processing so that the host terminal stays readable.
+        raw.c_oflag = orig.c_oflag;
+        // SAFETY: as above, with a valid termios.
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, &raw) };
+        Self(Some(orig))
+    }
+}
+
+impl Drop for TtyGuard {
+    fn drop(&mut self) {
+        if let Some(t) = self.0 {
+            // SAFETY: restores the settings read from the same terminal.
+            unsafe { libc::tcsetattr(0, libc::TCSANOW, &t) };
+        }
+    }
+}
+
+/// Remove a socket path left by a previous run, refusing one still in use.
+fn claim_socket_path(path: &Path, what: &str) -> io::Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!(
+                "{what} {}: another process is listening on it",
+                path.display()
+            ),
+        ));
+    }
+    std::fs::remove_file(path).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "{what} {}: cannot remove the stale socket: {e}",
+                path.display()
+            ),
+        )
+    })
+}
+
+/// Block SIGINT/SIGTERM in every thread and receive them on a signalfd.
+/// Must run before any thread is spawned.
+pub fn block_exit_signals() -> io::Result<OwnedFd> {
+    // SAFETY: sigset operations on a local, zero-initialised set.
+    let fd = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC)
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: signalfd returned a fresh descriptor that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn read_signal(fd: RawFd) -> Option<i32> {
+    // SAFETY: a zeroed siginfo is a valid buffer for read().
+    let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::signalfd_siginfo>();
+    // SAFETY: reads at most `size` bytes into `info`.
+    let n = unsafe { libc::read(fd, &mut info as *mut _ as *mut libc::c_void, size) };
+    (n as usize == size).then_some(info.ssi_signo as i32)
+}
+
+pub struct Vmm {
+    cfg: VmConfig,
+    kvm: Kvm,
+    events: Arc<VmEvents>,
+    serial: Arc<Mutex<Serial>>,
+    api: Option<(Receiver<ApiMessage>, EventFd)>,
+    signals: OwnedFd,
+    boots: u32,
+    sockets: Vec<PathBuf>,
+    _tty: Option<TtyGuard>,
+}
+
+impl Vmm {
+    pub fn new(cfg: VmConfig, signals: OwnedFd) -> Result<Self, VmmError> {
+        let kvm = Kvm::new().map_err(VmmError::Kvm)?;
+        crate::vcpu::install_kick_handler()
+            .map_err(|e| io::Error::other(format!("cannot install the vCPU kick handler: {e}")))?;
+        let events = Arc::new(VmEvents::new()?);
+        let mut sockets = Vec::new();
+        let mut tty = None;
+        let mut socket_console = None;
+        let sink: SerialSink = match &cfg.serial {
+            SerialConfig::Tty => Box::new(io::stdout()),
+            SerialConfig::Off => Box::new(io::sink()),
+            SerialConfig::File(p) => serial::file_sink(p).map_err(|e| {
+                io::Error::new(e.kind(), format!("--serial file={}: {e}", p.display()))
+            })?,
+            SerialConfig::Socket(p) => {
+                claim_socket_path(p, "--serial socket")?;
+                let c = SocketConsole::bind(p)?;
+                sockets.push(p.clone());
+                let sink = c.sink();
+                socket_console = Some(c);
+                sink
+            }
+        };
+        // The interrupt is replaced by each boot's irqfd.
+        let placeholder = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+        let serial = Arc::new(Mutex::new(Serial::new(placeholder, sink)));
+        if let Some(c) = socket_console {
+            c.attach_input(serial.clone());
+        }
+        if cfg.serial == SerialConfig::Tty {
+            tty = Some(TtyGuard::raw_stdin());
+            let s = serial.clone();
+            std::thread::Builder::new()
+                .name("serial-stdin".into())
+                .spawn(move || serial::pump_input(s, io::stdin()))?;
+        }
+        let api = match &cfg.api_socket {
+            Some(path) => {
+                claim_socket_path(path, "--api-socket")?;
+                let (tx, rx) = channel();
+                let evt = EventFd::new(libc::EFD_NONBLOCK)?;
+                let wake = evt.try_clone()?;
+                api::server::start(
+                    path,
+                    tx,
+                    Box::new(move || {
+                        let _ = wake.write(1);
+                    }),
+                )?;
+                sockets.push(path.clone());
+                Some((rx, evt))
+            }
+            None => None,
+        };
+        Ok(Self {
+            cfg,
+            kvm,
+            events,
+            serial,
+            api,
+            signals,
+            boots: 0,
+            sockets,
+            _tty: tty,
+        })
+    }
+
+    fn boot(&mut self) -> Result<Vm, VmmError> {
+        let mut vm = Vm::create(&self.kvm, &self.cfg, &self.serial, &self.events)?;
+        vm.start()?;
+        self.boots += 1;
+        tracing::info!("boot {} started with {} vCPUs", self.boots, vm.vcpus());
+        Ok(vm)
+    }
+
+    /// Run until the guest powers off, the API shuts the VM down, a signal
+    /// arrives, or a fatal error.
+    pub fn run(mut self) -> Result<Exit, VmmError> {
+        let epoll = epoll::create(true)?;
+        // SAFETY: epoll::create returned a fresh descriptor that we own.
+        let _epoll_guard = unsafe { OwnedFd::from_raw_fd(epoll) };
+        let watch = |fd: RawFd, t: Token| {
+            epoll::ctl(
+                epoll,
+                epoll::ControlOptions::EPOLL_CTL_ADD,
+                fd,
+                epoll::Event::new(epoll::Events::EPOLLIN, t as u64),
+            )
+        };
+        watch(self.events.shutdown_evt.as_raw_fd(), Token::Shutdown)?;
+        watch(self.events.reset_evt.as_raw_fd(), Token::Reset)?;
+        watch(self.events.error_evt.as_raw_fd(), Token::Error)?;
+        watch(self.signals.as_raw_fd(), Token::Signal)?;
+        if let Some((_, evt)) = &self.api {
+            watch(evt.as_raw_fd(), Token::Api)?;
+        }
+
+        let mut vm = self.boot()?;
+        let mut ready = vec![epoll::Event::new(epoll::Events::empty(), 0); 8];
+        loop {
+            let n = match epoll::wait(epoll, -1, &mut ready) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            };
+            for ev in &ready[..n] {
+                let Some(token) = Token::from_u64(ev.data) else {
+                    continue;
+                };
+                match token {
+                    Token::Shutdown => {
+                        let _ = self.events.shutdown_evt.read();
+                        tracing::info!("the guest powered off");
+                        vm.stop();
+                        return Ok(Exit::Shutdown);
+                    }
+                    Token::Reset => {
+                        let _ = self.events.reset_evt.read();
+                        tracing::info!("the guest reset; booting again");
+                        vm.stop();
+                        vm = self.boot()?;
+                    }
+                    Token::Error => {
+                        let _ = self.events.error_evt.read();
+                        let msg = self
+                            .events
+                            .take_error()
+                            .unwrap_or_else(|| "unknown vCPU error".into());
+                        vm.stop();
+                        return Err(VmmError::Guest(msg));
+                    }
+                    Token::Signal => {
+                        let sig = read_signal(self.signals.as_raw_fd()).unwrap_or(libc::SIGTERM);
+                        tracing::info!("signal {sig}: stopping");
+                        vm.stop();
+                        return Ok(Exit::Signal(sig));
+                    }
+                    Token::Api => {
+                        if let Some(exit) = self.handle_api(&mut vm)? {
+                            vm.stop();
+                            return Ok(exit);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Answer every queued API request; `Some` when one ends the VMM.
+    fn handle_api(&mut self, vm: &mut Vm) -> Result<Option<Exit>, VmmError> {
+        let Some((rx, evt)) = &self.api else {
+            return Ok(None);
+        };
+        let _ = evt.read();
+        let msgs: Vec<ApiMessage> = rx.try_iter().collect();
+        let mut exit = None;
+        let mut reboot = false;
+        for msg in msgs {
+            let endpoint = msg.request.endpoint;
+            let reply: ApiResponse = match endpoint {
+                Endpoint::Ping => Ok(serde_json::json!({
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "pid": std::process::id(),
+                })),
+                Endpoint::VmInfo => self.info(vm),
+                Endpoint::VmPause => {
+                    vm.pause()
+                        .map(|_| serde_json::Value::Null)
+                        .map_err(|e| match e {
+                            VmError::Control(c) => ApiError::conflict(c.to_string()),
+                            other => ApiError::internal(other.to_string()),
+                        })
+                }
+                Endpoint::VmResume => vm
+                    .resume()
+                    .map(|_| serde_json::Value::Null)
+                    .map_err(|e| ApiError::conflict(e.to_string())),
+                Endpoint::VmShutdown => {
+                    exit = Some(Exit::Shutdown);
+                    Ok(serde_json::Value::Null)
+                }
+                Endpoint::VmReboot => {
+                    reboot = true;
+                    Ok(serde_json::Value::Null)
+                }
+            };
+            let _ = msg.reply.send(reply);
+        }
+        if exit.is_none() && reboot {
+            tracing::info!("reboot requested through the API");
+            let old = std::mem::replace(vm, self.boot()?);
+            old.stop();
+        }
+        Ok(exit)
+    }
+
+    fn info(&self, vm: &Vm) -> ApiResponse {
+        let mut devices = vec![
+            DeviceInfo {
+                id: "com1".into(),
+                kind: "serial-16550a".into(),
+                location: "pio 0x3f8 irq 4".into(),
+            },
+            DeviceInfo {
+                id: "i8042".into(),
+                kind: "i8042".into(),
+                location: "pio 0x60".into(),
+            },
+            DeviceInfo {
+                id: "acpi-pm".into(),
+                kind: "acpi-pm".into(),
+                location: "pio 0x600".into(),
+            },
+        ];
+        let pci = vm.pci().lock().unwrap_or_else(|e| e.into_inner());
+        for slot in 0..devices::pci::PCI_SLOTS {
+            if pci.occupied(slot) {
+                let (id, kind) = if slot == 0 {
+                    ("host-bridge", "pci-host-bridge")
+                } else {
+                    ("pci-device", "pci")
+                };
+                devices.push(DeviceInfo {
+                    id: id.into(),
+                    kind: kind.into(),
+                    location: format!("pci 00:{slot:02x}.0"),
+                });
+            }
+        }
+        let info = VmInfo {
+            state: if vm.paused() {
+                VmState::Paused
+            } else {
+                VmState::Running
+            },
+            config: serde_json::to_value(&self.cfg)
+                .map_err(|e| ApiError::internal(e.to_string()))?,
+            devices,
+            boots: self.boots,
+        };
+        serde_json::to_value(info).map_err(|e| ApiError::internal(e.to_string()))
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        for p in &self.sockets {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}

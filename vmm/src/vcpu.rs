@@ -1,0 +1,260 @@
+//! vCPU threads and the pause/stop protocol.
+//!
+//! Each vCPU runs `KVM_RUN` on its own thread and dispatches port I/O and
+//! MMIO exits to the buses. The control loop steers them through
+//! [`VcpuControl`]: it sets the wanted [`RunState`], then kicks every thread
+//! with a signal whose handler sets `kvm_run.immediate_exit`, so a kick that
+//! lands just before `KVM_RUN` is not lost. [`VcpuControl::pause`] returns
+//! only once every vCPU has stopped running guest code — migration relies on
+//! that.
+
+use std::cell::Cell;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use devices::bus::Bus;
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::events::VmEvents;
+
+/// The signal used to kick vCPUs out of `KVM_RUN`.
+pub fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+thread_local! {
+    static KVM_RUN_PTR: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    KVM_RUN_PTR.with(|p| {
+        let run = p.get();
+        if !run.is_null() {
+            // SAFETY: the pointer is this thread's kvm_run mapping, set by the
+            // vCPU thread itself and cleared before the mapping goes away; a
+            // volatile byte store is async-signal-safe.
+            unsafe { std::ptr::write_volatile(&mut (*run).immediate_exit, 1) };
+        }
+    });
+}
+
+/// Install the kick handler once per process.
+pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
+    register_signal_handler(kick_signal(), handle_kick)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunState {
+    Running,
+    Paused,
+    Stopping,
+}
+
+pub struct VcpuControl {
+    state: Mutex<(RunState, usize)>,
+    cv: Condvar,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuControlError {
+    #[error("the VM is already paused")]
+    AlreadyPaused,
+    #[error("the VM is not paused")]
+    NotPaused,
+    #[error("the VM is stopping")]
+    Stopping,
+    #[error("{0} of {1} vCPUs did not stop within {2:?}")]
+    Timeout(usize, usize, Duration),
+}
+
+impl VcpuControl {
+    pub fn new() -> Self {
+        Self {
+            state: Mutex::new((RunState::Running, 0)),
+            cv: Condvar::new(),
+        }
+    }
+
+    pub fn state(&self) -> RunState {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).0
+    }
+
+    /// Stop all `threads`; returns once every one of them is parked.
+    pub fn pause(&self, threads: &[JoinHandle<()>]) -> Result<(), VcpuControlError> {
+        {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            match st.0 {
+                RunState::Paused => return Err(VcpuControlError::AlreadyPaused),
+                RunState::Stopping => return Err(VcpuControlError::Stopping),
+                RunState::Running => st.0 = RunState::Paused,
+            }
+        }
+        kick_all(threads);
+        let timeout = Duration::from_secs(10);
+        let deadline = Instant::now() + timeout;
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while st.1 < threads.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(VcpuControlError::Timeout(
+                    threads.len() - st.1,
+                    threads.len(),
+                    timeout,
+                ));
+            }
+            st = self
+                .cv
+                .wait_timeout(st, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+
+    pub fn resume(&self) -> Result<(), VcpuControlError> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.0 != RunState::Paused {
+            return Err(VcpuControlError::NotPaused);
+        }
+        st.0 = RunState::Running;
+        self.cv.notify_all();
+        Ok(())
+    }
+
+    /// Ask every thread to return; the caller joins them.
+    pub fn stop(&self, threads: &[JoinHandle<()>]) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).0 = RunState::Stopping;
+        self.cv.notify_all();
+        kick_all(threads);
+    }
+
+    /// Called by a vCPU thread between runs: parks while paused; false = exit.
+    fn checkpoint(&self) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            match st.0 {
+                RunState::Running => return true,
+                RunState::Stopping => return false,
+                RunState::Paused => {
+                    st.1 += 1;
+                    self.cv.notify_all();
+                    while st.0 == RunState::Paused {
+                        st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+                    }
+                    st.1 -= 1;
+                }
+            }
+        }
+    }
+}
+
+impl Default for VcpuControl {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn kick_all(threads: &[JoinHandle<()>]) {
+    for t in threads {
+        if let Err(e) = t.kill(kick_signal()) {
+            tracing::warn!("cannot kick a vCPU thread: {e}");
+        }
+    }
+}
+
+/// What a vCPU thread needs.
+pub struct VcpuContext {
+    pub id: u8,
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub control: Arc<VcpuControl>,
+    pub events: Arc<VmEvents>,
+}
+
+/// The vCPU thread body.
+pub fn run_vcpu(mut vcpu: VcpuFd, ctx: VcpuContext) {
+    KVM_RUN_PTR.with(|p| p.set(vcpu.get_kvm_run() as *mut kvm_run));
+    while ctx.control.checkpoint() {
+        match vcpu.run() {
+            Ok(exit) => {
+                if let Err(msg) = handle_exit(exit, &ctx) {
+                    let detail = dump_state(&mut vcpu);
+                    ctx.events
+                        .fatal(format!("vCPU {}: {msg}\n{detail}", ctx.id));
+                    break;
+                }
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                vcpu.set_kvm_immediate_exit(0);
+            }
+            Err(e) => {
+                ctx.events
+                    .fatal(format!("vCPU {}: KVM_RUN failed: {e}", ctx.id));
+                break;
+            }
+        }
+    }
+    KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
+}
+
+fn handle_exit(exit: VcpuExit, ctx: &VcpuContext) -> Result<(), String> {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            if !ctx.pio.read(u64::from(port), data) {
+                data.fill(0xff);
+            }
+        }
+        VcpuExit::IoOut(port, data) => {
+            ctx.pio.write(u64::from(port), data);
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            if !ctx.mmio.read(addr, data) {
+                data.fill(0xff);
+            }
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            ctx.mmio.write(addr, data);
+        }
+        // A triple fault: what a PC does is reset.
+        VcpuExit::Shutdown => ctx.events.reset(),
+        VcpuExit::SystemEvent(ty, _) => match ty {
+            kvm_bindings::KVM_SYSTEM_EVENT_RESET => ctx.events.reset(),
+            kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => ctx.events.shutdown(),
+            other => return Err(format!("unhandled KVM system event {other}")),
+        },
+        VcpuExit::IrqWindowOpen | VcpuExit::Intr => {}
+        VcpuExit::InternalError => return Err("KVM internal error".into()),
+        VcpuExit::FailEntry(reason, cpu) => {
+            return Err(format!(
+                "KVM entry failed: hardware reason {reason:#x} on host cpu {cpu}"
+            ))
+        }
+        other => return Err(format!("unhandled exit {other:?}")),
+    }
+    Ok(())
+}
+
+/// Registers for the error report of a vCPU that stopped on an error.
+fn dump_state(vcpu: &mut VcpuFd) -> String {
+    let run = vcpu.get_kvm_run();
+    let mut out = String::new();
+    if run.exit_reason == kvm_bindings::KVM_EXIT_INTERNAL_ERROR {
+        // SAFETY: for KVM_EXIT_INTERNAL_ERROR the kernel filled the
+        // `internal` member of the exit union.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        out.push_str(&format!("  suberror {} ", internal.suberror));
+        let n = (internal.ndata as usize).min(internal.data.len());
+        out.push_str(&format!("data {:x?}\n", &internal.data[..n]));
+    }
+    match (vcpu.get_regs(), vcpu.get_sregs()) {
+        (Ok(r), Ok(s)) => out.push_str(&format!(
+            "  rip {:#018x} rsp {:#018x} rflags {:#x}\n  rax {:#x} rbx {:#x} rcx {:#x} rdx {:#x} rsi {:#x} rdi {:#x}\n  cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x} cs {:#x}",
+            r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.cs.selector
+        )),
+        (Err(e), _) | (_, Err(e)) => out.push_str(&format!("  (registers unavailable: {e})")),
+    }
+    out
+}
