@@ -1,0 +1,575 @@
+//! `tandem` end to end with hand-assembled guests: no guest image needed, so
+//! these run on any KVM, even a software one that cannot boot Linux. They
+//! cover the vCPU setup (64-bit entry), port I/O dispatch, COM1 output and
+//! input, the ACPI power-off and reset paths, the control API and the
+//! command line's error handling.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const TANDEM: &str = env!("CARGO_BIN_EXE_tandem");
+const LOAD: u64 = 0x100000;
+
+/// A minimal ELF64 executable whose single segment is `code`, loaded and
+/// entered at 1 MiB.
+fn elf(code: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+    let phoff = 64u64;
+    let off = 64 + 56u64;
+    v.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    v.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+    v.extend_from_slice(&1u32.to_le_bytes());
+    v.extend_from_slice(&LOAD.to_le_bytes()); // entry
+    v.extend_from_slice(&phoff.to_le_bytes());
+    v.extend_from_slice(&0u64.to_le_bytes()); // shoff
+    v.extend_from_slice(&0u32.to_le_bytes()); // flags
+    for h in [64u16, 56, 1, 0, 0, 0] {
+        v.extend_from_slice(&h.to_le_bytes());
+    }
+    v.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    v.extend_from_slice(&5u32.to_le_bytes()); // R+X
+    for q in [
+        off,
+        LOAD,
+        LOAD,
+        code.len() as u64,
+        code.len() as u64,
+        0x1000,
+    ] {
+        v.extend_from_slice(&q.to_le_bytes());
+    }
+    v.extend_from_slice(code);
+    v
+}
+
+/// A tiny assembler for the few instructions these guests use.
+#[derive(Default)]
+struct Asm(Vec<u8>);
+impl Asm {
+    fn mov_dx(mut self, port: u16) -> Self {
+        self.0.extend_from_slice(&[0x66, 0xba]);
+        self.0.extend_from_slice(&port.to_le_bytes());
+        self
+    }
+    fn mov_al(mut self, v: u8) -> Self {
+        self.0.extend_from_slice(&[0xb0, v]);
+        self
+    }
+    fn out(mut self) -> Self {
+        self.0.push(0xee);
+        self
+    }
+    fn in_al(mut self) -> Self {
+        self.0.push(0xec);
+        self
+    }
+    fn print(mut self, s: &str) -> Self {
+        self = self.mov_dx(0x3f8);
+        for b in s.bytes() {
+            self = self.mov_al(b).out();
+        }
+        self
+    }
+    fn poweroff(self) -> Self {
+        // SLP_TYP = 5, SLP_EN into the sleep control register.
+        self.mov_dx(0x600).mov_al((5 << 2) | (1 << 5)).out()
+    }
+    fn hlt(mut self) -> Self {
+        self.0.push(0xf4);
+        self
+    }
+    fn jmp_to(mut self, target: usize) -> Self {
+        let rel = target as i64 - (self.0.len() as i64 + 2);
+        self.0.extend_from_slice(&[0xeb, rel as i8 as u8]);
+        self
+    }
+    fn here(&self) -> usize {
+        self.0.len()
+    }
+    fn raw(mut self, b: &[u8]) -> Self {
+        self.0.extend_from_slice(b);
+        self
+    }
+}
+
+struct Scratch(PathBuf);
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("tandem-tiny-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+    fn kernel(&self, code: &[u8]) -> PathBuf {
+        let p = self.0.join("kernel.elf");
+        std::fs::write(&p, elf(code)).unwrap();
+        p
+    }
+    fn path(&self, n: &str) -> PathBuf {
+        self.0.join(n)
+    }
+}
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tandem(args: &[&str]) -> Command {
+    let mut c = Command::new(TANDEM);
+    c.args(args).stdin(Stdio::null());
+    c
+}
+
+/// Run to completion with a deadline (a hung VMM is a failure, not a hang).
+fn run_bounded(mut cmd: Command, limit: Duration) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "tandem did not exit within {limit:?}; stdout {:?} stderr {:?}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn api(sock: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = UnixStream::connect(sock).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn wait_for(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+struct Running(Child);
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn prints_and_powers_off_with_status_zero() {
+    let dir = Scratch::new("poweroff");
+    let k = dir.kernel(
+        &Asm::default()
+            .print("hello from the guest\n")
+            .poweroff()
+            .hlt()
+            .0,
+    );
+    let out = run_bounded(
+        tandem(&["run", "--kernel", k.to_str().unwrap()]),
+        Duration::from_secs(20),
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from the guest\n"
+    );
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn two_vcpus_boot_and_power_off() {
+    let dir = Scratch::new("smp");
+    let k = dir.kernel(&Asm::default().print("bsp\n").poweroff().hlt().0);
+    let out = run_bounded(
+        tandem(&[
+            "run",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--cpus",
+            "boot=2",
+            "--memory",
+            "size=128M",
+        ]),
+        Duration::from_secs(20),
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "bsp\n");
+    assert!(out.status.success());
+}
+
+#[test]
+fn serial_file_backend() {
+    let dir = Scratch::new("file");
+    let k = dir.kernel(&Asm::default().print("to a file").poweroff().hlt().0);
+    let log = dir.path("console.log");
+    let out = run_bounded(
+        tandem(&[
+            "run",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--serial",
+            &format!("file={}", log.display()),
+        ]),
+        Duration::from_secs(20),
+    );
+    assert!(out.status.success());
+    assert!(out.stdout.is_empty());
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "to a file");
+}
+
+/// The guest echoes what it reads from COM1 until it sees 'q': input
+/// reaches the guest through the socket backend, byte for byte.
+#[test]
+fn serial_socket_input_and_output() {
+    let dir = Scratch::new("socket");
+    // loop: wait for LSR.DR; read RBR; echo it; stop on 'q'.
+    let a = Asm::default();
+    let top = a.here();
+    let a = a.mov_dx(0x3fd).in_al().raw(&[0xa8, 0x01]); // test al, 1
+    let a = a.raw(&[0x74, 0x00]); // jz top (patched below)
+    let jz_at = a.here() - 1;
+    let a = a.mov_dx(0x3f8).in_al().out().raw(&[0x3c, b'q']); // cmp al, 'q'
+    let a = a.raw(&[0x74, 0x02]); // je +2 (skip the jmp)
+    let mut a = a.jmp_to(top).poweroff().hlt();
+    a.0[jz_at] = (top as i64 - (jz_at as i64 + 1)) as i8 as u8;
+    let k = dir.kernel(&a.0);
+    let sock = dir.path("serial.sock");
+    let child = tandem(&[
+        "run",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--serial",
+        &format!("socket={}", sock.display()),
+    ])
+    .stdout(Stdio::null())
+    .spawn()
+    .unwrap();
+    let mut child = Running(child);
+    wait_for(&sock);
+    let mut s = UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    // More than the UART's 64-byte FIFO: input must wait, not be dropped.
+    let msg: String = (0..300)
+        .map(|i| (b'a' + (i % 16) as u8) as char)
+        .collect::<String>()
+        + "q";
+    s.write_all(msg.as_bytes()).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    while got.len() < msg.len() {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "socket closed after {} bytes", got.len());
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(String::from_utf8_lossy(&got), msg);
+    let status = child.0.wait().unwrap();
+    assert!(status.success());
+    assert!(!sock.exists(), "the socket is removed on exit");
+}
+
+/// A guest that resets through the i8042 boots again; through the ACPI
+/// reset register too; the API counts the boots.
+#[test]
+fn reset_boots_again() {
+    for (name, reset) in [
+        ("i8042", Asm::default().mov_dx(0x64).mov_al(0xfe).out()),
+        ("acpi", Asm::default().mov_dx(0x604).mov_al(1).out()),
+    ] {
+        let dir = Scratch::new(&format!("reset-{name}"));
+        let k = dir.kernel(&Asm::default().print("boot\n").raw(&reset.0).hlt().0);
+        let sock = dir.path("api.sock");
+        let log = dir.path("console.log");
+        let child = tandem(&[
+            "run",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--serial",
+            &format!("file={}", log.display()),
+            "--api-socket",
+            sock.to_str().unwrap(),
+        ])
+        .spawn()
+        .unwrap();
+        let mut child = Running(child);
+        wait_for(&sock);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (_, body) = api(&sock, "GET", "/api/v1/vm.info", "");
+            let info: serde_json::Value = serde_json::from_str(&body).unwrap();
+            if info["boots"].as_u64().unwrap() >= 3 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{name}: no third boot: {info}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(api(&sock, "PUT", "/api/v1/vm.shutdown", "").0, 204);
+        assert!(child.0.wait().unwrap().success());
+        let out = std::fs::read_to_string(&log).unwrap();
+        assert!(out.matches("boot\n").count() >= 3, "{name}: {out:?}");
+    }
+}
+
+/// A guest printing forever: paused, its output stops; resumed, it goes on.
+#[test]
+fn api_pause_resume_info_and_errors() {
+    let dir = Scratch::new("pause");
+    let a = Asm::default().mov_dx(0x3f8);
+    let top = a.here();
+    // loop: out '.'; spin ~64k; jmp loop
+    let a = a.mov_al(b'.').out().raw(&[0xb9, 0x00, 0x00, 0x01, 0x00]); // mov ecx, 0x10000
+    let spin = a.here();
+    let a = a.raw(&[0xe2, (spin as i64 - (spin as i64 + 2)) as i8 as u8]); // loop spin
+    let k = dir.kernel(&a.jmp_to(top).0);
+    let sock = dir.path("api.sock");
+    let log = dir.path("console.log");
+    let child = tandem(&[
+        "run",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--cpus",
+        "boot=2",
+        "--serial",
+        &format!("file={}", log.display()),
+        "--api-socket",
+        &format!("path={}", sock.display()),
+    ])
+    .spawn()
+    .unwrap();
+    let mut child = Running(child);
+    wait_for(&sock);
+    let size = || std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+    let grows = |d: Duration| {
+        let a = size();
+        std::thread::sleep(d);
+        size() > a
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while size() == 0 {
+        assert!(Instant::now() < deadline, "the guest never printed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (st, body) = api(&sock, "GET", "/api/v1/vmm.ping", "");
+    assert_eq!(st, 200);
+    assert!(body.contains("version"));
+    assert_eq!(api(&sock, "PUT", "/api/v1/vm.pause", "").0, 204);
+    let (_, info) = api(&sock, "GET", "/api/v1/vm.info", "");
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["state"], "paused");
+    assert_eq!(info["config"]["vcpus"], 2);
+    assert!(info["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|d| d["location"] == "pci 00:00.0"));
+    assert!(
+        !grows(Duration::from_millis(300)),
+        "output grew while paused"
+    );
+    let (st, body) = api(&sock, "PUT", "/api/v1/vm.pause", "");
+    assert_eq!(st, 409, "{body}");
+    assert!(body.contains("already paused"));
+    // The CLI client.
+    let out = Command::new(TANDEM)
+        .args(["remote", "--api-socket", sock.to_str().unwrap(), "resume"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(grows(Duration::from_millis(500)), "output did not resume");
+    assert_eq!(api(&sock, "PUT", "/api/v1/vm.resume", "").0, 409);
+    // Bad requests.
+    let (st, body) = api(&sock, "PUT", "/api/v1/vm.pause", "{oops");
+    assert_eq!(st, 400);
+    assert!(body.contains("\"error\""));
+    assert_eq!(api(&sock, "GET", "/api/v1/vm.nothing", "").0, 404);
+    assert_eq!(api(&sock, "DELETE", "/api/v1/vm.info", "").0, 405);
+    let out = Command::new(TANDEM)
+        .args([
+            "remote",
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "frobnicate",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown command"));
+    let out = Command::new(TANDEM)
+        .args(["remote", "--api-socket", sock.to_str().unwrap(), "info"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"running\""));
+    assert_eq!(api(&sock, "PUT", "/api/v1/vm.shutdown", "").0, 204);
+    assert!(child.0.wait().unwrap().success());
+}
+
+#[test]
+fn sigterm_exits_cleanly() {
+    let dir = Scratch::new("sigterm");
+    let a = Asm::default();
+    let top = a.here();
+    let k = dir.kernel(&a.jmp_to(top).0);
+    let sock = dir.path("api.sock");
+    let child = tandem(&[
+        "run",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ])
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    wait_for(&sock);
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("signal 15"));
+    assert!(!sock.exists());
+}
+
+/// A guest executing garbage ends the VMM with a non-zero status and a
+/// report with the exit reason and registers, never a hang or a panic.
+#[test]
+fn guest_fault_is_reported() {
+    let dir = Scratch::new("fault");
+    // Jump to an unmapped address above 4 GiB with no IDT: a page fault
+    // that escalates to a triple fault.
+    let k = dir.kernel(
+        &Asm::default()
+            .raw(&[0x48, 0xb8])
+            .raw(&(1u64 << 40).to_le_bytes())
+            .raw(&[0xff, 0xe0])
+            .0,
+    );
+    let sock = dir.path("api.sock");
+    let child = tandem(&[
+        "run",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--serial",
+        "off",
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ])
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut child = Running(child);
+    wait_for(&sock);
+    // Either KVM reports an error (non-zero exit with registers), or the
+    // guest faults into a reset loop; in both cases the VMM stays in charge.
+    std::thread::sleep(Duration::from_millis(500));
+    match child.0.try_wait().unwrap() {
+        Some(status) => {
+            assert!(!status.success());
+            let mut err = String::new();
+            child
+                .0
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            assert!(err.contains("rip"), "{err}");
+        }
+        None => {
+            let (st, _) = api(&sock, "GET", "/api/v1/vmm.ping", "");
+            assert_eq!(st, 200);
+            assert_eq!(api(&sock, "PUT", "/api/v1/vm.shutdown", "").0, 204);
+            assert!(child.0.wait().unwrap().success());
+        }
+    }
+}
+
+fn expect_error(args: &[&str], needle: &str) {
+    let out = run_bounded(tandem(args), Duration::from_secs(10));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    assert!(err.contains(needle), "{args:?}: {err}");
+    assert!(!err.contains("panicked"), "{args:?}: {err}");
+    let errors = err
+        .lines()
+        .filter(|l| l.starts_with("error") || l.starts_with("tandem"))
+        .count();
+    assert_eq!(errors, 1, "one clear error, not a cascade: {err}");
+}
+
+#[test]
+fn bad_command_lines_get_one_clear_error() {
+    let dir = Scratch::new("badargs");
+    let k = dir.kernel(&Asm::default().poweroff().hlt().0);
+    let k = k.to_str().unwrap();
+    let junk = dir.path("junk");
+    std::fs::write(&junk, b"this is not a kernel").unwrap();
+    expect_error(&["run", "--kernel", "/nonexistent/bzImage"], "No such file");
+    expect_error(
+        &["run", "--kernel", junk.to_str().unwrap()],
+        "not a Linux kernel",
+    );
+    expect_error(
+        &["run", "--kernel", k, "--memory", "size=1M"],
+        "at least 64M",
+    );
+    expect_error(
+        &["run", "--kernel", k, "--memory", "size=64T"],
+        "more than this host",
+    );
+    expect_error(
+        &["run", "--kernel", k, "--memory", "size=lots"],
+        "not a size",
+    );
+    expect_error(&["run", "--kernel", k, "--cpus", "boot=0"], "1 to 254");
+    expect_error(
+        &["run", "--kernel", k, "--cpus", "cores=2"],
+        "unknown key 'cores'",
+    );
+    expect_error(&["run", "--kernel", k, "--serial", "pty"], "not tty, off");
+    expect_error(
+        &["run", "--kernel", k, "--frobnicate"],
+        "unexpected argument",
+    );
+    expect_error(
+        &["run", "--kernel", k, "--initramfs", "/nonexistent.cpio"],
+        "--initramfs",
+    );
+    expect_error(&["run"], "--kernel");
+}
