@@ -7,7 +7,12 @@ fn main() {
     }
     match harness::testhost::TestHost::new("manual").run(&argv) {
         Ok(o) => {
-            eprintln!("status {} boot {:.1}s total {:.1}s", o.status, o.boot_time.as_secs_f64(), o.total_time.as_secs_f64());
+            eprintln!(
+                "status {} boot {:.1}s total {:.1}s",
+                o.status,
+                o.boot_time.as_secs_f64(),
+                o.total_time.as_secs_f64()
+            );
             std::process::exit(o.status);
         }
         Err(e) => {

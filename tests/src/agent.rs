@@ -43,7 +43,11 @@ fn base64(data: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -69,7 +73,12 @@ impl Agent {
                     let _ = e;
                     std::thread::sleep(Duration::from_millis(50));
                 }
-                Err(e) => return Err(err!("cannot connect to the guest serial socket {}: {e}", path.display())),
+                Err(e) => {
+                    return Err(err!(
+                        "cannot connect to the guest serial socket {}: {e}",
+                        path.display()
+                    ))
+                }
             }
         };
         let mut log = fs::OpenOptions::new()
@@ -108,7 +117,13 @@ impl Agent {
                 cv.notify_all();
             }
         });
-        Ok(Agent { stream, shared, console_log, next_id: 1, default_timeout: Duration::from_secs(60) })
+        Ok(Agent {
+            stream,
+            shared,
+            console_log,
+            next_id: 1,
+            default_timeout: Duration::from_secs(60),
+        })
     }
 
     pub fn console_log(&self) -> &Path {
@@ -116,10 +131,17 @@ impl Agent {
     }
 
     /// Waits until `f` finds something in the lines seen so far.
-    fn wait<T>(&self, timeout: Duration, what: &str, mut f: impl FnMut(&State) -> Option<T>) -> Result<T> {
+    fn wait<T>(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut f: impl FnMut(&State) -> Option<T>,
+    ) -> Result<T> {
         let deadline = Instant::now() + timeout;
         let (lock, cv) = &*self.shared;
-        let mut st = lock.lock().map_err(|_| err!("agent reader thread panicked"))?;
+        let mut st = lock
+            .lock()
+            .map_err(|_| err!("agent reader thread panicked"))?;
         loop {
             if let Some(v) = f(&st) {
                 return Ok(v);
@@ -138,20 +160,27 @@ impl Agent {
                     self.console_log.display()
                 ));
             }
-            st = cv.wait_timeout(st, deadline - now).map_err(|_| err!("agent reader thread panicked"))?.0;
+            st = cv
+                .wait_timeout(st, deadline - now)
+                .map_err(|_| err!("agent reader thread panicked"))?
+                .0;
         }
     }
 
     /// Waits for the agent's `@@AGENT-READY@@`.
     pub fn wait_ready(&self, timeout: Duration) -> Result<()> {
-        self.wait(timeout, "the guest agent (@@AGENT-READY@@)", |st| st.ready.then_some(()))
+        self.wait(timeout, "the guest agent (@@AGENT-READY@@)", |st| {
+            st.ready.then_some(())
+        })
     }
 
     /// Waits for a console line containing `pattern`; returns the line.
     pub fn wait_for_line(&self, pattern: &str, timeout: Duration) -> Result<String> {
-        self.wait(timeout, &format!("a console line containing {pattern:?}"), |st| {
-            st.lines.iter().find(|l| l.contains(pattern)).cloned()
-        })
+        self.wait(
+            timeout,
+            &format!("a console line containing {pattern:?}"),
+            |st| st.lines.iter().find(|l| l.contains(pattern)).cloned(),
+        )
     }
 
     /// Runs `cmd` with `sh` in the guest; output is stdout and stderr interleaved.
@@ -160,18 +189,31 @@ impl Agent {
         let id = self.next_id;
         self.next_id += 1;
         let request = format!("{id} {}\n", base64(cmd.as_bytes()));
-        self.stream.write_all(request.as_bytes()).map_err(|e| err!("writing to the guest serial: {e}"))?;
+        self.stream
+            .write_all(request.as_bytes())
+            .map_err(|e| err!("writing to the guest serial: {e}"))?;
         let begin = format!("@@BEGIN {id}@@");
         let end_prefix = format!("@@END {id} ");
         self.wait(timeout, &format!("the answer to `{cmd}`"), |st| {
             let b = st.lines.iter().rposition(|l| l.ends_with(&begin))?;
-            let e = b + 1 + st.lines[b + 1..].iter().position(|l| l.starts_with(&end_prefix))?;
-            let status = st.lines[e][end_prefix.len()..].trim_end_matches("@@").trim().parse().unwrap_or(-1);
+            let e = b
+                + 1
+                + st.lines[b + 1..]
+                    .iter()
+                    .position(|l| l.starts_with(&end_prefix))?;
+            let status = st.lines[e][end_prefix.len()..]
+                .trim_end_matches("@@")
+                .trim()
+                .parse()
+                .unwrap_or(-1);
             let mut out: Vec<&str> = st.lines[b + 1..e].iter().map(String::as_str).collect();
             if out.last() == Some(&"") {
                 out.pop();
             }
-            Some(CmdOutput { stdout: out.join("\n"), status })
+            Some(CmdOutput {
+                stdout: out.join("\n"),
+                status,
+            })
         })
     }
 
@@ -179,7 +221,11 @@ impl Agent {
     pub fn run_ok(&mut self, cmd: &str) -> Result<String> {
         let out = self.run(cmd, self.default_timeout)?;
         if out.status != 0 {
-            return Err(err!("guest command `{cmd}` exited {}: {}", out.status, out.stdout.trim()));
+            return Err(err!(
+                "guest command `{cmd}` exited {}: {}",
+                out.status,
+                out.stdout.trim()
+            ));
         }
         Ok(out.stdout)
     }

@@ -52,7 +52,7 @@ impl CpioWriter {
     }
 
     fn pad(&mut self) {
-        while self.buf.len() % 4 != 0 {
+        while self.buf.len() & 3 != 0 {
             self.buf.push(0);
         }
     }
@@ -109,7 +109,7 @@ impl CpioWriter {
     /// Appends the trailer and returns the archive bytes.
     pub fn finish(mut self) -> Vec<u8> {
         self.header("TRAILER!!!", 0, 0, (0, 0));
-        while self.buf.len() % 512 != 0 {
+        while self.buf.len() & 511 != 0 {
             self.buf.push(0);
         }
         self.buf

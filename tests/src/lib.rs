@@ -75,7 +75,9 @@ pub struct Tap {
 
 impl Drop for Tap {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["link", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.name])
+            .output();
     }
 }
 
@@ -85,7 +87,11 @@ fn sh(args: &[&str]) -> Result<()> {
         .output()
         .map_err(|e| err!("cannot run `{}`: {e}", args.join(" ")))?;
     if !out.status.success() {
-        return Err(err!("`{}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()));
+        return Err(err!(
+            "`{}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
     }
     Ok(())
 }
@@ -95,11 +101,22 @@ impl GuestEnv {
         let guest = image::test_guest()?;
         let vfio_nics = parse_vfio_nics(&std::env::var("TANDEM_VFIO_NICS").unwrap_or_default())?;
         let (base, owns_bridge, bridge) = if mode::in_testhost() {
-            let w = std::env::var("TANDEM_WORKDIR").map_err(|_| err!("TANDEM_WORKDIR is not set inside the test host"))?;
-            (PathBuf::from(w), false, std::env::var("TANDEM_BRIDGE").unwrap_or_else(|_| "br0".into()))
+            let w = std::env::var("TANDEM_WORKDIR")
+                .map_err(|_| err!("TANDEM_WORKDIR is not set inside the test host"))?;
+            (
+                PathBuf::from(w),
+                false,
+                std::env::var("TANDEM_BRIDGE").unwrap_or_else(|_| "br0".into()),
+            )
         } else {
             let stamp = std::process::id();
-            (image::target_dir()?.join("tandem-runs").join(format!("{test}-{stamp}")), true, "tdmbr0".to_string())
+            (
+                image::target_dir()?
+                    .join("tandem-runs")
+                    .join(format!("{test}-{stamp}")),
+                true,
+                "tdmbr0".to_string(),
+            )
         };
         let workdir = base.join(test);
         let rundir = PathBuf::from(format!("/tmp/tandem-{test}-{}", std::process::id()));
@@ -110,17 +127,35 @@ impl GuestEnv {
             // Direct mode: our own bridge with the peer address, removed on drop.
             let _ = Command::new("ip").args(["link", "del", &bridge]).output();
             sh(&["ip", "link", "add", &bridge, "type", "bridge"])?;
-            sh(&["ip", "addr", "add", &format!("{PEER_IP}/24"), "dev", &bridge])?;
+            sh(&[
+                "ip",
+                "addr",
+                "add",
+                &format!("{PEER_IP}/24"),
+                "dev",
+                &bridge,
+            ])?;
             sh(&["ip", "link", "set", &bridge, "up"])?;
         }
-        Ok(GuestEnv { mode, guest, vfio_nics, bridge, peer_ip: PEER_IP.into(), workdir, rundir, owns_bridge })
+        Ok(GuestEnv {
+            mode,
+            guest,
+            vfio_nics,
+            bridge,
+            peer_ip: PEER_IP.into(),
+            workdir,
+            rundir,
+            owns_bridge,
+        })
     }
 
     /// Creates tap `name`, enslaves it to the bridge and brings it up.
     pub fn tap(&self, name: &str) -> Result<Tap> {
         let _ = Command::new("ip").args(["link", "del", name]).output();
         sh(&["ip", "tuntap", "add", "dev", name, "mode", "tap"])?;
-        let tap = Tap { name: name.to_string() };
+        let tap = Tap {
+            name: name.to_string(),
+        };
         sh(&["ip", "link", "set", name, "master", &self.bridge])?;
         sh(&["ip", "link", "set", name, "up"])?;
         Ok(tap)
@@ -135,7 +170,10 @@ impl GuestEnv {
             .ok_or_else(|| err!("unexpected test binary location {}", exe.display()))?;
         let bin = profile.join("tandem");
         if !bin.exists() {
-            return Err(err!("{} is not built: run `cargo build --workspace --bins` first", bin.display()));
+            return Err(err!(
+                "{} is not built: run `cargo build --workspace --bins` first",
+                bin.display()
+            ));
         }
         Ok(bin)
     }
@@ -161,7 +199,9 @@ impl GuestEnv {
 impl Drop for GuestEnv {
     fn drop(&mut self) {
         if self.owns_bridge {
-            let _ = Command::new("ip").args(["link", "del", &self.bridge]).output();
+            let _ = Command::new("ip")
+                .args(["link", "del", &self.bridge])
+                .output();
         }
         let _ = std::fs::remove_dir_all(&self.rundir);
     }
@@ -181,7 +221,12 @@ fn parse_vfio_nics(spec: &str) -> Result<Vec<VfioNic>> {
             .and_then(|g| g.to_str())
             .and_then(|g| g.parse().ok())
             .ok_or_else(|| err!("VFIO NIC {bdf}: odd iommu_group link {}", group.display()))?;
-        nics.push(VfioNic { bdf: bdf.into(), sysfs, iommu_group, mac: mac.into() });
+        nics.push(VfioNic {
+            bdf: bdf.into(),
+            sysfs,
+            iommu_group,
+            mac: mac.into(),
+        });
     }
     Ok(nics)
 }

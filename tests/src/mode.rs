@@ -32,25 +32,41 @@ impl Mode {
             return Ok((Mode::TestHost, "running inside the test host (L1)".into()));
         }
         match std::env::var("TANDEM_TEST_MODE").ok().as_deref() {
-            Some("direct") => return Ok((Mode::Direct, "forced by TANDEM_TEST_MODE=direct".into())),
-            Some("testhost") => return Ok((Mode::TestHost, "forced by TANDEM_TEST_MODE=testhost".into())),
+            Some("direct") => {
+                return Ok((Mode::Direct, "forced by TANDEM_TEST_MODE=direct".into()))
+            }
+            Some("testhost") => {
+                return Ok((Mode::TestHost, "forced by TANDEM_TEST_MODE=testhost".into()))
+            }
             Some("") | None => {}
             Some(other) => {
-                return Err(crate::err!("TANDEM_TEST_MODE={other:?} is not `direct` or `testhost`"));
+                return Err(crate::err!(
+                    "TANDEM_TEST_MODE={other:?} is not `direct` or `testhost`"
+                ));
             }
         }
-        let usable = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+        let usable = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok();
         if !usable {
             return Ok((Mode::TestHost, "/dev/kvm is absent or not usable".into()));
         }
         if Path::new("/sys/module/kvm_pvm").exists() {
-            return Ok((Mode::TestHost, "/dev/kvm is kvm_pvm (software KVM that cannot boot Linux)".into()));
+            return Ok((
+                Mode::TestHost,
+                "/dev/kvm is kvm_pvm (software KVM that cannot boot Linux)".into(),
+            ));
         }
         for m in ["kvm_intel", "kvm_amd"] {
             if Path::new("/sys/module").join(m).exists() {
                 return Ok((Mode::Direct, format!("/dev/kvm is hardware KVM ({m})")));
             }
         }
-        Ok((Mode::TestHost, "/dev/kvm is neither kvm_intel nor kvm_amd".into()))
+        Ok((
+            Mode::TestHost,
+            "/dev/kvm is neither kvm_intel nor kvm_amd".into(),
+        ))
     }
 }

@@ -100,7 +100,9 @@ impl QemuBuilder {
     fn root_port(&mut self) -> String {
         self.root_ports += 1;
         let n = self.root_ports;
-        self.devices.push(format!("pcie-root-port,id=rp{n},chassis={n},slot={n},bus=pcie.0"));
+        self.devices.push(format!(
+            "pcie-root-port,id=rp{n},chassis={n},slot={n},bus=pcie.0"
+        ));
         format!("rp{n}")
     }
 
@@ -108,9 +110,14 @@ impl QemuBuilder {
     /// `failover` offers VIRTIO_NET_F_STANDBY. Option ROMs are off (no iPXE delay).
     pub fn virtio_net(mut self, id: &str, tap: &str, mac: &str, failover: bool) -> Self {
         let bus = self.root_port();
-        self.extra.extend(["-netdev".into(), format!("tap,id=nd-{id},ifname={tap},script=no,downscript=no")]);
+        self.extra.extend([
+            "-netdev".into(),
+            format!("tap,id=nd-{id},ifname={tap},script=no,downscript=no"),
+        ]);
         let fo = if failover { ",failover=on" } else { "" };
-        self.devices.push(format!("virtio-net-pci,id={id},netdev=nd-{id},mac={mac},bus={bus},romfile={fo}"));
+        self.devices.push(format!(
+            "virtio-net-pci,id={id},netdev=nd-{id},mac={mac},bus={bus},romfile={fo}"
+        ));
         self
     }
 
@@ -118,8 +125,12 @@ impl QemuBuilder {
     /// `failover_pair_id` names the virtio-net standby it pairs with.
     pub fn vfio(mut self, id: &str, bdf: &str, failover_pair_id: Option<&str>) -> Self {
         let bus = self.root_port();
-        let pair = failover_pair_id.map(|p| format!(",failover_pair_id={p}")).unwrap_or_default();
-        self.devices.push(format!("vfio-pci,id={id},host={bdf},bus={bus},rombar=0{pair}"));
+        let pair = failover_pair_id
+            .map(|p| format!(",failover_pair_id={p}"))
+            .unwrap_or_default();
+        self.devices.push(format!(
+            "vfio-pci,id={id},host={bdf},bus={bus},rombar=0{pair}"
+        ));
         self
     }
 
@@ -130,32 +141,62 @@ impl QemuBuilder {
     }
 
     pub fn spawn(self) -> Result<QemuVm> {
-        fs::create_dir_all(&self.dir).map_err(|e| err!("cannot create {}: {e}", self.dir.display()))?;
+        fs::create_dir_all(&self.dir)
+            .map_err(|e| err!("cannot create {}: {e}", self.dir.display()))?;
         let serial = self.dir.join(format!("{}.serial", self.name));
         let qmp = self.dir.join(format!("{}.qmp", self.name));
         let log = self.dir.join(format!("{}.qemu.log", self.name));
         let _ = fs::remove_file(&serial);
         let _ = fs::remove_file(&qmp);
-        let logf = fs::File::create(&log).map_err(|e| err!("cannot create {}: {e}", log.display()))?;
+        let logf =
+            fs::File::create(&log).map_err(|e| err!("cannot create {}: {e}", log.display()))?;
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-machine", "q35", "-accel", "kvm", "-cpu", "host", "-nodefaults", "-nographic", "-no-reboot"])
-            .args(["-smp", &self.cpus.to_string(), "-m", &format!("{}M", self.mem_mib)])
-            .arg("-kernel")
-            .arg(&self.kernel)
-            .arg("-initrd")
-            .arg(&self.initramfs)
-            .args(["-append", &self.cmdline])
-            .arg("-chardev")
-            .arg(format!("socket,id=s0,path={},server=on,wait=off", serial.display()))
-            .args(["-serial", "chardev:s0"])
-            .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-            .args(["-monitor", "none"]);
+        cmd.args([
+            "-machine",
+            "q35",
+            "-accel",
+            "kvm",
+            "-cpu",
+            "host",
+            "-nodefaults",
+            "-nographic",
+            "-no-reboot",
+        ])
+        .args([
+            "-smp",
+            &self.cpus.to_string(),
+            "-m",
+            &format!("{}M", self.mem_mib),
+        ])
+        .arg("-kernel")
+        .arg(&self.kernel)
+        .arg("-initrd")
+        .arg(&self.initramfs)
+        .args(["-append", &self.cmdline])
+        .arg("-chardev")
+        .arg(format!(
+            "socket,id=s0,path={},server=on,wait=off",
+            serial.display()
+        ))
+        .args(["-serial", "chardev:s0"])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .args(["-monitor", "none"]);
         for d in &self.devices {
             cmd.args(["-device", d]);
         }
-        cmd.args(&self.extra).stdin(Stdio::null()).stdout(Stdio::null()).stderr(logf);
-        let child = cmd.spawn().map_err(|e| err!("cannot start qemu-system-x86_64: {e} (run scripts/setup)"))?;
-        Ok(QemuVm { child, serial, qmp, log })
+        cmd.args(&self.extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logf);
+        let child = cmd
+            .spawn()
+            .map_err(|e| err!("cannot start qemu-system-x86_64: {e} (run scripts/setup)"))?;
+        Ok(QemuVm {
+            child,
+            serial,
+            qmp,
+            log,
+        })
     }
 }

@@ -53,7 +53,12 @@ pub struct TestHost {
 }
 
 fn secs_from_env(var: &str, default: u64) -> Duration {
-    Duration::from_secs(std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default))
+    Duration::from_secs(
+        std::env::var(var)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default),
+    )
 }
 
 fn sh_quote(s: &str) -> String {
@@ -63,7 +68,10 @@ fn sh_quote(s: &str) -> String {
 impl TestHost {
     pub fn new(name: &str) -> Self {
         TestHost {
-            name: name.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '_', "_"),
+            name: name.replace(
+                |c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '_',
+                "_",
+            ),
             boot_timeout: secs_from_env("TANDEM_TESTHOST_BOOT_TIMEOUT", 120),
             job_timeout: secs_from_env("TANDEM_TESTHOST_JOB_TIMEOUT", 900),
             env: Vec::new(),
@@ -74,8 +82,15 @@ impl TestHost {
     /// its outcome. Errors mean the test host itself failed (not the job).
     pub fn run(&self, argv: &[String]) -> Result<JobOutcome> {
         let qemu = "qemu-system-x86_64";
-        if Command::new(qemu).arg("--version").stdout(Stdio::null()).status().is_err() {
-            return Err(err!("{qemu} not found: run scripts/setup (installs qemu-system-x86)"));
+        if Command::new(qemu)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_err()
+        {
+            return Err(err!(
+                "{qemu} not found: run scripts/setup (installs qemu-system-x86)"
+            ));
         }
         let host = image::test_host()?;
         let guest = image::test_guest()?;
@@ -86,37 +101,68 @@ impl TestHost {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis())
             .unwrap_or(0);
-        let workdir = image::target_dir()?.join("tandem-runs").join(format!("{}-{stamp}", self.name));
-        fs::create_dir_all(&workdir).map_err(|e| err!("cannot create {}: {e}", workdir.display()))?;
-        let workdir = workdir.canonicalize().map_err(|e| err!("{}: {e}", workdir.display()))?;
-        fs::write(workdir.join("job.sh"), self.job_script(argv, &workdir, &guest)?)
-            .map_err(|e| err!("cannot write job.sh: {e}"))?;
+        let workdir = image::target_dir()?
+            .join("tandem-runs")
+            .join(format!("{}-{stamp}", self.name));
+        fs::create_dir_all(&workdir)
+            .map_err(|e| err!("cannot create {}: {e}", workdir.display()))?;
+        let workdir = workdir
+            .canonicalize()
+            .map_err(|e| err!("{}: {e}", workdir.display()))?;
+        fs::write(
+            workdir.join("job.sh"),
+            self.job_script(argv, &workdir, &guest)?,
+        )
+        .map_err(|e| err!("cannot write job.sh: {e}"))?;
         let console = workdir.join("l1-console.log");
         let stderr_log = workdir.join("qemu-stderr.log");
-        let stderr_file = fs::File::create(&stderr_log).map_err(|e| err!("cannot create {}: {e}", stderr_log.display()))?;
+        let stderr_file = fs::File::create(&stderr_log)
+            .map_err(|e| err!("cannot create {}: {e}", stderr_log.display()))?;
 
         let mut cmd = Command::new(qemu);
-        cmd.args(["-accel", "tcg", "-cpu", "EPYC", "-machine", "q35", "-smp", "1", "-m", "4G"])
-            .args(["-nodefaults", "-display", "none", "-monitor", "none", "-no-reboot"])
-            .arg("-kernel")
-            .arg(&host.kernel)
-            .arg("-initrd")
-            .arg(&host.initramfs)
-            .arg("-append")
-            .arg(format!(
-                "console=ttyS0 quiet panic=-1 intel_iommu=on iommu=pt TANDEM_WORK={}",
-                workdir.display()
-            ))
-            .args(["-device", "intel-iommu,intremap=on,caching-mode=on"])
-            .args(["-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap"])
-            .arg("-virtfs")
-            .arg(format!("local,path={},mount_tag=work,security_model=none", workdir.display()))
-            .args(["-netdev", "hubport,id=up,hubid=0", "-device", "virtio-net-pci,netdev=up"]);
+        cmd.args([
+            "-accel", "tcg", "-cpu", "EPYC", "-machine", "q35", "-smp", "1", "-m", "4G",
+        ])
+        .args([
+            "-nodefaults",
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-no-reboot",
+        ])
+        .arg("-kernel")
+        .arg(&host.kernel)
+        .arg("-initrd")
+        .arg(&host.initramfs)
+        .arg("-append")
+        .arg(format!(
+            "console=ttyS0 quiet panic=-1 intel_iommu=on iommu=pt TANDEM_WORK={}",
+            workdir.display()
+        ))
+        .args(["-device", "intel-iommu,intremap=on,caching-mode=on"])
+        .args([
+            "-virtfs",
+            "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+        ])
+        .arg("-virtfs")
+        .arg(format!(
+            "local,path={},mount_tag=work,security_model=none",
+            workdir.display()
+        ))
+        .args([
+            "-netdev",
+            "hubport,id=up,hubid=0",
+            "-device",
+            "virtio-net-pci,netdev=up",
+        ]);
         for (i, slot) in VFIO_SLOTS.iter().enumerate() {
             cmd.arg("-netdev")
                 .arg(format!("hubport,id=vf{i},hubid=0"))
                 .arg("-device")
-                .arg(format!("e1000e,netdev=vf{i},mac={FAILOVER_MAC},addr={slot:#x}"));
+                .arg(format!(
+                    "e1000e,netdev=vf{i},mac={FAILOVER_MAC},addr={slot:#x}"
+                ));
         }
         cmd.arg("-serial")
             .arg(format!("file:{}", console.display()))
@@ -125,7 +171,10 @@ impl TestHost {
             .stdout(Stdio::piped())
             .stderr(stderr_file);
         let mut child = cmd.spawn().map_err(|e| err!("cannot start {qemu}: {e}"))?;
-        let stdout = child.stdout.take().ok_or_else(|| err!("{qemu}: no stdout pipe"))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| err!("{qemu}: no stdout pipe"))?;
 
         let output = Arc::new(Mutex::new(String::new()));
         let out2 = Arc::clone(&output);
@@ -139,7 +188,8 @@ impl TestHost {
                     Ok(_) => {
                         let text = String::from_utf8_lossy(&line).replace('\r', "");
                         // Written to the real stderr, not libtest's capture: live output.
-                        let _ = std::io::stderr().write_all(format!("[testhost] {text}").as_bytes());
+                        let _ =
+                            std::io::stderr().write_all(format!("[testhost] {text}").as_bytes());
                         if let Ok(mut o) = out2.lock() {
                             o.push_str(&text);
                         }
@@ -159,21 +209,36 @@ impl TestHost {
                 Err(e) => return Err(err!("waiting for {qemu}: {e}")),
             }
             let text = fs::read_to_string(&console).unwrap_or_default();
-            if let Some(last) = text.lines().filter_map(|l| l.strip_prefix("TANDEM-STAGE ")).last() {
+            if let Some(last) = text
+                .lines()
+                .filter_map(|l| l.strip_prefix("TANDEM-STAGE "))
+                .next_back()
+            {
                 let name = last.split_whitespace().next().unwrap_or("").to_string();
                 if name != stage {
                     stage = name;
                     stage_since = Instant::now();
                     if stage == "job" {
                         boot_time = Some(started.elapsed());
-                        eprintln!("testhost: L1 booted to its job in {:.1} s", started.elapsed().as_secs_f64());
+                        eprintln!(
+                            "testhost: L1 booted to its job in {:.1} s",
+                            started.elapsed().as_secs_f64()
+                        );
                     }
                 }
             }
             let (limit, what) = if boot_time.is_none() {
-                (self.boot_timeout.saturating_sub(started.elapsed().min(self.boot_timeout)), "boot")
+                (
+                    self.boot_timeout
+                        .saturating_sub(started.elapsed().min(self.boot_timeout)),
+                    "boot",
+                )
             } else {
-                (self.job_timeout.saturating_sub(stage_since.elapsed().min(self.job_timeout)), "job")
+                (
+                    self.job_timeout
+                        .saturating_sub(stage_since.elapsed().min(self.job_timeout)),
+                    "job",
+                )
             };
             if limit.is_zero() {
                 let _ = child.kill();
@@ -192,7 +257,10 @@ impl TestHost {
         let output = output.lock().map(|o| o.clone()).unwrap_or_default();
 
         let qemu_err = fs::read_to_string(&stderr_log).unwrap_or_default();
-        if let Some(line) = qemu_err.lines().find(|l| l.contains("Assertion") || l.contains("abort")) {
+        if let Some(line) = qemu_err
+            .lines()
+            .find(|l| l.contains("Assertion") || l.contains("abort"))
+        {
             return Err(err!(
                 "test host died: outer QEMU aborted in stage `{stage}`: {}; console log kept: {}",
                 line.trim(),
@@ -207,8 +275,14 @@ impl TestHost {
             ));
         }
         let console_text = fs::read_to_string(&console).unwrap_or_default();
-        if let Some(f) = console_text.lines().find_map(|l| l.strip_prefix("TANDEM-FAIL ")) {
-            return Err(err!("test host init failed: {f}; console log kept: {}", console.display()));
+        if let Some(f) = console_text
+            .lines()
+            .find_map(|l| l.strip_prefix("TANDEM-FAIL "))
+        {
+            return Err(err!(
+                "test host init failed: {f}; console log kept: {}",
+                console.display()
+            ));
         }
         let status_text = fs::read_to_string(workdir.join("exit-status")).map_err(|_| {
             let last = qemu_err.lines().rfind(|l| !l.contains("warning:")).unwrap_or("").trim().to_string();
@@ -218,15 +292,24 @@ impl TestHost {
                 console.display()
             )
         })?;
-        let job_status: i32 = status_text
-            .trim()
-            .parse()
-            .map_err(|_| err!("bad exit-status {:?} in {}", status_text.trim(), workdir.display()))?;
-        eprintln!("testhost: run finished in {:.1} s (job status {job_status})", total_time.as_secs_f64());
+        let job_status: i32 = status_text.trim().parse().map_err(|_| {
+            err!(
+                "bad exit-status {:?} in {}",
+                status_text.trim(),
+                workdir.display()
+            )
+        })?;
+        eprintln!(
+            "testhost: run finished in {:.1} s (job status {job_status})",
+            total_time.as_secs_f64()
+        );
         if job_status == 0 {
             let _ = fs::remove_dir_all(&workdir);
         } else {
-            eprintln!("testhost: job failed; work dir and console log kept: {}", workdir.display());
+            eprintln!(
+                "testhost: job failed; work dir and console log kept: {}",
+                workdir.display()
+            );
         }
         Ok(JobOutcome {
             status: job_status,
@@ -239,15 +322,30 @@ impl TestHost {
 
     fn job_script(&self, argv: &[String], workdir: &Path, guest: &GuestImage) -> Result<String> {
         let cwd = std::env::current_dir().map_err(|e| err!("no current dir: {e}"))?;
-        let nics: Vec<String> = VFIO_SLOTS.iter().map(|s| format!("0000:00:{s:02x}.0={FAILOVER_MAC}")).collect();
+        let nics: Vec<String> = VFIO_SLOTS
+            .iter()
+            .map(|s| format!("0000:00:{s:02x}.0={FAILOVER_MAC}"))
+            .collect();
         let mut env: Vec<(String, String)> = vec![
-            ("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()),
+            (
+                "PATH".into(),
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+            ),
             ("HOME".into(), "/root".into()),
             ("TANDEM_IN_TESTHOST".into(), "1".into()),
             ("TANDEM_WORKDIR".into(), workdir.display().to_string()),
-            ("TANDEM_GUEST_KERNEL".into(), guest.kernel.display().to_string()),
-            ("TANDEM_GUEST_INITRAMFS".into(), guest.initramfs.display().to_string()),
-            ("TANDEM_GUEST_KERNEL_VERSION".into(), guest.kernel_version.clone()),
+            (
+                "TANDEM_GUEST_KERNEL".into(),
+                guest.kernel.display().to_string(),
+            ),
+            (
+                "TANDEM_GUEST_INITRAMFS".into(),
+                guest.initramfs.display().to_string(),
+            ),
+            (
+                "TANDEM_GUEST_KERNEL_VERSION".into(),
+                guest.kernel_version.clone(),
+            ),
             ("TANDEM_VFIO_NICS".into(), nics.join(",")),
             ("TANDEM_BRIDGE".into(), "br0".into()),
         ];
@@ -261,7 +359,10 @@ impl TestHost {
         for (k, v) in env {
             s.push_str(&format!("export {k}={}\n", sh_quote(&v)));
         }
-        s.push_str(&format!("cd {} || exit 125\n", sh_quote(&cwd.display().to_string())));
+        s.push_str(&format!(
+            "cd {} || exit 125\n",
+            sh_quote(&cwd.display().to_string())
+        ));
         let args: Vec<String> = argv.iter().map(|a| sh_quote(a)).collect();
         s.push_str(&format!("exec {}\n", args.join(" ")));
         Ok(s)

@@ -13,9 +13,16 @@ fn boot(env: &GuestEnv, vm: QemuVm, name: &str) -> harness::Result<(QemuVm, harn
     let agent = vm.agent(env.workdir.join(format!("{name}.console.log")))?;
     if let Err(e) = agent.wait_ready(BOOT_TIMEOUT) {
         let alive = vm.is_running();
-        return Err(harness::err!("{e}; QEMU {}: {}", if alive { "running" } else { "exited" }, vm.stderr().trim()));
+        return Err(harness::err!(
+            "{e}; QEMU {}: {}",
+            if alive { "running" } else { "exited" },
+            vm.stderr().trim()
+        ));
     }
-    eprintln!("{name}: guest agent ready {:.1} s after QEMU started", t0.elapsed().as_secs_f64());
+    eprintln!(
+        "{name}: guest agent ready {:.1} s after QEMU started",
+        t0.elapsed().as_secs_f64()
+    );
     Ok((vm, agent))
 }
 
