@@ -36,7 +36,7 @@ impl Tandem {
             .arg("--api-socket")
             .arg(&api)
             .args(extra)
-            .env("TANDEM_LOG", "info")
+            .env("TANDEM_LOG", std::env::var("TANDEM_TEST_LOG").unwrap_or("info".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr).map_err(|e| err!("{e}"))?);
@@ -167,5 +167,15 @@ harness::guest_test!(fn tandem_boots_linux_with_two_vcpus_and_reboots(env) {
     // Shutdown through the API.
     vm.remote("shutdown")?;
     assert_eq!(vm.wait_exit(Duration::from_secs(30))?, 0);
+    Ok(())
+});
+
+harness::guest_test!(fn zz_debug_reboot(env) {
+    std::env::set_var("TANDEM_TEST_LOG", "debug"); let mut vm = Tandem::spawn(env, "dbg", &["--cmdline", "console=ttyS0 panic=-1 loglevel=8 reboot=f"])?;
+    let mut agent = vm.agent(env, "dbg")?;
+    let _ = agent.run("reboot -f", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_secs(5));
+    eprintln!("LOG: {}", vm.log());
+    eprintln!("CONSOLE: {}", std::fs::read_to_string(agent.console_log()).unwrap_or_default().lines().rev().take(30).collect::<Vec<_>>().join("\n"));
     Ok(())
 });
