@@ -62,6 +62,9 @@ harness::guest_test!(fn qemu_vfio_e1000e_pings_peer(env) {
     }
     let mac = agent.run_ok(&format!("cat /sys/class/net/{dev}/address"))?;
     assert_eq!(mac.trim(), nic.mac, "the passed-through NIC keeps its permanent MAC");
+    // Interrupt throttling must be off: QEMU 7.2's e1000e can abort on its throttling timer.
+    let itr = agent.run_ok("dmesg | grep -i 'interrupt throttling rate' || true")?;
+    assert!(itr.contains("turned off"), "e1000e InterruptThrottleRate=0 not in effect: {itr:?}");
     let out = agent.run(&ping_script(dev), Duration::from_secs(60))?;
     eprintln!("{}", out.stdout);
     assert_eq!(out.status, 0, "ping from the VFIO e1000e to the peer");
