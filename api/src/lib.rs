@@ -169,6 +169,9 @@ pub struct VmInfo {
     pub devices: Vec<DeviceInfo>,
     /// How many times the guest has been (re)booted in this process.
     pub boots: u32,
+    /// While paused: where each vCPU stopped (registers), for diagnosis.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vcpus: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -45,6 +45,7 @@ impl BusDevice for AcpiPm {
 
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
         let Some(&v) = data.first() else { return };
+        tracing::debug!("acpi pm: write {v:#x} at offset {offset}");
         let evt = match offset {
             SLEEP_CONTROL_OFFSET if v & SLP_EN != 0 && (v >> 2) & 7 == S5_SLP_TYP => &self.shutdown,
             RESET_OFFSET if v == RESET_VALUE => &self.reset,

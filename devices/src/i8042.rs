@@ -28,6 +28,7 @@ impl BusDevice for I8042 {
     }
 
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        tracing::debug!("i8042: write {data:x?} at offset {offset}");
         if offset == CMD_OFFSET && data.first() == Some(&CMD_RESET_CPU) {
             if let Err(e) = self.reset.write(1) {
                 tracing::error!("i8042: cannot signal reset: {e}");

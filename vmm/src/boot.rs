@@ -170,6 +170,21 @@ pub fn e820_map(mem_size: u64) -> Vec<(u64, u64, u32)> {
     map
 }
 
+/// What sits at the real-mode reset vector F000:FFF0 (physical 0xffff0).
+/// There is no BIOS: a guest that resets by jumping there — Linux does, when
+/// ACPI is hardware-reduced and there is no EFI (`BOOT_EFI` falls back to
+/// `BOOT_BIOS`) — finds 16-bit code that writes the ACPI reset register.
+pub const RESET_VECTOR: u64 = 0xffff0;
+
+fn reset_vector_code() -> Vec<u8> {
+    let port = (devices::acpi_pm::PM_BASE + devices::acpi_pm::RESET_OFFSET) as u16;
+    let mut code = vec![0xba]; // mov dx, imm16
+    code.extend_from_slice(&port.to_le_bytes());
+    code.extend_from_slice(&[0xb0, devices::acpi_pm::RESET_VALUE]); // mov al, imm8
+    code.extend_from_slice(&[0xee, 0xf4, 0xeb, 0xfd]); // out dx, al; hlt; jmp hlt
+    code
+}
+
 /// GDT entries: null, 64-bit code, data, TSS.
 pub const GDT: [u64; 4] = [
     0,
@@ -186,6 +201,8 @@ pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
             .map_err(mem_err)?;
     }
     mem.write_obj(0u64, GuestAddress(IDT_START))
+        .map_err(mem_err)?;
+    mem.write_slice(&reset_vector_code(), GuestAddress(RESET_VECTOR))
         .map_err(mem_err)?;
     // PML4[0] -> PDPT; PDPT[i] -> PD i; PD entries are 2 MiB pages.
     mem.write_obj(PDPTE_START | 0x3, GuestAddress(PML4_START))
@@ -225,6 +242,16 @@ mod tests {
         assert!(m
             .iter()
             .any(|e| e.0 == PCI_ECAM_START && e.2 == E820_RESERVED));
+    }
+
+    #[test]
+    fn reset_vector_fits_and_writes_the_reset_register() {
+        let c = reset_vector_code();
+        assert!(
+            c.len() <= 16,
+            "F000:FFF0 has 16 bytes before the 1 MiB boundary"
+        );
+        assert_eq!(&c[..3], &[0xba, 0x04, 0x06]);
     }
 
     #[test]

@@ -407,6 +407,14 @@ impl Vmm {
                 .map_err(|e| ApiError::internal(e.to_string()))?,
             devices,
             boots: self.boots,
+            vcpus: if vm.paused() {
+                vm.parked_at()
+                    .into_iter()
+                    .map(|(id, regs)| format!("vcpu{id}: {regs}"))
+                    .collect()
+            } else {
+                vec![]
+            },
         };
         serde_json::to_value(info).map_err(|e| ApiError::internal(e.to_string()))
     }

@@ -56,6 +56,8 @@ pub enum RunState {
 pub struct VcpuControl {
     state: Mutex<(RunState, usize)>,
     cv: Condvar,
+    /// Where each vCPU stood when it last parked (for `vm.info` and reports).
+    parked_at: Mutex<Vec<(u8, String)>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +77,7 @@ impl VcpuControl {
         Self {
             state: Mutex::new((RunState::Running, 0)),
             cv: Condvar::new(),
+            parked_at: Mutex::new(Vec::new()),
         }
     }
 
@@ -131,14 +134,32 @@ impl VcpuControl {
         kick_all(threads);
     }
 
+    /// The registers each paused vCPU parked with, by vCPU id.
+    pub fn parked_at(&self) -> Vec<(u8, String)> {
+        let mut v = self
+            .parked_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        v.sort();
+        v
+    }
+
     /// Called by a vCPU thread between runs: parks while paused; false = exit.
-    fn checkpoint(&self) -> bool {
+    /// `where_am_i` describes the vCPU's registers, recorded when it parks.
+    fn checkpoint(&self, id: u8, where_am_i: impl FnOnce() -> String) -> bool {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut where_am_i = Some(where_am_i);
         loop {
             match st.0 {
                 RunState::Running => return true,
                 RunState::Stopping => return false,
                 RunState::Paused => {
+                    if let Some(f) = where_am_i.take() {
+                        let mut p = self.parked_at.lock().unwrap_or_else(|e| e.into_inner());
+                        p.retain(|(i, _)| *i != id);
+                        p.push((id, f()));
+                    }
                     st.1 += 1;
                     self.cv.notify_all();
                     while st.0 == RunState::Paused {
@@ -177,7 +198,19 @@ pub struct VcpuContext {
 /// The vCPU thread body.
 pub fn run_vcpu(mut vcpu: VcpuFd, ctx: VcpuContext) {
     KVM_RUN_PTR.with(|p| p.set(vcpu.get_kvm_run() as *mut kvm_run));
-    while ctx.control.checkpoint() {
+    loop {
+        let regs = |vcpu: &VcpuFd| {
+            match (vcpu.get_regs(), vcpu.get_sregs()) {
+            (Ok(r), Ok(s)) => format!(
+                "rip {:#x} rsp {:#x} rflags {:#x} cs {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} efer {:#x}",
+                r.rip, r.rsp, r.rflags, s.cs.selector, s.cr0, s.cr2, s.cr3, s.efer
+            ),
+            (Err(e), _) | (_, Err(e)) => format!("registers unavailable: {e}"),
+        }
+        };
+        if !ctx.control.checkpoint(ctx.id, || regs(&vcpu)) {
+            break;
+        }
         match vcpu.run() {
             Ok(exit) => {
                 if let Err(msg) = handle_exit(exit, &ctx) {

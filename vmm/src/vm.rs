@@ -211,6 +211,11 @@ impl Vm {
         self.control.state() == RunState::Paused
     }
 
+    /// Registers of each vCPU as it parked (meaningful while paused).
+    pub fn parked_at(&self) -> Vec<(u8, String)> {
+        self.control.parked_at()
+    }
+
     pub fn vcpus(&self) -> usize {
         self.vcpu_threads.len()
     }
