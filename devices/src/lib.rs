@@ -14,6 +14,7 @@ pub mod bus;
 pub mod i8042;
 pub mod pci;
 pub mod serial;
+pub mod virtio;
 
 use std::io;
 

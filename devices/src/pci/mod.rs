@@ -8,6 +8,7 @@
 //! [`PciRoot`].
 
 mod config;
+pub mod msix;
 mod root;
 
 pub use config::{BarKind, BarMove, PciClass, PciConfig};

@@ -1,0 +1,90 @@
+//! Virtio: the device-side contract ([`VirtioDevice`]) and the PCI transport
+//! ([`pci::VirtioPciDevice`]) that any virtio device plugs into.
+//!
+//! A device is *inactive* until the driver sets DRIVER_OK; only then does it
+//! receive guest memory, its queues, their notification eventfds and an
+//! interrupt (see [`ActivateArgs`]). A reset hands everything back, so a
+//! STANDBY NIC that the guest resets while its primary comes and goes starts
+//! clean each time.
+
+pub mod net;
+pub mod pci;
+
+use std::io;
+use std::sync::Arc;
+
+use vm_memory::bitmap::AtomicBitmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Guest memory as devices see it: with the dirty bitmap migration reads.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+pub type Queue = virtio_queue::Queue;
+
+pub const VIRTIO_F_VERSION_1: u32 = 32;
+pub const VIRTIO_F_RING_EVENT_IDX: u32 = 29;
+pub const VIRTIO_F_RING_INDIRECT_DESC: u32 = 28;
+
+pub const STATUS_ACKNOWLEDGE: u8 = 1;
+pub const STATUS_DRIVER: u8 = 2;
+pub const STATUS_DRIVER_OK: u8 = 4;
+pub const STATUS_FEATURES_OK: u8 = 8;
+pub const STATUS_NEEDS_RESET: u8 = 0x40;
+pub const STATUS_FAILED: u8 = 0x80;
+
+/// How a device raises its interrupts: per-queue vectors and the
+/// configuration-change vector, resolved by the transport.
+pub trait VirtioInterrupt: Send + Sync {
+    fn notify_queue(&self, queue: usize);
+    fn notify_config(&self);
+}
+
+/// What a device gets when the driver sets DRIVER_OK.
+pub struct ActivateArgs {
+    pub mem: GuestMemoryMmap,
+    pub interrupt: Arc<dyn VirtioInterrupt>,
+    /// The queues the driver enabled, with their index and kick eventfd.
+    pub queues: Vec<(usize, Queue, EventFd)>,
+    pub features: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("the driver enabled an unusable queue set: {0}")]
+    BadQueues(String),
+    #[error("cannot start the device: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// A virtio device behind a transport.
+pub trait VirtioDevice: Send {
+    /// The virtio device ID (1 = net).
+    fn device_type(&self) -> u16;
+    /// Maximum size of each queue; its length is the number of queues.
+    fn queue_max_sizes(&self) -> Vec<u16>;
+    /// Feature bits offered to the driver.
+    fn features(&self) -> u64;
+    /// The driver acknowledged `features` (FEATURES_OK). Returning false
+    /// refuses the set (FEATURES_OK stays clear).
+    fn ack_features(&mut self, features: u64) -> bool;
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    fn activate(&mut self, args: ActivateArgs) -> Result<(), ActivateError>;
+    /// Stop processing and return to the pre-activation state.
+    fn reset(&mut self);
+    /// Has a worker hit a fatal guest error (the device needs a reset)?
+    fn needs_reset(&self) -> bool {
+        false
+    }
+}
+
+/// Copy `src[offset..]` into `data`, zero past the end (config-space reads).
+pub fn read_bytes(src: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, d) in data.iter_mut().enumerate() {
+        *d = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| src.get(o))
+            .copied()
+            .unwrap_or(0);
+    }
+}

@@ -1,0 +1,350 @@
+//! virtio-net over a tap, with VIRTIO_NET_F_STANDBY for failover pairs.
+//!
+//! Queues: rx0, tx0, rx1, tx1, ..., then the control queue. Each queue pair
+//! runs on its own worker thread with its own tap queue; the control queue
+//! is served by pair 0's worker. Workers exist only while the driver has
+//! the device activated (DRIVER_OK); a reset stops and joins them.
+
+pub mod tap;
+mod worker;
+
+use std::fs::File;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use serde::Serialize;
+use thiserror::Error;
+use virtio_bindings::virtio_net::*;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{
+    read_bytes, ActivateArgs, ActivateError, VirtioDevice, VIRTIO_F_RING_EVENT_IDX,
+    VIRTIO_F_VERSION_1,
+};
+pub use tap::TapError;
+
+pub const VIRTIO_ID_NET: u16 = 1;
+pub const DEFAULT_QUEUE_SIZE: u16 = 256;
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+pub const CTRL_QUEUE_SIZE: u16 = 64;
+pub const MIN_MTU: u16 = 68;
+pub const MAX_MTU: u16 = 65535 - 14 - tap::VNET_HDR_LEN as u16;
+
+#[derive(Debug, Error)]
+pub enum NetError {
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    #[error("num_queues={0}: must be an even number from 2 (one rx/tx pair per 2)")]
+    QueueCount(u16),
+    #[error("queue_size={0}: must be a power of two from 2 to {MAX_QUEUE_SIZE}")]
+    QueueSize(u16),
+    #[error("mtu={0}: must be between {MIN_MTU} and {MAX_MTU}")]
+    Mtu(u16),
+}
+
+/// What the user configured.
+#[derive(Clone, Debug, Serialize)]
+pub struct NetConfig {
+    pub id: String,
+    pub tap: String,
+    pub mac: [u8; 6],
+    pub standby: bool,
+    pub num_queues: u16,
+    pub queue_size: u16,
+    pub mtu: Option<u16>,
+}
+
+impl NetConfig {
+    pub fn validate(&self) -> Result<(), NetError> {
+        if self.num_queues < 2 || self.num_queues % 2 != 0 || self.num_queues > 32 {
+            return Err(NetError::QueueCount(self.num_queues));
+        }
+        if !self.queue_size.is_power_of_two()
+            || self.queue_size < 2
+            || self.queue_size > MAX_QUEUE_SIZE
+        {
+            return Err(NetError::QueueSize(self.queue_size));
+        }
+        if let Some(m) = self.mtu {
+            if !(MIN_MTU..=MAX_MTU).contains(&m) {
+                return Err(NetError::Mtu(m));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn pairs(&self) -> usize {
+        usize::from(self.num_queues / 2)
+    }
+}
+
+/// State workers and the config space share.
+pub(crate) struct NetShared {
+    pub mac: Mutex<[u8; 6]>,
+    pub status: Mutex<u16>,
+    pub needs_reset: AtomicBool,
+    pub stats: worker::Stats,
+}
+
+/// Called with the acknowledged features when the driver sets FEATURES_OK
+/// (`Some`) and when it resets the device (`None`) — the failover pairing
+/// listens for STANDBY here.
+pub type FeatureListener = Box<dyn Fn(Option<u64>) + Send>;
+
+struct Worker {
+    kill: EventFd,
+    handle: JoinHandle<()>,
+}
+
+pub struct Net {
+    cfg: NetConfig,
+    taps: Vec<File>,
+    avail_features: u64,
+    acked_features: u64,
+    shared: Arc<NetShared>,
+    workers: Vec<Worker>,
+    listener: Option<FeatureListener>,
+}
+
+impl Net {
+    pub fn new(cfg: NetConfig) -> Result<Self, NetError> {
+        cfg.validate()?;
+        let taps = tap::open(&cfg.tap, cfg.pairs())?;
+        let mut f = (1u64 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_F_RING_EVENT_IDX)
+            | (1 << VIRTIO_NET_F_CSUM)
+            | (1 << VIRTIO_NET_F_GUEST_CSUM)
+            | (1 << VIRTIO_NET_F_GUEST_TSO4)
+            | (1 << VIRTIO_NET_F_GUEST_TSO6)
+            | (1 << VIRTIO_NET_F_GUEST_ECN)
+            | (1 << VIRTIO_NET_F_HOST_TSO4)
+            | (1 << VIRTIO_NET_F_HOST_TSO6)
+            | (1 << VIRTIO_NET_F_HOST_ECN)
+            | (1 << VIRTIO_NET_F_MRG_RXBUF)
+            | (1 << VIRTIO_NET_F_MAC)
+            | (1 << VIRTIO_NET_F_STATUS)
+            | (1 << VIRTIO_NET_F_CTRL_VQ)
+            | (1 << VIRTIO_NET_F_CTRL_RX)
+            | (1 << VIRTIO_NET_F_CTRL_MAC_ADDR)
+            | (1 << VIRTIO_NET_F_GUEST_ANNOUNCE);
+        if cfg.pairs() > 1 {
+            f |= 1 << VIRTIO_NET_F_MQ;
+        }
+        if cfg.mtu.is_some() {
+            f |= 1 << VIRTIO_NET_F_MTU;
+        }
+        if cfg.standby {
+            f |= 1 << VIRTIO_NET_F_STANDBY;
+        }
+        let shared = Arc::new(NetShared {
+            mac: Mutex::new(cfg.mac),
+            status: Mutex::new(VIRTIO_NET_S_LINK_UP as u16),
+            needs_reset: AtomicBool::new(false),
+            stats: worker::Stats::default(),
+        });
+        Ok(Self {
+            cfg,
+            taps,
+            avail_features: f,
+            acked_features: 0,
+            shared,
+            workers: vec![],
+            listener: None,
+        })
+    }
+
+    pub fn config(&self) -> &NetConfig {
+        &self.cfg
+    }
+
+    pub fn set_feature_listener(&mut self, l: FeatureListener) {
+        self.listener = Some(l);
+    }
+
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    /// Counters of the data path (frames, bytes, drops).
+    pub fn stats(&self) -> worker::StatsSnapshot {
+        self.shared.stats.snapshot()
+    }
+
+    /// Ask the guest to announce itself (gratuitous ARP) after a migration.
+    /// Returns false when the driver did not negotiate GUEST_ANNOUNCE.
+    pub fn request_announce(&self) -> bool {
+        if self.acked_features & (1 << VIRTIO_NET_F_GUEST_ANNOUNCE) == 0 {
+            return false;
+        }
+        *self.shared.status.lock().unwrap_or_else(|e| e.into_inner()) |=
+            VIRTIO_NET_S_ANNOUNCE as u16;
+        true
+    }
+
+    fn config_bytes(&self) -> [u8; 12] {
+        let mut c = [0u8; 12];
+        c[..6].copy_from_slice(&*self.shared.mac.lock().unwrap_or_else(|e| e.into_inner()));
+        let status = *self.shared.status.lock().unwrap_or_else(|e| e.into_inner());
+        c[6..8].copy_from_slice(&status.to_le_bytes());
+        c[8..10].copy_from_slice(&(self.cfg.pairs() as u16).to_le_bytes());
+        c[10..12].copy_from_slice(&self.cfg.mtu.unwrap_or(1500).to_le_bytes());
+        c
+    }
+
+    fn stop_workers(&mut self) {
+        for w in self.workers.drain(..) {
+            let _ = w.kill.write(1);
+            if w.handle.join().is_err() {
+                tracing::error!("net {}: a worker panicked", self.cfg.id);
+            }
+        }
+    }
+
+    fn offload_flags(features: u64) -> u32 {
+        let has = |b: u32| features & (1 << b) != 0;
+        let mut f = 0;
+        if has(VIRTIO_NET_F_GUEST_CSUM) {
+            f |= tap::TUN_F_CSUM;
+            if has(VIRTIO_NET_F_GUEST_TSO4) {
+                f |= tap::TUN_F_TSO4;
+            }
+            if has(VIRTIO_NET_F_GUEST_TSO6) {
+                f |= tap::TUN_F_TSO6;
+            }
+            if has(VIRTIO_NET_F_GUEST_ECN) && f & (tap::TUN_F_TSO4 | tap::TUN_F_TSO6) != 0 {
+                f |= tap::TUN_F_TSO_ECN;
+            }
+        }
+        f
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u16 {
+        VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        let mut v = vec![self.cfg.queue_size; self.cfg.pairs() * 2];
+        v.push(CTRL_QUEUE_SIZE);
+        v
+    }
+
+    fn features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn ack_features(&mut self, features: u64) -> bool {
+        if features & !self.avail_features != 0 || features & (1 << VIRTIO_F_VERSION_1) == 0 {
+            return false;
+        }
+        self.acked_features = features;
+        if let Some(l) = &self.listener {
+            l(Some(features));
+        }
+        true
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_bytes(&self.config_bytes(), offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // Legacy drivers could write the MAC here; a modern driver uses the
+        // control queue. Accept writes that fall inside the MAC field only.
+        if offset
+            .checked_add(data.len() as u64)
+            .is_some_and(|end| end <= 6)
+        {
+            let mut mac = self.shared.mac.lock().unwrap_or_else(|e| e.into_inner());
+            mac[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+        }
+    }
+
+    fn activate(&mut self, args: ActivateArgs) -> Result<(), ActivateError> {
+        self.stop_workers();
+        let pairs = self.cfg.pairs();
+        let ctrl_index = pairs * 2;
+        let mut per_pair: Vec<worker::PairQueues> =
+            (0..pairs).map(|_| worker::PairQueues::default()).collect();
+        for (idx, queue, evt) in args.queues {
+            if idx == ctrl_index {
+                per_pair[0].ctrl = Some((idx, queue, evt));
+            } else if let Some(p) = per_pair.get_mut(idx / 2) {
+                if idx % 2 == 0 {
+                    p.rx = Some((idx, queue, evt));
+                } else {
+                    p.tx = Some((idx, queue, evt));
+                }
+            }
+        }
+        let offload = Self::offload_flags(args.features);
+        for (i, queues) in per_pair.into_iter().enumerate() {
+            if queues.rx.is_none() && queues.tx.is_none() && queues.ctrl.is_none() {
+                continue;
+            }
+            let tap = self.taps[i].try_clone()?;
+            tap::set_offload(&tap, offload)?;
+            let kill = EventFd::new(libc::EFD_NONBLOCK)?;
+            let w = worker::PairWorker::new(
+                format!("{}-q{i}", self.cfg.id),
+                args.mem.clone(),
+                args.interrupt.clone(),
+                queues,
+                tap,
+                kill.try_clone()?,
+                self.shared.clone(),
+                args.features,
+                pairs,
+            );
+            let handle = std::thread::Builder::new()
+                .name(format!("net-{}-q{i}", self.cfg.id))
+                .spawn(move || w.run())?;
+            self.workers.push(Worker { kill, handle });
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.stop_workers();
+        self.acked_features = 0;
+        *self.shared.status.lock().unwrap_or_else(|e| e.into_inner()) = VIRTIO_NET_S_LINK_UP as u16;
+        *self.shared.mac.lock().unwrap_or_else(|e| e.into_inner()) = self.cfg.mac;
+        self.shared.needs_reset.store(false, Ordering::SeqCst);
+        if let Some(l) = &self.listener {
+            l(None);
+        }
+    }
+
+    fn needs_reset(&self) -> bool {
+        self.shared.needs_reset.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        self.stop_workers();
+    }
+}
+
+/// Parse `52:54:00:12:34:56`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+pub fn format_mac(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}

@@ -1,0 +1,538 @@
+//! The virtio-pci modern transport (virtio 1.x): vendor capabilities for the
+//! common, notify, ISR and device-config regions, all in BAR 0 with the
+//! MSI-X table and PBA; queue kicks arrive on ioeventfds registered at the
+//! notify addresses (a kick that reaches the VMM by MMIO is forwarded too).
+//!
+//! BAR 0 layout:
+//! ```text
+//! 0x0000 common config   0x1000 ISR   0x2000 device config
+//! 0x3000 notify (4 bytes per queue)   0x4000 MSI-X table   0x6000 PBA
+//! ```
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+use virtio_queue::QueueT;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::*;
+use crate::pci::msix::{self, InterruptRoutes, MsixState, SharedMsix};
+use crate::pci::{BarKind, BarMove, PciClass, PciConfig, PciDevice};
+
+pub const BAR0_SIZE: u64 = 0x8000;
+const COMMON_OFF: u64 = 0x0000;
+const COMMON_LEN: u64 = 0x38;
+const ISR_OFF: u64 = 0x1000;
+const DEVICE_OFF: u64 = 0x2000;
+const DEVICE_LEN: u64 = 0x1000;
+const NOTIFY_OFF: u64 = 0x3000;
+const NOTIFY_MULTIPLIER: u32 = 4;
+const MSIX_TABLE_OFF: u64 = 0x4000;
+const MSIX_PBA_OFF: u64 = 0x6000;
+pub const VIRTIO_MSI_NO_VECTOR: u16 = 0xffff;
+
+const VIRTIO_PCI_VENDOR: u16 = 0x1af4;
+const VIRTIO_PCI_DEVICE_BASE: u16 = 0x1040;
+const CAP_VENDOR: u8 = 0x09;
+const CFG_COMMON: u8 = 1;
+const CFG_NOTIFY: u8 = 2;
+const CFG_ISR: u8 = 3;
+const CFG_DEVICE: u8 = 4;
+
+fn virtio_cap(cfg_type: u8, offset: u64, length: u64, extra: Option<u32>) -> Vec<u8> {
+    let len = if extra.is_some() { 20u8 } else { 16 };
+    let mut c = vec![CAP_VENDOR, 0, len, cfg_type, 0, 0, 0, 0];
+    c.extend_from_slice(&(offset as u32).to_le_bytes());
+    c.extend_from_slice(&(length as u32).to_le_bytes());
+    if let Some(x) = extra {
+        c.extend_from_slice(&x.to_le_bytes());
+    }
+    c
+}
+
+/// Per-queue registers the driver programs before DRIVER_OK.
+struct QueueSlot {
+    queue: Queue,
+    vector: u16,
+    evt: EventFd,
+}
+
+struct MsixInterrupt {
+    msix: SharedMsix,
+    queue_vectors: Vec<u16>,
+    config_vector: u16,
+    isr: Arc<AtomicU8>,
+}
+
+impl VirtioInterrupt for MsixInterrupt {
+    fn notify_queue(&self, queue: usize) {
+        self.isr.fetch_or(1, Ordering::SeqCst);
+        if let Some(&v) = self.queue_vectors.get(queue) {
+            if v != VIRTIO_MSI_NO_VECTOR {
+                self.msix
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .trigger(v);
+            }
+        }
+    }
+    fn notify_config(&self) {
+        self.isr.fetch_or(2, Ordering::SeqCst);
+        if self.config_vector != VIRTIO_MSI_NO_VECTOR {
+            self.msix
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .trigger(self.config_vector);
+        }
+    }
+}
+
+pub struct VirtioPciDevice {
+    config: PciConfig,
+    msix_cap_off: usize,
+    msix: SharedMsix,
+    routes: Arc<dyn InterruptRoutes>,
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemoryMmap,
+    bar0: u64,
+    queues: Vec<QueueSlot>,
+    status: u8,
+    device_feature_select: u32,
+    driver_feature_select: u32,
+    driver_features: u64,
+    config_vector: u16,
+    queue_select: u16,
+    config_generation: u8,
+    isr: Arc<AtomicU8>,
+    interrupt: Option<Arc<MsixInterrupt>>,
+}
+
+impl VirtioPciDevice {
+    /// Wrap `device`; BAR 0 starts at `bar0` (the VMM allocated it).
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        routes: Arc<dyn InterruptRoutes>,
+        bar0: u64,
+    ) -> std::io::Result<Self> {
+        let sizes = device.queue_max_sizes();
+        let nvec = sizes.len() as u16 + 1;
+        let msix = Arc::new(Mutex::new(MsixState::new(nvec, routes.clone())?));
+        let mut config = PciConfig::new(
+            VIRTIO_PCI_VENDOR,
+            VIRTIO_PCI_DEVICE_BASE + device.device_type(),
+            class_of(device.device_type()),
+            1,
+        );
+        config.set_subsystem(VIRTIO_PCI_VENDOR, 0x40);
+        config.add_bar(0, BarKind::Mem32, BAR0_SIZE, bar0, false);
+        let caps = [
+            virtio_cap(CFG_COMMON, COMMON_OFF, COMMON_LEN, None),
+            virtio_cap(CFG_ISR, ISR_OFF, 1, None),
+            virtio_cap(CFG_DEVICE, DEVICE_OFF, DEVICE_LEN, None),
+            virtio_cap(
+                CFG_NOTIFY,
+                NOTIFY_OFF,
+                u64::from(NOTIFY_MULTIPLIER) * sizes.len() as u64,
+                Some(NOTIFY_MULTIPLIER),
+            ),
+        ];
+        for c in caps {
+            config.add_capability(&c).ok_or_else(|| {
+                std::io::Error::other("virtio capabilities overflow config space")
+            })?;
+        }
+        let msix_cap_off = config
+            .add_capability(&msix::capability(
+                nvec,
+                0,
+                MSIX_TABLE_OFF as u32,
+                MSIX_PBA_OFF as u32,
+            ))
+            .ok_or_else(|| std::io::Error::other("no room for the MSI-X capability"))?;
+        // Message control (upper half of the first dword) is the guest's.
+        config.set_writable(msix_cap_off / 4, 0xc000_0000);
+        let mut queues = Vec::new();
+        for s in sizes {
+            let queue = Queue::new(s)
+                .map_err(|e| std::io::Error::other(format!("queue size {s}: {e:?}")))?;
+            let evt = EventFd::new(libc::EFD_NONBLOCK)?;
+            queues.push(QueueSlot {
+                queue,
+                vector: VIRTIO_MSI_NO_VECTOR,
+                evt,
+            });
+        }
+        let dev = Self {
+            config,
+            msix_cap_off,
+            msix,
+            routes,
+            device,
+            mem,
+            bar0,
+            queues,
+            status: 0,
+            device_feature_select: 0,
+            driver_feature_select: 0,
+            driver_features: 0,
+            config_vector: VIRTIO_MSI_NO_VECTOR,
+            queue_select: 0,
+            config_generation: 0,
+            isr: Arc::new(AtomicU8::new(0)),
+            interrupt: None,
+        };
+        dev.register_ioevents(bar0)?;
+        Ok(dev)
+    }
+
+    fn notify_addr(base: u64, q: usize) -> u64 {
+        base + NOTIFY_OFF + q as u64 * u64::from(NOTIFY_MULTIPLIER)
+    }
+
+    fn register_ioevents(&self, base: u64) -> std::io::Result<()> {
+        for (i, q) in self.queues.iter().enumerate() {
+            self.routes
+                .register_ioevent(&q.evt, Self::notify_addr(base, i))?;
+        }
+        Ok(())
+    }
+
+    fn unregister_ioevents(&self, base: u64) {
+        for (i, q) in self.queues.iter().enumerate() {
+            let _ = self
+                .routes
+                .unregister_ioevent(&q.evt, Self::notify_addr(base, i));
+        }
+    }
+
+    pub fn status(&self) -> u8 {
+        self.status
+    }
+
+    /// Features the driver acknowledged (meaningful once FEATURES_OK).
+    pub fn driver_features(&self) -> u64 {
+        self.driver_features
+    }
+
+    pub fn device(&self) -> &dyn VirtioDevice {
+        self.device.as_ref()
+    }
+
+    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+        self.device.as_mut()
+    }
+
+    /// Tell the driver the device config changed (e.g. link status).
+    pub fn config_changed(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        self.isr.fetch_or(2, Ordering::SeqCst);
+        if self.config_vector != VIRTIO_MSI_NO_VECTOR {
+            self.msix
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .trigger(self.config_vector);
+        }
+    }
+
+    fn reset(&mut self) {
+        self.device.reset();
+        self.interrupt = None;
+        self.status = 0;
+        self.driver_features = 0;
+        self.device_feature_select = 0;
+        self.driver_feature_select = 0;
+        self.config_vector = VIRTIO_MSI_NO_VECTOR;
+        self.queue_select = 0;
+        self.isr.store(0, Ordering::SeqCst);
+        for q in &mut self.queues {
+            q.queue.reset();
+            q.vector = VIRTIO_MSI_NO_VECTOR;
+            let _ = q.evt.read();
+        }
+    }
+
+    fn set_status(&mut self, v: u8) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        let newly = v & !self.status;
+        let mut v = v;
+        if newly & STATUS_FEATURES_OK != 0 && !self.device.ack_features(self.driver_features) {
+            v &= !STATUS_FEATURES_OK;
+        }
+        self.status = v;
+        if newly & STATUS_DRIVER_OK != 0 && v & STATUS_FEATURES_OK != 0 {
+            if let Err(e) = self.activate() {
+                tracing::warn!("virtio device type {}: {e}", self.device.device_type());
+                self.status |= STATUS_NEEDS_RESET;
+                self.config_changed();
+            }
+        }
+    }
+
+    fn activate(&mut self) -> Result<(), ActivateError> {
+        let interrupt = Arc::new(MsixInterrupt {
+            msix: self.msix.clone(),
+            queue_vectors: self.queues.iter().map(|q| q.vector).collect(),
+            config_vector: self.config_vector,
+            isr: self.isr.clone(),
+        });
+        let mut queues = Vec::new();
+        for (i, q) in self.queues.iter().enumerate() {
+            if !q.queue.ready() {
+                continue;
+            }
+            if !q.queue.is_valid(&self.mem) {
+                return Err(ActivateError::BadQueues(format!(
+                    "queue {i} has rings outside guest memory or a bad size"
+                )));
+            }
+            let copy = Queue::try_from(q.queue.state())
+                .map_err(|e| ActivateError::BadQueues(format!("queue {i}: {e:?}")))?;
+            queues.push((i, copy, q.evt.try_clone()?));
+        }
+        self.device.activate(ActivateArgs {
+            mem: self.mem.clone(),
+            interrupt: interrupt.clone(),
+            queues,
+            features: self.driver_features,
+        })?;
+        self.interrupt = Some(interrupt);
+        Ok(())
+    }
+
+    fn read_common(&self, offset: u64, data: &mut [u8]) {
+        let q = self.queues.get(self.queue_select as usize);
+        let v: u64 = match offset {
+            0x00 => u64::from(self.device_feature_select),
+            0x04 => match self.device_feature_select {
+                0 => self.device.features() & 0xffff_ffff,
+                1 => self.device.features() >> 32,
+                _ => 0,
+            },
+            0x08 => u64::from(self.driver_feature_select),
+            0x0c => match self.driver_feature_select {
+                0 => self.driver_features & 0xffff_ffff,
+                1 => self.driver_features >> 32,
+                _ => 0,
+            },
+            0x10 => u64::from(self.config_vector),
+            0x12 => self.queues.len() as u64,
+            0x14 => u64::from(
+                self.status
+                    | if self.device.needs_reset() {
+                        STATUS_NEEDS_RESET
+                    } else {
+                        0
+                    },
+            ),
+            0x15 => u64::from(self.config_generation),
+            0x16 => u64::from(self.queue_select),
+            0x18 => q.map_or(0, |q| u64::from(q.queue.size())),
+            0x1a => q.map_or(u64::from(VIRTIO_MSI_NO_VECTOR), |q| u64::from(q.vector)),
+            0x1c => q.map_or(0, |q| u64::from(q.queue.ready())),
+            0x1e => u64::from(self.queue_select),
+            0x20 => q.map_or(0, |q| q.queue.desc_table()),
+            0x24 => q.map_or(0, |q| q.queue.desc_table() >> 32),
+            0x28 => q.map_or(0, |q| q.queue.avail_ring()),
+            0x2c => q.map_or(0, |q| q.queue.avail_ring() >> 32),
+            0x30 => q.map_or(0, |q| q.queue.used_ring()),
+            0x34 => q.map_or(0, |q| q.queue.used_ring() >> 32),
+            _ => 0,
+        };
+        let bytes = v.to_le_bytes();
+        for (i, d) in data.iter_mut().enumerate() {
+            *d = bytes.get(i).copied().unwrap_or(0);
+        }
+    }
+
+    fn write_common(&mut self, offset: u64, data: &[u8]) {
+        let mut b = [0u8; 8];
+        let n = data.len().min(8);
+        b[..n].copy_from_slice(&data[..n]);
+        let v32 = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        let v16 = v32 as u16;
+        // Queue registers are frozen once the driver is running.
+        let running = self.status & STATUS_DRIVER_OK != 0;
+        let sel = self.queue_select as usize;
+        match offset {
+            0x00 => self.device_feature_select = v32,
+            0x08 => self.driver_feature_select = v32,
+            0x0c if self.status & STATUS_FEATURES_OK == 0 => match self.driver_feature_select {
+                0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v32),
+                1 => {
+                    self.driver_features =
+                        (self.driver_features & 0xffff_ffff) | (u64::from(v32) << 32)
+                }
+                _ => {}
+            },
+            0x10 => self.config_vector = v16,
+            0x14 => self.set_status(b[0]),
+            0x16 => self.queue_select = v16,
+            0x1a => {
+                if let Some(q) = self.queues.get_mut(sel) {
+                    q.vector = if (v16 as usize)
+                        < self.msix.lock().unwrap_or_else(|e| e.into_inner()).count()
+                    {
+                        v16
+                    } else {
+                        VIRTIO_MSI_NO_VECTOR
+                    };
+                }
+            }
+            _ if running => {}
+            0x18 => {
+                if let Some(q) = self.queues.get_mut(sel) {
+                    q.queue.set_size(v16);
+                }
+            }
+            0x1c => {
+                if let Some(q) = self.queues.get_mut(sel) {
+                    q.queue.set_ready(v16 == 1);
+                }
+            }
+            0x20 | 0x24 | 0x28 | 0x2c | 0x30 | 0x34 => {
+                let Some(q) = self.queues.get_mut(sel) else {
+                    return;
+                };
+                let (lo, hi) = if offset % 8 == 0 {
+                    (Some(v32), None)
+                } else {
+                    (None, Some(v32))
+                };
+                // A 64-bit write covers both halves.
+                let hi = if data.len() == 8 {
+                    Some(u32::from_le_bytes([b[4], b[5], b[6], b[7]]))
+                } else {
+                    hi
+                };
+                match offset & !7 {
+                    0x20 => q.queue.set_desc_table_address(lo, hi),
+                    0x28 => q.queue.set_avail_ring_address(lo, hi),
+                    _ => q.queue.set_used_ring_address(lo, hi),
+                }
+            }
+            _ => {}
+        }
+        // The config vector must name a vector the table has.
+        if self.config_vector != VIRTIO_MSI_NO_VECTOR
+            && self.config_vector as usize
+                >= self.msix.lock().unwrap_or_else(|e| e.into_inner()).count()
+        {
+            self.config_vector = VIRTIO_MSI_NO_VECTOR;
+        }
+    }
+}
+
+fn class_of(device_type: u16) -> PciClass {
+    match device_type {
+        1 => PciClass::ETHERNET,
+        _ => PciClass {
+            class: 0xff,
+            subclass: 0,
+            prog_if: 0,
+        },
+    }
+}
+
+impl PciDevice for VirtioPciDevice {
+    fn config_read(&mut self, reg: usize) -> u32 {
+        let v = self.config.read(reg);
+        if reg == self.msix_cap_off / 4 {
+            let ctrl = self
+                .msix
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .control();
+            return (v & 0xffff) | (u32::from(ctrl) << 16);
+        }
+        v
+    }
+
+    fn config_write(&mut self, reg: usize, offset: usize, data: &[u8]) -> Option<BarMove> {
+        let moved = self.config.write(reg, offset, data);
+        if reg == self.msix_cap_off / 4 {
+            let ctrl = (self.config.read(reg) >> 16) as u16;
+            self.msix
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_control(ctrl);
+        }
+        if let Some(mv) = moved {
+            if mv.bar == 0 {
+                self.unregister_ioevents(self.bar0);
+                self.bar0 = mv.new;
+                if let Err(e) = self.register_ioevents(mv.new) {
+                    tracing::warn!("virtio: cannot move notifications to {:#x}: {e}", mv.new);
+                }
+            }
+        }
+        moved
+    }
+
+    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        if bar != 0 {
+            data.fill(0xff);
+            return;
+        }
+        match offset {
+            o if o < COMMON_LEN => self.read_common(o, data),
+            ISR_OFF => {
+                // Reading the ISR acknowledges it.
+                let v = self.isr.swap(0, Ordering::SeqCst);
+                data.fill(0);
+                if let Some(d) = data.first_mut() {
+                    *d = v;
+                }
+            }
+            o if (DEVICE_OFF..DEVICE_OFF + DEVICE_LEN).contains(&o) => {
+                self.device.read_config(o - DEVICE_OFF, data)
+            }
+            o if (MSIX_TABLE_OFF..MSIX_PBA_OFF).contains(&o) => self
+                .msix
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .read_table(o - MSIX_TABLE_OFF, data),
+            o if (MSIX_PBA_OFF..BAR0_SIZE).contains(&o) => self
+                .msix
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .read_pba(o - MSIX_PBA_OFF, data),
+            _ => data.fill(0),
+        }
+    }
+
+    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        if bar != 0 {
+            return;
+        }
+        match offset {
+            o if o < COMMON_LEN => self.write_common(o, data),
+            o if (DEVICE_OFF..DEVICE_OFF + DEVICE_LEN).contains(&o) => {
+                self.device.write_config(o - DEVICE_OFF, data)
+            }
+            o if (NOTIFY_OFF..MSIX_TABLE_OFF).contains(&o) => {
+                // Only reached if the ioeventfd is not (yet) registered.
+                let q = ((o - NOTIFY_OFF) / u64::from(NOTIFY_MULTIPLIER)) as usize;
+                if let Some(q) = self.queues.get(q) {
+                    let _ = q.evt.write(1);
+                }
+            }
+            o if (MSIX_TABLE_OFF..MSIX_PBA_OFF).contains(&o) => self
+                .msix
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .write_table(o - MSIX_TABLE_OFF, data),
+            _ => {}
+        }
+    }
+}
+
+impl Drop for VirtioPciDevice {
+    fn drop(&mut self) {
+        self.device.reset();
+        self.unregister_ioevents(self.bar0);
+    }
+}
