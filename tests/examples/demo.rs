@@ -1,0 +1,321 @@
+//! The demo behind `scripts/demo`: boots the Debian test guest in Tandem (2 vCPUs, 512M),
+//! waits for the guest agent, and prints a transcript of guest commands and their real
+//! output, then the control API's `vm.info`, then powers the guest off and checks that
+//! tandem exits 0.
+//!
+//! When /dev/kvm cannot boot Linux (software KVM, as on the development machines) the
+//! demo runs inside a test host (see tests/README.md); its transcript is relayed here
+//! without the `[testhost]` prefix. It is a transcript only: nothing is interactive.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use harness::{err, Agent, Mode};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+const RELAY_ENV: &str = "TANDEM_DEMO_RELAY";
+const GUEST_COMMANDS: &[&str] = &[
+    "uname -a",
+    "nproc",
+    "free -m",
+    // busybox's `ip` has no `-br`; `-o` is its one-line form.
+    "ip -o link",
+    "ls /sys/bus/pci/devices",
+    "cat /proc/cmdline",
+];
+
+/// tandem, killed when dropped (unless it already exited).
+struct Tandem(Child);
+
+impl Drop for Tandem {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn tandem_bin() -> harness::Result<PathBuf> {
+    let exe = std::env::current_exe().map_err(|e| err!("cannot find this program: {e}"))?;
+    // target/<profile>/examples/demo -> target/<profile>/tandem
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|p| p.join("tandem"))
+        .ok_or_else(|| err!("unexpected location {}", exe.display()))?;
+    if !bin.exists() {
+        return Err(err!(
+            "{} is not built: run `cargo build --workspace --bins` (scripts/demo does)",
+            bin.display()
+        ));
+    }
+    Ok(bin)
+}
+
+fn shell_word(s: &str) -> String {
+    if s.chars()
+        .all(|c| c.is_ascii_alphanumeric() || "/._-=:,".contains(c))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// Boots the guest here and prints the transcript.
+fn demo(mode: Mode, why: &str) -> harness::Result<()> {
+    let tandem = tandem_bin()?;
+    let guest = harness::image::test_guest()?;
+    let pid = std::process::id();
+    let run = PathBuf::from(format!("/tmp/tandem-demo-{pid}"));
+    let logs = match std::env::var("TANDEM_WORKDIR") {
+        Ok(w) => PathBuf::from(w).join("demo"),
+        Err(_) => harness::image::target_dir()?
+            .join("tandem-runs")
+            .join(format!("demo-{pid}")),
+    };
+    for d in [&run, &logs] {
+        std::fs::create_dir_all(d).map_err(|e| err!("cannot create {}: {e}", d.display()))?;
+    }
+    let serial = run.join("serial.sock");
+    let api = run.join("api.sock");
+    let console = logs.join("guest-console.log");
+    let tandem_log = logs.join("tandem.log");
+
+    println!("# Tandem demo, mode {mode} ({why})");
+    if harness::mode::in_testhost() {
+        let l1 = Command::new("uname")
+            .arg("-r")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        println!("# the host here is the test host L1 (Linux {l1} under QEMU TCG, kvm_amd)");
+    }
+    println!(
+        "# guest: Debian kernel {}, busybox initramfs with the serial agent",
+        guest.kernel_version
+    );
+    let args: Vec<String> = vec![
+        "run".into(),
+        "--kernel".into(),
+        guest.kernel.display().to_string(),
+        "--initramfs".into(),
+        guest.initramfs.display().to_string(),
+        "--cmdline".into(),
+        guest.cmdline(),
+        "--cpus".into(),
+        "boot=2".into(),
+        "--memory".into(),
+        "size=512M".into(),
+        "--serial".into(),
+        format!("socket={}", serial.display()),
+        "--api-socket".into(),
+        api.display().to_string(),
+    ];
+    let words: Vec<String> = args.iter().map(|a| shell_word(a)).collect();
+    println!("$ {} {} &", tandem.display(), words.join(" "));
+    let t0 = Instant::now();
+    let child = Command::new(&tandem)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::File::create(&tandem_log)
+                .map_err(|e| err!("cannot create {}: {e}", tandem_log.display()))?,
+        )
+        .spawn()
+        .map_err(|e| err!("cannot start {}: {e}", tandem.display()))?;
+    let mut vm = Tandem(child);
+    let log_tail = || {
+        let t = std::fs::read_to_string(&tandem_log).unwrap_or_default();
+        let v: Vec<&str> = t.lines().collect();
+        v[v.len().saturating_sub(5)..].join(" | ")
+    };
+    let mut agent = Agent::connect_unix(&serial, console.clone())?;
+    let init = agent
+        .wait_for_line("TANDEM-INIT ", BOOT_TIMEOUT)
+        .map_err(|e| err!("{e}; tandem log: {}", log_tail()))?;
+    let init_s = t0.elapsed().as_secs_f64();
+    let uptime = init
+        .split("TANDEM-INIT ")
+        .nth(1)
+        .unwrap_or("?")
+        .trim()
+        .to_string();
+    agent
+        .wait_ready(BOOT_TIMEOUT)
+        .map_err(|e| err!("{e}; tandem log: {}", log_tail()))?;
+    let ready_s = t0.elapsed().as_secs_f64();
+    println!(
+        "# boot: the guest's /init ran {init_s:.2} s after tandem started (guest uptime {uptime} s); agent ready after {ready_s:.2} s"
+    );
+    println!("# guest commands below go through the agent on the guest's COM1 (tandem --serial socket=...)");
+    for cmd in GUEST_COMMANDS {
+        println!("guest# {cmd}");
+        let out = agent.run(cmd, Duration::from_secs(30))?;
+        if !out.stdout.is_empty() {
+            println!("{}", out.stdout);
+        }
+        if out.status != 0 {
+            println!("# (exit status {})", out.status);
+        }
+    }
+
+    for cmd in ["ping", "info"] {
+        println!(
+            "$ {} remote --api-socket {} {cmd}",
+            tandem.display(),
+            api.display()
+        );
+        let out = Command::new(&tandem)
+            .args(["remote", "--api-socket"])
+            .arg(&api)
+            .arg(cmd)
+            .output()
+            .map_err(|e| err!("tandem remote: {e}"))?;
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !stderr.trim().is_empty() {
+            println!("{}", stderr.trim_end());
+        }
+        if !out.status.success() {
+            return Err(err!("tandem remote {cmd} failed ({})", out.status));
+        }
+    }
+
+    println!("guest# poweroff -f");
+    let t_off = Instant::now();
+    // The agent never answers: the guest is gone.
+    let _ = agent.run("poweroff -f", Duration::from_secs(2));
+    let status = loop {
+        if let Some(st) = vm.0.try_wait().map_err(|e| err!("{e}"))? {
+            break st;
+        }
+        if t_off.elapsed() > Duration::from_secs(30) {
+            return Err(err!(
+                "tandem still running 30 s after poweroff -f; log: {}",
+                log_tail()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    println!(
+        "# tandem exited ({status}) {:.2} s after poweroff -f",
+        t_off.elapsed().as_secs_f64()
+    );
+    if !status.success() {
+        return Err(err!(
+            "tandem exited with {status} after poweroff; log: {}",
+            log_tail()
+        ));
+    }
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&run);
+    if !harness::mode::in_testhost() {
+        let _ = std::fs::remove_dir_all(&logs);
+    }
+    Ok(())
+}
+
+/// Test-host mode, middle process: runs the demo in L1 (its output arrives on stderr as
+/// `[testhost] ...` lines, which the parent unwraps).
+fn relay() -> ExitCode {
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("demo: cannot find this program: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match harness::testhost::TestHost::new("demo").run(&[exe.display().to_string()]) {
+        Ok(o) if o.status == 0 => ExitCode::SUCCESS,
+        Ok(o) => {
+            eprintln!(
+                "demo: failed inside the test host (exit {}); work dir kept: {}",
+                o.status,
+                o.workdir.display()
+            );
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("demo: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let (mode, why) = match Mode::detect() {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("demo: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if std::env::var_os(RELAY_ENV).is_some() {
+        return relay();
+    }
+    if mode == Mode::TestHost && !harness::mode::in_testhost() {
+        // Outer process: run the relay as a child and print its L1 output unprefixed.
+        println!("# /dev/kvm here cannot boot Linux ({why}): running the demo inside a test host");
+        let exe = match std::env::current_exe() {
+            Ok(e) => e,
+            Err(e) => {
+                eprintln!("demo: cannot find this program: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let t0 = Instant::now();
+        let mut child = match Command::new(exe)
+            .env(RELAY_ENV, "1")
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+        {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("demo: cannot start the relay: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        if let Some(err) = child.stderr.take() {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                match line.strip_prefix("[testhost] ") {
+                    Some(l) => println!("{l}"),
+                    None if line.starts_with("testhost: ") => println!("# {line}"),
+                    None => eprintln!("{line}"),
+                }
+            }
+        }
+        let ok = child.wait().map(|s| s.success()).unwrap_or(false);
+        println!(
+            "# whole demo (test host boot, guest boot, commands, power-off): {:.1} s",
+            t0.elapsed().as_secs_f64()
+        );
+        return if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
+    // Direct mode shares the machine with guest tests: take their lock.
+    let _lock = if mode == Mode::Direct {
+        match harness::image::FileLock::exclusive(Path::new(harness::testhost::LOCK_PATH)) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("demo: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
+    match demo(mode, &why) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("demo: FAILED: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
