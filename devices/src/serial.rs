@@ -25,6 +25,7 @@ use crate::Interrupt;
 /// COM1's port base and IRQ.
 pub const COM1_PORT: u64 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
+const LSR_DATA_READY: u8 = 1;
 /// What a socket backend keeps of the output while no client is connected.
 const UNCONNECTED_BACKLOG: usize = 256 * 1024;
 
@@ -54,11 +55,25 @@ impl Serial {
     }
 
     /// Power-on state with a new interrupt (after a VM reset); the output
-    /// sink, and so the host connection, is kept.
+    /// sink, and so the host connection, is kept — and so is host input the
+    /// guest has not read yet (it was sent to the machine, not to one boot).
     pub fn reset(&mut self, irq: Arc<dyn Interrupt>) {
         if let Some(old) = self.uart.take() {
+            let pending = old.state().in_buffer;
             let out = old.into_writer();
-            self.uart = Some(vm_superio::Serial::new(IrqTrigger(irq), out));
+            let mut state = vm_superio::serial::SerialState::default();
+            if !pending.is_empty() {
+                state.line_status |= LSR_DATA_READY;
+                state.in_buffer = pending;
+            }
+            let trigger = IrqTrigger(irq);
+            self.uart = Some(
+                match vm_superio::Serial::from_state(&state, trigger.clone(), NoEvents, out) {
+                    Ok(u) => u,
+                    // Only possible with an over-full FIFO, which `state()` never returns.
+                    Err(_) => vm_superio::Serial::new(trigger, Box::new(io::sink())),
+                },
+            );
         }
     }
 
@@ -163,7 +178,7 @@ impl SocketConsole {
             let Ok(reader) = stream.try_clone() else {
                 continue;
             };
-            let target = {
+            {
                 let mut st = self.shared.lock().unwrap_or_else(|e| e.into_inner());
                 let mut s = &stream;
                 let backlog: Vec<u8> = st.backlog.drain(..).collect();
@@ -171,14 +186,26 @@ impl SocketConsole {
                     continue;
                 }
                 st.client = Some(stream);
-                st.target.clone()
-            };
-            if let Some(serial) = target {
-                thread::Builder::new()
-                    .name("serial-input".into())
-                    .spawn(move || pump_input(serial, reader))
-                    .ok();
             }
+            let shared = self.shared.clone();
+            thread::Builder::new()
+                .name("serial-input".into())
+                .spawn(move || {
+                    // A client may connect before the UART exists: wait for it.
+                    let serial = loop {
+                        if let Some(s) = shared
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .target
+                            .clone()
+                        {
+                            break s;
+                        }
+                        thread::sleep(Duration::from_millis(5));
+                    };
+                    pump_input(serial, reader)
+                })
+                .ok();
         }
     }
 
@@ -257,6 +284,19 @@ mod tests {
         // Odd-sized or out-of-range accesses never panic.
         s.read(COM1_PORT, 300, &mut [0u8; 4]);
         s.write(COM1_PORT, 0, &[1, 2]);
+    }
+
+    #[test]
+    fn reset_keeps_unread_input() {
+        let mut s = Serial::new(Arc::new(Count::default()), Box::new(io::sink()));
+        assert_eq!(s.enqueue_input(b"xy"), 2);
+        s.reset(Arc::new(Count::default()));
+        let mut lsr = [0u8];
+        s.read(COM1_PORT, 5, &mut lsr);
+        assert_eq!(lsr[0] & LSR_DATA_READY, LSR_DATA_READY);
+        let mut b = [0u8];
+        s.read(COM1_PORT, 0, &mut b);
+        assert_eq!(b, *b"x");
     }
 
     #[test]

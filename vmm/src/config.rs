@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use devices::virtio::net::{format_mac, parse_mac, NetConfig};
 use serde::Serialize;
 use thiserror::Error;
 
@@ -40,6 +41,8 @@ pub enum ConfigError {
     Serial(String),
     #[error("--cmdline: {0}")]
     Cmdline(String),
+    #[error("--net {0}")]
+    Net(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -60,6 +63,153 @@ pub struct VmConfig {
     pub memory_bytes: u64,
     pub serial: SerialConfig,
     pub api_socket: Option<PathBuf>,
+    pub nets: Vec<NetSpec>,
+}
+
+/// One `--net`: the device and where it goes.
+#[derive(Debug, Clone, Serialize)]
+pub struct NetSpec {
+    #[serde(flatten)]
+    pub net: NetConfig,
+    pub slot: Option<usize>,
+}
+
+const NET_KEYS: &[&str] = &[
+    "id",
+    "tap",
+    "mac",
+    "standby",
+    "num_queues",
+    "queue_size",
+    "mtu",
+    "slot",
+];
+
+fn on_off(v: &str) -> Option<bool> {
+    match v {
+        "on" | "true" | "yes" => Some(true),
+        "off" | "false" | "no" => Some(false),
+        _ => None,
+    }
+}
+
+/// `id=ID,tap=NAME,mac=MAC[,standby=on][,num_queues=N][,queue_size=N][,mtu=N][,slot=S]`
+pub fn parse_net(s: &str, index: usize) -> Result<NetSpec, ConfigError> {
+    let bad = |what: String| ConfigError::Net(what);
+    let mut id = format!("net{index}");
+    let (mut tap, mut mac, mut standby, mut slot, mut mtu) = (None, None, false, None, None);
+    let (mut num_queues, mut queue_size) = (2u16, devices::virtio::net::DEFAULT_QUEUE_SIZE);
+    for (k, v) in pairs(
+        "net",
+        s,
+        NET_KEYS,
+        "id, tap, mac, standby, num_queues, queue_size, mtu, slot",
+    )? {
+        let num = |what: &'static str| -> Result<u16, ConfigError> {
+            v.parse().map_err(|_| ConfigError::BadValue {
+                opt: "net",
+                value: format!("{k}={v}"),
+                what,
+            })
+        };
+        match k {
+            "id" if !v.is_empty()
+                && v.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') =>
+            {
+                id = v.into()
+            }
+            "id" => return Err(bad(format!("id={v}: use letters, digits, '-' and '_'"))),
+            "tap" => tap = Some(v.to_string()),
+            "mac" => {
+                let m = parse_mac(v).ok_or_else(|| {
+                    bad(format!("mac={v}: not a MAC address like 52:54:00:12:34:56"))
+                })?;
+                if m[0] & 1 != 0 || m == [0; 6] {
+                    return Err(bad(format!(
+                        "mac={v}: a NIC needs a unicast, non-zero address"
+                    )));
+                }
+                mac = Some(m);
+            }
+            "standby" => {
+                standby =
+                    on_off(v).ok_or_else(|| bad(format!("standby={v}: expected on or off")))?
+            }
+            "num_queues" => num_queues = num("a number")?,
+            "queue_size" => queue_size = num("a number")?,
+            "mtu" => mtu = Some(num("a number")?),
+            "slot" => {
+                let n = num("a slot number")?;
+                if !(1..devices::pci::PCI_SLOTS as u16).contains(&n) {
+                    return Err(bad(format!(
+                        "slot={n}: slots are 1 to {}",
+                        devices::pci::PCI_SLOTS - 1
+                    )));
+                }
+                slot = Some(usize::from(n));
+            }
+            _ => {}
+        }
+    }
+    let tap = tap.ok_or_else(|| bad(format!("{id}: tap=NAME is required")))?;
+    let mac = mac.unwrap_or_else(|| generated_mac(&id));
+    let net = NetConfig {
+        id,
+        tap,
+        mac,
+        standby,
+        num_queues,
+        queue_size,
+        mtu,
+    };
+    net.validate()
+        .map_err(|e| bad(format!("{}: {e}", net.id)))?;
+    Ok(NetSpec { net, slot })
+}
+
+/// A stable locally administered address derived from the id.
+fn generated_mac(id: &str) -> [u8; 6] {
+    let h = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let b = h.to_le_bytes();
+    [0x52, 0x54, 0x00, b[0], b[1], b[2]]
+}
+
+/// Checks across all NICs: ids, taps, MACs and slots are unique.
+pub fn check_nets(nets: &[NetSpec]) -> Result<(), ConfigError> {
+    for (i, a) in nets.iter().enumerate() {
+        for b in &nets[..i] {
+            let (x, y) = (&a.net, &b.net);
+            if x.id == y.id {
+                return Err(ConfigError::Net(format!("{}: duplicate id", x.id)));
+            }
+            if x.tap == y.tap {
+                return Err(ConfigError::Net(format!(
+                    "{}: tap {} is already used by {}",
+                    x.id, x.tap, y.id
+                )));
+            }
+            if x.mac == y.mac {
+                return Err(ConfigError::Net(format!(
+                    "{}: MAC {} is already used by {} (only a failover pair may share a MAC)",
+                    x.id,
+                    format_mac(&x.mac),
+                    y.id
+                )));
+            }
+            if a.slot.is_some() && a.slot == b.slot {
+                return Err(ConfigError::Net(format!(
+                    "{}: slot {} is already used by {}",
+                    x.id,
+                    a.slot.unwrap_or(0),
+                    y.id
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Split `a=1,b=2` into pairs, refusing keys outside `allowed`.
@@ -270,6 +420,46 @@ mod tests {
         assert!(parse_serial("file=").is_err());
         assert_eq!(parse_api_socket("path=/a").unwrap(), PathBuf::from("/a"));
         assert_eq!(parse_api_socket("/b").unwrap(), PathBuf::from("/b"));
+    }
+
+    #[test]
+    fn net_options() {
+        let n = parse_net("id=a,tap=tap0,mac=52:54:00:12:34:56,standby=on,num_queues=4,queue_size=512,mtu=9000,slot=4", 0).unwrap();
+        assert_eq!(n.net.mac, [0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+        assert!(n.net.standby);
+        assert_eq!(
+            (n.net.num_queues, n.net.queue_size, n.net.mtu, n.slot),
+            (4, 512, Some(9000), Some(4))
+        );
+        let d = parse_net("tap=t", 3).unwrap();
+        assert_eq!(d.net.id, "net3");
+        assert_eq!(d.net.mac[..3], [0x52, 0x54, 0]);
+        let err = |s: &str| parse_net(s, 0).unwrap_err().to_string();
+        assert!(err("id=a").contains("tap=NAME is required"));
+        assert!(err("tap=t,mac=52:54:00:12:34").contains("not a MAC"));
+        assert!(err("tap=t,mac=01:00:5e:00:00:01").contains("unicast"));
+        assert!(err("tap=t,queue_size=100").contains("power of two"));
+        assert!(err("tap=t,num_queues=3").contains("even"));
+        assert!(err("tap=t,slot=0").contains("slots are 1 to 31"));
+        assert!(err("tap=t,mtu=10").contains("mtu"));
+        assert!(err("tap=t,standby=maybe").contains("on or off"));
+        assert!(err("tap=t,color=red").contains("unknown key"));
+        let a = parse_net("id=a,tap=t0,mac=52:54:00:00:00:01", 0).unwrap();
+        let b = parse_net("id=b,tap=t1,mac=52:54:00:00:00:01", 1).unwrap();
+        assert!(check_nets(&[a.clone(), b])
+            .unwrap_err()
+            .to_string()
+            .contains("only a failover pair"));
+        let c = parse_net("id=a,tap=t2,mac=52:54:00:00:00:02", 1).unwrap();
+        assert!(check_nets(&[a.clone(), c])
+            .unwrap_err()
+            .to_string()
+            .contains("duplicate id"));
+        let e = parse_net("id=e,tap=t0,mac=52:54:00:00:00:03", 1).unwrap();
+        assert!(check_nets(&[a, e])
+            .unwrap_err()
+            .to_string()
+            .contains("already used"));
     }
 
     #[test]

@@ -65,6 +65,12 @@ impl Token {
     }
 }
 
+/// What an API request asks of the control loop beyond its reply.
+enum ApiAction {
+    Exit(Exit),
+    Reboot,
+}
+
 /// Restores the terminal when the VMM exits.
 struct TtyGuard(Option<libc::termios>);
 
@@ -305,21 +311,28 @@ impl Vmm {
                         vm.stop();
                         return Ok(Exit::Signal(sig));
                     }
-                    Token::Api => {
-                        if let Some(exit) = self.handle_api(&mut vm)? {
+                    Token::Api => match self.handle_api(&mut vm) {
+                        None => {}
+                        Some(ApiAction::Exit(exit)) => {
                             vm.stop();
                             return Ok(exit);
                         }
-                    }
+                        Some(ApiAction::Reboot) => {
+                            tracing::info!("reboot requested through the API");
+                            // Stop first: the new boot reopens the same taps.
+                            vm.stop();
+                            vm = self.boot()?;
+                        }
+                    },
                 }
             }
         }
     }
 
     /// Answer every queued API request; `Some` when one ends the VMM.
-    fn handle_api(&mut self, vm: &mut Vm) -> Result<Option<Exit>, VmmError> {
+    fn handle_api(&mut self, vm: &mut Vm) -> Option<ApiAction> {
         let Some((rx, evt)) = &self.api else {
-            return Ok(None);
+            return None;
         };
         let _ = evt.read();
         let msgs: Vec<ApiMessage> = rx.try_iter().collect();
@@ -356,12 +369,8 @@ impl Vmm {
             };
             let _ = msg.reply.send(reply);
         }
-        if exit.is_none() && reboot {
-            tracing::info!("reboot requested through the API");
-            let old = std::mem::replace(vm, self.boot()?);
-            old.stop();
-        }
-        Ok(exit)
+        exit.map(ApiAction::Exit)
+            .or(reboot.then_some(ApiAction::Reboot))
     }
 
     fn info(&self, vm: &Vm) -> ApiResponse {
@@ -382,21 +391,12 @@ impl Vmm {
                 location: "pio 0x600".into(),
             },
         ];
-        let pci = vm.pci().lock().unwrap_or_else(|e| e.into_inner());
-        for slot in 0..devices::pci::PCI_SLOTS {
-            if pci.occupied(slot) {
-                let (id, kind) = if slot == 0 {
-                    ("host-bridge", "pci-host-bridge")
-                } else {
-                    ("pci-device", "pci")
-                };
-                devices.push(DeviceInfo {
-                    id: id.into(),
-                    kind: kind.into(),
-                    location: format!("pci 00:{slot:02x}.0"),
-                });
-            }
-        }
+        devices.push(DeviceInfo {
+            id: "host-bridge".into(),
+            kind: "pci-host-bridge".into(),
+            location: "pci 00:00.0".into(),
+        });
+        devices.extend(vm.devices().info());
         let info = VmInfo {
             state: if vm.paused() {
                 VmState::Paused

@@ -5,7 +5,9 @@ mod boot;
 mod config;
 mod control;
 mod cpu;
+mod device_manager;
 mod events;
+mod interrupts;
 mod layout;
 mod memory;
 mod vcpu;
@@ -62,6 +64,12 @@ struct RunArgs {
     /// Serve the control API on this unix socket: path=PATH or PATH.
     #[arg(long, value_name = "path=PATH")]
     api_socket: Option<String>,
+    /// A virtio-net NIC on an existing tap (repeatable):
+    /// id=ID,tap=NAME,mac=MAC[,standby=on][,num_queues=N][,queue_size=N][,mtu=N][,slot=S].
+    /// standby=on offers VIRTIO_NET_F_STANDBY (the standby half of a failover pair);
+    /// num_queues counts rx+tx queues (2 per pair, default 2); queue_size defaults to 256.
+    #[arg(long, value_name = "id=ID,tap=NAME,mac=MAC,...")]
+    net: Vec<String>,
 }
 
 #[derive(Args)]
@@ -81,7 +89,15 @@ fn build_config(a: RunArgs) -> Result<VmConfig, ConfigError> {
     if a.cmdline.contains('\0') {
         return Err(ConfigError::Cmdline("contains a NUL byte".into()));
     }
+    let nets = a
+        .net
+        .iter()
+        .enumerate()
+        .map(|(i, s)| config::parse_net(s, i))
+        .collect::<Result<Vec<_>, _>>()?;
+    config::check_nets(&nets)?;
     Ok(VmConfig {
+        nets,
         vcpus: config::parse_cpus(&a.cpus)?,
         memory_bytes: config::parse_memory(&a.memory, config::host_memory_bytes())?,
         serial: config::parse_serial(&a.serial)?,

@@ -22,7 +22,9 @@ use crate::acpi::{self, AcpiLayout};
 use crate::boot::{self, BootError};
 use crate::config::VmConfig;
 use crate::cpu::{self, CpuError};
+use crate::device_manager::{DeviceError, DeviceManager};
 use crate::events::VmEvents;
+use crate::interrupts::KvmRoutes;
 use crate::layout::*;
 use crate::memory::{self, GuestMemoryMmap};
 use crate::vcpu::{run_vcpu, RunState, VcpuContext, VcpuControl, VcpuControlError};
@@ -50,6 +52,8 @@ pub enum VmError {
     Thread(std::io::Error),
     #[error(transparent)]
     Control(#[from] VcpuControlError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
 }
 
 fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -66,7 +70,8 @@ pub struct Vm {
     mmio: Arc<Bus>,
     pci: Arc<Mutex<PciRoot>>,
     events: Arc<VmEvents>,
-    _vm_fd: VmFd,
+    devices: DeviceManager,
+    _vm_fd: Arc<VmFd>,
     _memory: GuestMemoryMmap,
 }
 
@@ -78,7 +83,7 @@ impl Vm {
         serial: &Arc<Mutex<Serial>>,
         events: &Arc<VmEvents>,
     ) -> Result<Self, VmError> {
-        let vm_fd = kvm_handle.create_vm().map_err(kvm("create VM"))?;
+        let vm_fd = Arc::new(kvm_handle.create_vm().map_err(kvm("create VM"))?);
         vm_fd
             .set_tss_address(KVM_TSS_ADDRESS as usize)
             .map_err(kvm("set TSS address"))?;
@@ -146,6 +151,12 @@ impl Vm {
             ECAM_BUS0_SIZE,
         )?;
 
+        let routes = Arc::new(KvmRoutes::new(vm_fd.clone()).map_err(VmError::EventFd)?);
+        let mut devices = DeviceManager::new(pci.clone(), routes, mem.clone());
+        for n in &cfg.nets {
+            devices.add_net(&n.net, n.slot)?;
+        }
+
         // vCPUs.
         let base_cpuid: CpuId = kvm_handle
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -175,6 +186,7 @@ impl Vm {
             mmio,
             pci,
             events: events.clone(),
+            devices,
             _vm_fd: vm_fd,
             _memory: mem,
         })
@@ -218,6 +230,10 @@ impl Vm {
 
     pub fn vcpus(&self) -> usize {
         self.vcpu_threads.len()
+    }
+
+    pub fn devices(&self) -> &DeviceManager {
+        &self.devices
     }
 
     pub fn pci(&self) -> &Arc<Mutex<PciRoot>> {

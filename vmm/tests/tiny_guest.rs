@@ -149,7 +149,8 @@ fn run_bounded(mut cmd: Command, limit: Duration) -> Output {
 }
 
 fn api(sock: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = UnixStream::connect(sock).unwrap();
+    let mut s =
+        UnixStream::connect(sock).unwrap_or_else(|e| panic!("connect {}: {e}", sock.display()));
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
@@ -276,6 +277,7 @@ fn serial_socket_input_and_output() {
         &format!("socket={}", sock.display()),
     ])
     .stdout(Stdio::null())
+    .stderr(Stdio::piped())
     .spawn()
     .unwrap();
     let mut child = Running(child);
@@ -292,7 +294,22 @@ fn serial_socket_input_and_output() {
     let mut buf = [0u8; 512];
     while got.len() < msg.len() {
         let n = s.read(&mut buf).unwrap();
-        assert!(n > 0, "socket closed after {} bytes", got.len());
+        if n == 0 {
+            let st = child.0.wait().unwrap();
+            let mut err = String::new();
+            child
+                .0
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            panic!(
+                "socket closed after {} bytes: {:?}; tandem {st}: {err}",
+                got.len(),
+                String::from_utf8_lossy(&got)
+            );
+        }
         got.extend_from_slice(&buf[..n]);
     }
     assert_eq!(String::from_utf8_lossy(&got), msg);
@@ -330,7 +347,11 @@ fn reset_boots_again() {
         loop {
             let (_, body) = api(&sock, "GET", "/api/v1/vm.info", "");
             let info: serde_json::Value = serde_json::from_str(&body).unwrap();
-            if info["boots"].as_u64().unwrap() >= 3 {
+            let printed = std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .matches("boot\n")
+                .count();
+            if info["boots"].as_u64().unwrap() >= 3 && printed >= 3 {
                 break;
             }
             assert!(Instant::now() < deadline, "{name}: no third boot: {info}");

@@ -1,0 +1,160 @@
+//! Places devices on the machine: BAR space, PCI slots, and the virtio-net
+//! devices from the configuration. Built to add devices at any time — boot
+//! is just the first batch; hotplug (next) calls the same `add_net`.
+
+use std::sync::{Arc, Mutex};
+
+use api::DeviceInfo;
+use devices::pci::msix::InterruptRoutes;
+use devices::pci::{PciRoot, PciRootError};
+use devices::virtio::net::{format_mac, Net, NetConfig, NetError};
+use devices::virtio::pci::{VirtioPciDevice, BAR0_SIZE};
+use devices::virtio::GuestMemoryMmap;
+use thiserror::Error;
+
+use crate::layout::{PCI_MMIO32_SIZE, PCI_MMIO32_START};
+
+#[derive(Debug, Error)]
+pub enum DeviceError {
+    #[error("--net {id}: {source}")]
+    Net { id: String, source: NetError },
+    #[error("--net {id}: {source}")]
+    Slot { id: String, source: PciRootError },
+    #[error("--net {id}: {source}")]
+    Io { id: String, source: std::io::Error },
+    #[error("no room left in the 32-bit PCI window for a {0}-byte BAR")]
+    NoBarSpace(u64),
+}
+
+/// Hands out naturally aligned BAR ranges from the 32-bit window.
+pub struct BarAllocator {
+    next: u64,
+    end: u64,
+    freed: Vec<(u64, u64)>,
+}
+
+impl BarAllocator {
+    pub fn new() -> Self {
+        Self {
+            next: PCI_MMIO32_START,
+            end: PCI_MMIO32_START + PCI_MMIO32_SIZE,
+            freed: vec![],
+        }
+    }
+
+    pub fn allocate(&mut self, size: u64) -> Option<u64> {
+        if let Some(i) = self.freed.iter().position(|(_, s)| *s == size) {
+            return Some(self.freed.swap_remove(i).0);
+        }
+        let base = self.next.next_multiple_of(size);
+        let end = base.checked_add(size)?;
+        if end > self.end {
+            return None;
+        }
+        self.next = end;
+        Some(base)
+    }
+
+    pub fn free(&mut self, base: u64, size: u64) {
+        self.freed.push((base, size));
+    }
+}
+
+impl Default for BarAllocator {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+struct NetEntry {
+    cfg: NetConfig,
+    slot: usize,
+    device: Arc<Mutex<VirtioPciDevice>>,
+}
+
+pub struct DeviceManager {
+    pci: Arc<Mutex<PciRoot>>,
+    routes: Arc<dyn InterruptRoutes>,
+    mem: GuestMemoryMmap,
+    bars: BarAllocator,
+    nets: Vec<NetEntry>,
+}
+
+impl DeviceManager {
+    pub fn new(
+        pci: Arc<Mutex<PciRoot>>,
+        routes: Arc<dyn InterruptRoutes>,
+        mem: GuestMemoryMmap,
+    ) -> Self {
+        Self {
+            pci,
+            routes,
+            mem,
+            bars: BarAllocator::new(),
+            nets: vec![],
+        }
+    }
+
+    /// Create a virtio-net device and put it in its slot (given or the first free).
+    pub fn add_net(&mut self, cfg: &NetConfig, slot: Option<usize>) -> Result<usize, DeviceError> {
+        let id = cfg.id.clone();
+        let net = Net::new(cfg.clone()).map_err(|source| DeviceError::Net {
+            id: id.clone(),
+            source,
+        })?;
+        let mut pci = self.pci.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = match slot {
+            Some(s) => s,
+            None => pci.free_slot().map_err(|source| DeviceError::Slot {
+                id: id.clone(),
+                source,
+            })?,
+        };
+        let bar0 = self
+            .bars
+            .allocate(BAR0_SIZE)
+            .ok_or(DeviceError::NoBarSpace(BAR0_SIZE))?;
+        let dev = VirtioPciDevice::new(Box::new(net), self.mem.clone(), self.routes.clone(), bar0)
+            .map_err(|source| DeviceError::Io {
+                id: id.clone(),
+                source,
+            })?;
+        let dev = Arc::new(Mutex::new(dev));
+        if let Err(source) = pci.add(
+            slot,
+            dev.clone(),
+            &[(0, devices::pci::BarKind::Mem32, bar0, BAR0_SIZE)],
+        ) {
+            self.bars.free(bar0, BAR0_SIZE);
+            return Err(DeviceError::Slot { id, source });
+        }
+        self.nets.push(NetEntry {
+            cfg: cfg.clone(),
+            slot,
+            device: dev,
+        });
+        Ok(slot)
+    }
+
+    pub fn info(&self) -> Vec<DeviceInfo> {
+        self.nets
+            .iter()
+            .map(|n| {
+                let d = n.device.lock().unwrap_or_else(|e| e.into_inner());
+                let standby = if n.cfg.standby { ", standby" } else { "" };
+                DeviceInfo {
+                    id: n.cfg.id.clone(),
+                    kind: "virtio-net".into(),
+                    location: format!(
+                        "pci 00:{:02x}.0 (tap {}, mac {}{standby}, driver status {:#x}, features {:#x})",
+                        n.slot,
+                        n.cfg.tap,
+                        format_mac(&n.cfg.mac),
+                        d.status(),
+                        d.driver_features()
+                    ),
+                }
+            })
+            .collect()
+    }
+}
