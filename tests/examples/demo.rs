@@ -290,7 +290,7 @@ fn main() -> ExitCode {
         }
         let ok = child.wait().map(|s| s.success()).unwrap_or(false);
         println!(
-            "# whole demo (test host boot, guest boot, commands, power-off): {:.1} s",
+            "# whole demo, including any wait for the test-host lock: {:.1} s",
             t0.elapsed().as_secs_f64()
         );
         return if ok {
