@@ -6,6 +6,7 @@ pub mod cpio;
 pub mod image;
 pub mod mode;
 pub mod qemu;
+pub mod tandem;
 pub mod testhost;
 
 /// The MAC of the test guest's failover pair (virtio standby and VFIO primary). The test

@@ -293,6 +293,13 @@ impl VirtioPciDevice {
                 .map_err(|e| ActivateError::BadQueues(format!("queue {i}: {e:?}")))?;
             queues.push((i, copy, q.evt.try_clone()?));
         }
+        tracing::debug!(
+            "virtio type {}: activating with queues {:?}, features {:#x}, BAR0 {:#x}",
+            self.device.device_type(),
+            queues.iter().map(|q| q.0).collect::<Vec<_>>(),
+            self.driver_features,
+            self.bar0
+        );
         self.device.activate(ActivateArgs {
             mem: self.mem.clone(),
             interrupt: interrupt.clone(),
@@ -461,6 +468,12 @@ impl PciDevice for VirtioPciDevice {
                 .set_control(ctrl);
         }
         if let Some(mv) = moved {
+            tracing::debug!(
+                "virtio: BAR {} moved {:#x} -> {:#x}",
+                mv.bar,
+                mv.old,
+                mv.new
+            );
             if mv.bar == 0 {
                 self.unregister_ioevents(self.bar0);
                 self.bar0 = mv.new;
@@ -516,6 +529,7 @@ impl PciDevice for VirtioPciDevice {
             o if (NOTIFY_OFF..MSIX_TABLE_OFF).contains(&o) => {
                 // Only reached if the ioeventfd is not (yet) registered.
                 let q = ((o - NOTIFY_OFF) / u64::from(NOTIFY_MULTIPLIER)) as usize;
+                tracing::debug!("virtio: queue {q} notified by MMIO exit");
                 if let Some(q) = self.queues.get(q) {
                     let _ = q.evt.write(1);
                 }

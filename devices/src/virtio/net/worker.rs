@@ -217,6 +217,8 @@ impl PairWorker {
                 }
             };
             for ev in events[..n].to_vec() {
+                let data = ev.data;
+                tracing::trace!("{}: event {data}", self.name);
                 match ev.data {
                     TOKEN_KILL => break 'outer,
                     TOKEN_RX => {
@@ -463,36 +465,54 @@ impl PairWorker {
     }
 
     fn process_ctrl(&mut self) -> Result<(), QueueBroken> {
-        let Some((idx, queue, _)) = self.q.ctrl.as_mut() else {
+        let Some((idx, _, _)) = self.q.ctrl.as_ref() else {
             return Ok(());
         };
         let idx = *idx;
-        while let Some(chain) = queue.pop_descriptor_chain(&self.mem) {
-            let head = chain.head_index();
-            let mut req = [0u8; 64];
-            let (n, ack_ok) = match chain.clone().reader(&self.mem) {
-                Ok(mut r) => {
-                    let n = r.available_bytes().min(req.len());
-                    (n, r.read_exact(&mut req[..n]).is_ok())
-                }
-                Err(_) => (0, false),
+        loop {
+            let Some((_, queue, _)) = self.q.ctrl.as_mut() else {
+                return Ok(());
             };
-            let status = if ack_ok && n >= 2 {
-                handle_ctrl(&self.shared, self.max_pairs, req[0], req[1], &req[2..n])
-            } else {
-                VIRTIO_NET_ERR as u8
-            };
-            let written = match chain.writer(&self.mem) {
-                Ok(mut w) if w.available_bytes() >= 1 => {
-                    w.write_all(&[status]).map(|_| 1).unwrap_or(0)
-                }
-                _ => 0,
-            };
-            queue
-                .add_used(&self.mem, head, written)
+            while let Some(chain) = queue.pop_descriptor_chain(&self.mem) {
+                let head = chain.head_index();
+                let mut req = [0u8; 64];
+                let (n, read_ok) = match chain.clone().reader(&self.mem) {
+                    Ok(mut r) => {
+                        let n = r.available_bytes().min(req.len());
+                        (n, r.read_exact(&mut req[..n]).is_ok())
+                    }
+                    Err(_) => (0, false),
+                };
+                let status = if read_ok && n >= 2 {
+                    handle_ctrl(&self.shared, self.max_pairs, req[0], req[1], &req[2..n])
+                } else {
+                    VIRTIO_NET_ERR as u8
+                };
+                tracing::debug!(
+                    "control command {:?}: {}",
+                    req.get(..2),
+                    if status == 0 { "ok" } else { "refused" }
+                );
+                let written = match chain.writer(&self.mem) {
+                    Ok(mut w) if w.available_bytes() >= 1 => {
+                        w.write_all(&[status]).map(|_| 1).unwrap_or(0)
+                    }
+                    _ => 0,
+                };
+                queue
+                    .add_used(&self.mem, head, written)
+                    .map_err(|e| QueueBroken(format!("{e:?}")))?;
+            }
+            // With EVENT_IDX the driver kicks again only past avail_event,
+            // which enable_notification publishes.
+            let more = queue
+                .enable_notification(&self.mem)
                 .map_err(|e| QueueBroken(format!("{e:?}")))?;
+            self.signal_used(idx)?;
+            if !more {
+                return Ok(());
+            }
         }
-        self.signal_used(idx)
     }
 }
 

@@ -1,0 +1,122 @@
+//! Launching `tandem run` from a test: the guest image, a serial socket the
+//! guest agent talks over, an API socket, and a log kept in the work dir.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{err, Agent, GuestEnv};
+
+/// How long a guest may take to reach its agent.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A running `tandem run`, killed when dropped.
+pub struct Tandem {
+    pub child: Child,
+    pub bin: PathBuf,
+    pub api: PathBuf,
+    pub serial: PathBuf,
+    pub stderr: PathBuf,
+}
+
+impl Tandem {
+    /// `tandem run` with the test guest, its serial and API on sockets in
+    /// the run dir, and `extra` arguments (put --cmdline there to change it).
+    pub fn spawn(env: &GuestEnv, name: &str, extra: &[&str]) -> crate::Result<Self> {
+        let bin = env.tandem_bin()?;
+        let api = env.socket_path(&format!("{name}.api"));
+        let serial = env.socket_path(&format!("{name}.serial"));
+        let stderr = env.workdir.join(format!("{name}.tandem.log"));
+        let mut cmd = Command::new(&bin);
+        cmd.arg("run")
+            .arg("--kernel")
+            .arg(&env.guest.kernel)
+            .arg("--initramfs")
+            .arg(&env.guest.initramfs)
+            .arg("--serial")
+            .arg(format!("socket={}", serial.display()))
+            .arg("--api-socket")
+            .arg(&api)
+            .args(extra)
+            .env(
+                "TANDEM_LOG",
+                std::env::var("TANDEM_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).map_err(|e| err!("{e}"))?);
+        let child = cmd
+            .spawn()
+            .map_err(|e| err!("cannot start {}: {e}", bin.display()))?;
+        Ok(Self {
+            child,
+            bin,
+            api,
+            serial,
+            stderr,
+        })
+    }
+
+    /// Connect to the guest agent and wait until it is ready.
+    pub fn agent(&mut self, env: &GuestEnv, name: &str) -> crate::Result<Agent> {
+        let t0 = Instant::now();
+        let agent = Agent::connect_unix(
+            &self.serial,
+            env.workdir.join(format!("{name}.console.log")),
+        )?;
+        if let Err(e) = agent.wait_ready(BOOT_TIMEOUT) {
+            return Err(err!("{e}; tandem: {}", self.log()));
+        }
+        eprintln!(
+            "{name}: guest agent ready {:.2} s after connecting",
+            t0.elapsed().as_secs_f64()
+        );
+        Ok(agent)
+    }
+
+    /// What tandem printed on stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// `tandem remote <cmd>`; its stdout.
+    pub fn remote(&self, cmd: &str) -> crate::Result<String> {
+        let out = Command::new(&self.bin)
+            .args(["remote", "--api-socket"])
+            .arg(&self.api)
+            .arg(cmd)
+            .output()
+            .map_err(|e| err!("tandem remote: {e}"))?;
+        if !out.status.success() {
+            return Err(err!(
+                "tandem remote {cmd}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Wait for tandem to exit on its own; its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> crate::Result<i32> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.child.try_wait().map_err(|e| err!("{e}"))? {
+                return Ok(st.code().unwrap_or(-1));
+            }
+            if Instant::now() > deadline {
+                return Err(err!(
+                    "tandem still running {limit:?} later; log: {}",
+                    self.log()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Tandem {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

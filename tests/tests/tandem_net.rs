@@ -1,0 +1,159 @@
+//! Tandem's virtio-net in a real guest: link, MAC and traffic over a tap on
+//! the test bridge; STANDBY and the guest's net_failover master; two NICs;
+//! multi-queue.
+
+use std::process::Command;
+use std::time::Duration;
+
+use harness::tandem::Tandem;
+use harness::{err, Agent, GuestEnv};
+
+const MAC_A: &str = "52:54:00:aa:00:01";
+const MAC_B: &str = "52:54:00:aa:00:02";
+
+/// The guest's netdev with this permanent MAC that virtio_net drives and
+/// that is not a failover master.
+fn netdev_by_mac(agent: &mut Agent, mac: &str) -> harness::Result<String> {
+    let out = agent.run_ok(&format!(
+        "for n in /sys/class/net/*; do d=$(readlink $n/device/driver 2>/dev/null); \
+         [ \"${{d##*/}}\" = virtio_net ] && [ \"$(cat $n/address)\" = {mac} ] && \
+         [ \"$(cat $n/phys_port_name 2>/dev/null)\" != \"\" -o ! -e $n/master ] && echo ${{n##*/}}; done; true"
+    ))?;
+    let devs: Vec<&str> = out.split_whitespace().collect();
+    // Without failover there is exactly one; with it, prefer the standby slave.
+    for d in &devs {
+        let ppn = agent.run_ok(&format!(
+            "cat /sys/class/net/{d}/phys_port_name 2>/dev/null; true"
+        ))?;
+        if ppn.trim() == "sby" {
+            return Ok(d.to_string());
+        }
+    }
+    devs.first()
+        .map(|s| s.to_string())
+        .ok_or_else(|| err!("no virtio_net netdev with MAC {mac}: {out:?}"))
+}
+
+fn up_and_ping(agent: &mut Agent, dev: &str, ip: &str) -> harness::Result<String> {
+    agent.run_ok(&format!(
+        "ip link set {dev} up && ip addr add {ip}/24 dev {dev}"
+    ))?;
+    // The first ping may wait for ARP and the bridge to learn.
+    let out = agent.run(
+        &format!("i=0; while ! ping -c 1 -W 1 {p} >/dev/null 2>&1 && [ $i -lt 20 ]; do i=$((i+1)); done; ping -c 3 -W 2 {p}", p = harness::PEER_IP),
+        Duration::from_secs(90),
+    )?;
+    if out.status != 0 {
+        return Err(err!("ping from {dev} failed: {}", out.stdout));
+    }
+    Ok(out.stdout)
+}
+
+fn feature_bit(agent: &mut Agent, dev: &str, bit: usize) -> harness::Result<bool> {
+    let f = agent.run_ok(&format!("cat /sys/class/net/{dev}/device/features"))?;
+    Ok(f.trim().as_bytes().get(bit) == Some(&b'1'))
+}
+
+fn boot_with(env: &GuestEnv, name: &str, extra: &[&str]) -> harness::Result<(Tandem, Agent)> {
+    let mut args = vec!["--cmdline", "console=ttyS0 quiet panic=-1"];
+    args.extend_from_slice(extra);
+    std::env::set_var("TANDEM_TEST_LOG", "debug");
+    let mut vm = Tandem::spawn(env, name, &args)?;
+    let agent = vm.agent(env, name)?;
+    Ok((vm, agent))
+}
+
+harness::guest_test!(fn tandem_virtio_net_pings_peer(env) {
+    let _tap = env.tap("tdtap0")?;
+    let (vm, mut agent) = boot_with(env, "net", &["--net", &format!("id=net0,tap=tdtap0,mac={MAC_A}")])?;
+    let dev = netdev_by_mac(&mut agent, MAC_A)?;
+    assert!(!feature_bit(&mut agent, &dev, 62)?, "STANDBY offered without standby=on");
+    assert!(agent.run_ok("ls /sys/class/net")?.split_whitespace().count() == 2, "lo and one NIC, no failover master");
+    up_and_ping(&mut agent, &dev, "10.0.0.2")?;
+    assert_eq!(agent.run_ok(&format!("cat /sys/class/net/{dev}/carrier"))?.trim(), "1");
+    // A bigger transfer both ways: 2 MB with large frames (TSO/GSO paths).
+    let out = agent.run(&format!("ping -c 20 -i 0.05 -s 8000 {}", harness::PEER_IP), Duration::from_secs(60))?;
+    assert_eq!(out.status, 0, "large pings: {}", out.stdout);
+    let info = vm.remote("info")?;
+    assert!(info.contains("virtio-net") && info.contains(MAC_A), "{info}");
+    Ok(())
+});
+
+harness::guest_test!(fn tandem_standby_builds_failover_master(env) {
+    let _tap = env.tap("tdtap0")?;
+    let (_vm, mut agent) = boot_with(env, "sby", &["--net", &format!("id=net0,tap=tdtap0,mac={MAC_A},standby=on")])?;
+    let sby = netdev_by_mac(&mut agent, MAC_A)?;
+    assert!(feature_bit(&mut agent, &sby, 62)?, "the guest sees VIRTIO_NET_F_STANDBY (bit 62)");
+    assert_eq!(agent.run_ok(&format!("cat /sys/class/net/{sby}/phys_port_name"))?.trim(), "sby");
+    let master = agent.run_ok(&format!("basename $(readlink /sys/class/net/{sby}/master)"))?;
+    let master = master.trim().to_string();
+    assert!(!master.is_empty() && master != sby);
+    assert_eq!(agent.run_ok(&format!("cat /sys/class/net/{master}/address"))?.trim(), MAC_A);
+    // Failover slaves may be renamed while UP (Linux 8065a779).
+    agent.run_ok(&format!("ip link set {master} up; ip link set {sby} up"))?;
+    agent.run_ok(&format!("ip link set dev {sby} name ens3nsby"))?;
+    assert_eq!(agent.run_ok("cat /sys/class/net/ens3nsby/operstate")?.trim(), "up");
+    let out = up_and_ping(&mut agent, &master, "10.0.0.2")?;
+    assert!(out.contains("0% packet loss"), "{out}");
+    Ok(())
+});
+
+harness::guest_test!(fn tandem_two_nics(env) {
+    let _a = env.tap("tdtap0")?;
+    let _b = env.tap("tdtap1")?;
+    let (_vm, mut agent) = boot_with(
+        env,
+        "two",
+        &["--net", &format!("id=a,tap=tdtap0,mac={MAC_A}"), "--net", &format!("id=b,tap=tdtap1,mac={MAC_B},slot=7")],
+    )?;
+    let a = netdev_by_mac(&mut agent, MAC_A)?;
+    let b = netdev_by_mac(&mut agent, MAC_B)?;
+    assert_ne!(a, b);
+    // slot=7 puts the second NIC at 00:07.0.
+    let bus = agent.run_ok(&format!("basename $(readlink /sys/class/net/{b}/device/..)"))?;
+    assert_eq!(bus.trim(), "0000:00:07.0");
+    up_and_ping(&mut agent, &a, "10.0.0.2")?;
+    agent.run_ok(&format!("ip link set {a} down"))?;
+    up_and_ping(&mut agent, &b, "10.0.0.3")?;
+    Ok(())
+});
+
+harness::guest_test!(fn tandem_multiqueue_uses_both_pairs(env) {
+    // A multi-queue tap on the test bridge.
+    let tap = "tdmq0";
+    let sh = |args: &[&str]| -> harness::Result<()> {
+        let st = Command::new("ip").args(args).status().map_err(|e| err!("ip: {e}"))?;
+        if st.success() { Ok(()) } else { Err(err!("ip {args:?} failed")) }
+    };
+    let _ = Command::new("ip").args(["link", "del", tap]).status();
+    sh(&["tuntap", "add", "dev", tap, "mode", "tap", "multi_queue"])?;
+    let _guard = harness::Tap { name: tap.into() };
+    sh(&["link", "set", tap, "master", &env.bridge])?;
+    sh(&["link", "set", tap, "up"])?;
+    let (_vm, mut agent) = boot_with(
+        env,
+        "mq",
+        &["--cpus", "boot=2", "--net", &format!("id=net0,tap={tap},mac={MAC_A},num_queues=4")],
+    )?;
+    let dev = netdev_by_mac(&mut agent, MAC_A)?;
+    let queues = agent.run_ok(&format!("ls /sys/class/net/{dev}/queues"))?;
+    assert!(queues.contains("rx-1") && queues.contains("tx-1"), "two queue pairs: {queues}");
+    up_and_ping(&mut agent, &dev, "10.0.0.2")?;
+    // Traffic from both vCPUs: each sends on its own tx queue.
+    agent.run_ok(&format!(
+        "for c in 0 1; do taskset -c $c ping -c 30 -i 0.02 -s 1000 {} >/dev/null & done; wait",
+        harness::PEER_IP
+    ))?;
+    let irqs = agent.run_ok("grep virtio /proc/interrupts")?;
+    let count = |name: &str| -> u64 {
+        irqs.lines()
+            .filter(|l| l.contains(name))
+            .map(|l| l.split_whitespace().skip(1).take(2).filter_map(|v| v.parse::<u64>().ok()).sum::<u64>())
+            .sum()
+    };
+    for q in ["input.0", "input.1"] {
+        assert!(count(q) > 0, "no interrupts on {q}:\n{irqs}");
+    }
+    assert!(count("output.0") + count("output.1") > 0 || irqs.contains("output"), "{irqs}");
+    Ok(())
+});
