@@ -26,6 +26,12 @@ use crate::Interrupt;
 pub const COM1_PORT: u64 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
 const LSR_DATA_READY: u8 = 1;
+const IER_RDA: u8 = 1;
+const FIFO_SIZE: usize = 64;
+/// How long input may sit unread before the interrupt is raised again.
+const STALL: Duration = Duration::from_millis(20);
+/// Stop re-raising after this long without the guest reading anything.
+const GIVE_UP: Duration = Duration::from_secs(5);
 /// What a socket backend keeps of the output while no client is connected.
 const UNCONNECTED_BACKLOG: usize = 256 * 1024;
 
@@ -77,6 +83,28 @@ impl Serial {
         }
     }
 
+    /// Bytes queued for the guest that it has not read yet.
+    pub fn pending_input(&self) -> usize {
+        self.uart
+            .as_ref()
+            .map_or(0, |u| FIFO_SIZE - u.fifo_capacity())
+    }
+
+    /// Raise the receive interrupt again if input is waiting and the guest
+    /// enabled it. The line is an edge: one that arrives while the guest has
+    /// the IOAPIC pin masked (as Linux does while setting the port up) is
+    /// lost, and the guest would never read the FIFO.
+    pub fn kick_if_pending(&mut self) {
+        let Some(uart) = self.uart.as_ref() else {
+            return;
+        };
+        if self.pending_input() > 0 && uart.state().interrupt_enable & IER_RDA != 0 {
+            if let Err(e) = uart.interrupt_evt().trigger() {
+                tracing::debug!("serial: re-raising the interrupt: {e}");
+            }
+        }
+    }
+
     /// Queue host input for the guest; returns how many bytes fit.
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
         match self.uart.as_mut() {
@@ -115,15 +143,33 @@ pub fn pump_input(serial: Arc<Mutex<Serial>>, mut input: impl Read) {
             Err(_) => return,
         };
         let mut rest = &buf[..n];
-        while !rest.is_empty() {
-            let taken = serial
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .enqueue_input(rest);
+        // (bytes still to deliver or unread, when that last changed, last kick)
+        let now = std::time::Instant::now();
+        let mut last = (usize::MAX, now, now);
+        // Deliver everything, then wait until the guest has read it all.
+        loop {
+            let mut s = serial.lock().unwrap_or_else(|e| e.into_inner());
+            let taken = s.enqueue_input(rest);
             rest = &rest[taken..];
-            if !rest.is_empty() {
-                thread::sleep(Duration::from_millis(1));
+            let pending = s.pending_input();
+            if rest.is_empty() && pending == 0 {
+                break;
             }
+            let progress = rest.len() + pending;
+            if progress != last.0 {
+                let now = std::time::Instant::now();
+                last = (progress, now, now);
+            } else if last.1.elapsed() > GIVE_UP {
+                // The guest is not reading (no driver?): wait for more input.
+                if rest.is_empty() {
+                    break;
+                }
+            } else if last.2.elapsed() > STALL {
+                s.kick_if_pending();
+                last.2 = std::time::Instant::now();
+            }
+            drop(s);
+            thread::sleep(Duration::from_millis(1));
         }
     }
 }

@@ -101,16 +101,20 @@ harness::guest_test!(fn tandem_standby_builds_failover_master(env) {
 harness::guest_test!(fn tandem_two_nics(env) {
     let _a = env.tap("tdtap0")?;
     let _b = env.tap("tdtap1")?;
-    let (_vm, mut agent) = boot_with(
+    let (vm, mut agent) = boot_with(
         env,
         "two",
         &["--net", &format!("id=a,tap=tdtap0,mac={MAC_A}"), "--net", &format!("id=b,tap=tdtap1,mac={MAC_B},slot=7")],
     )?;
+    if let Err(e) = agent.run("echo hi", Duration::from_secs(20)) {
+        vm.remote("pause")?;
+        return Err(err!("{e}: {}", vm.remote("info")?).into());
+    }
     let a = netdev_by_mac(&mut agent, MAC_A)?;
     let b = netdev_by_mac(&mut agent, MAC_B)?;
     assert_ne!(a, b);
     // slot=7 puts the second NIC at 00:07.0.
-    let bus = agent.run_ok(&format!("basename $(readlink /sys/class/net/{b}/device/..)"))?;
+    let bus = agent.run_ok(&format!("basename $(dirname $(readlink -f /sys/class/net/{b}/device))"))?;
     assert_eq!(bus.trim(), "0000:00:07.0");
     up_and_ping(&mut agent, &a, "10.0.0.2")?;
     agent.run_ok(&format!("ip link set {a} down"))?;
