@@ -129,6 +129,20 @@ fn com1() -> Vec<u8> {
     )
 }
 
+/// The CMOS clock, so that Linux finds it through PNP instead of probing.
+fn rtc() -> Vec<u8> {
+    let hid = aml::EISAName::new("PNP0B00");
+    let io = aml::IO::new(
+        devices::rtc::RTC_PORT as u16,
+        devices::rtc::RTC_PORT as u16,
+        1,
+        devices::rtc::RTC_LEN as u8,
+    );
+    let irq = aml::Interrupt::new(true, true, false, false, devices::rtc::RTC_IRQ);
+    let crs = aml::ResourceTemplate::new(vec![&io, &irq]);
+    device("_SB_.RTC_", &[("_HID", &hid), ("_CRS", &crs)])
+}
+
 /// Motherboard resources: the ECAM window, so that Linux trusts MCFG.
 fn motherboard() -> Vec<u8> {
     let hid = aml::EISAName::new("PNP0C02");
@@ -152,6 +166,7 @@ pub fn dsdt(layout: &AcpiLayout) -> Sdt {
     t.append_slice(&bytes(&aml::Name::new("_S5_".into(), &s5)));
     t.append_slice(&pci_host_bridge(layout));
     t.append_slice(&com1());
+    t.append_slice(&rtc());
     t.append_slice(&motherboard());
     t.update_checksum();
     t
@@ -172,8 +187,10 @@ pub fn fadt(dsdt_addr: u64) -> Vec<u8> {
     f.reset_value = RESET_VALUE;
     f.sleep_control_reg = io_gas(PM_BASE + SLEEP_CONTROL_OFFSET);
     f.sleep_status_reg = io_gas(PM_BASE + SLEEP_STATUS_OFFSET);
-    // IA-PC boot flags: legacy devices present, i8042 present.
-    f.iapc_boot_arch = 0x3u16.into();
+    // IA-PC boot flags: legacy devices present; no 8042 flag, so Linux does
+    // not spend a second probing a keyboard controller that has no keyboard
+    // (the i8042 stays for the reset command only).
+    f.iapc_boot_arch = 0x1u16.into();
     f.hypervisor_vendor_identity = u64::from_le_bytes(*b"TANDEM\0\0").into();
     bytes(&f.finalize())
 }

@@ -12,6 +12,7 @@ use devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use devices::pci::{
     PciConfigIo, PciConfigMmio, PciRoot, CONFIG_IO_LEN, CONFIG_IO_PORT, ECAM_BUS0_SIZE,
 };
+use devices::rtc::{Rtc, RTC_LEN, RTC_PORT};
 use devices::serial::{Serial, COM1_IRQ, COM1_PORT};
 use kvm_bindings::{kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
@@ -139,6 +140,7 @@ impl Vm {
             events.reset_evt.try_clone().map_err(VmError::EventFd)?,
         );
         pio.insert(Arc::new(Mutex::new(pm)), PM_BASE, PM_LEN)?;
+        pio.insert(Arc::new(Mutex::new(Rtc::new())), RTC_PORT, RTC_LEN)?;
         let pci = Arc::new(Mutex::new(PciRoot::new(mmio.clone(), pio.clone())));
         pio.insert(
             Arc::new(Mutex::new(PciConfigIo::new(pci.clone()))),
