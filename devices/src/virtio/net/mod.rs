@@ -297,7 +297,7 @@ impl VirtioDevice for Net {
                 self.shared.clone(),
                 args.features,
                 pairs,
-            );
+            )?;
             let handle = std::thread::Builder::new()
                 .name(format!("net-{}-q{i}", self.cfg.id))
                 .spawn(move || w.run())?;
