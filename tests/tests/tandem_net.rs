@@ -92,7 +92,11 @@ harness::guest_test!(fn tandem_standby_builds_failover_master(env) {
     // Failover slaves may be renamed while UP (Linux 8065a779).
     agent.run_ok(&format!("ip link set {master} up; ip link set {sby} up"))?;
     agent.run_ok(&format!("ip link set dev {sby} name ens3nsby"))?;
-    assert_eq!(agent.run_ok("cat /sys/class/net/ens3nsby/operstate")?.trim(), "up");
+    // Still administratively up after the rename (IFF_UP in flags).
+    let flags = agent.run_ok("cat /sys/class/net/ens3nsby/flags")?;
+    let flags = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).map_err(|e| err!("{e}"))?;
+    assert_eq!(flags & 1, 1, "ens3nsby is UP after the rename");
+    assert_eq!(agent.run_ok(&format!("basename $(readlink /sys/class/net/ens3nsby/master)"))?.trim(), master);
     let out = up_and_ping(&mut agent, &master, "10.0.0.2")?;
     assert!(out.contains("0% packet loss"), "{out}");
     Ok(())
