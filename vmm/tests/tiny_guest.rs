@@ -594,3 +594,91 @@ fn bad_command_lines_get_one_clear_error() {
     );
     expect_error(&["run"], "--kernel");
 }
+
+/// A network namespace for tap tests, removed on drop.
+struct Netns(String);
+impl Netns {
+    fn new(tag: &str) -> Self {
+        let name = format!("tandem-{tag}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        let st = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .unwrap();
+        assert!(st.success(), "ip netns add (the tests run as root)");
+        Self(name)
+    }
+    fn exec(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0])
+            .args(args)
+            .stdin(Stdio::null());
+        c
+    }
+}
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// NIC problems the guest never sees: each a one-line error, no panic.
+#[test]
+fn net_backend_errors() {
+    let dir = Scratch::new("neterr");
+    let a = Asm::default();
+    let top = a.here();
+    let k = dir.kernel(&a.jmp_to(top).0);
+    let k = k.to_str().unwrap();
+    let ns = Netns::new("neterr");
+    let st = ns
+        .exec(&["ip", "tuntap", "add", "dev", "tt0", "mode", "tap"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let run = |args: &[&str]| {
+        let mut full = vec![TANDEM, "run", "--kernel", k, "--serial", "off"];
+        full.extend_from_slice(args);
+        run_bounded(ns.exec(&full), Duration::from_secs(20))
+    };
+    let check = |out: Output, needle: &str| {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(err.contains(needle), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    };
+    check(
+        run(&["--net", "tap=nosuch0"]),
+        "tap 'nosuch0' does not exist",
+    );
+    check(run(&["--net", "tap=lo"]), "'lo' is not a tap");
+    check(
+        run(&["--net", "tap=tt0,num_queues=4"]),
+        "not created multi-queue",
+    );
+    // tt0 in use by a running tandem: a second one is refused.
+    let sock = dir.path("api.sock");
+    let mut first = vec![
+        TANDEM,
+        "run",
+        "--kernel",
+        k,
+        "--serial",
+        "off",
+        "--api-socket",
+    ];
+    let sock_s = sock.to_str().unwrap().to_string();
+    first.push(&sock_s);
+    first.extend_from_slice(&["--net", "id=n0,tap=tt0,mac=52:54:00:00:00:11"]);
+    let child = ns.exec(&first).spawn().unwrap();
+    let mut child = Running(child);
+    wait_for(&sock);
+    let (_, info) = api(&sock, "GET", "/api/v1/vm.info", "");
+    assert!(
+        info.contains("virtio-net") && info.contains("52:54:00:00:00:11"),
+        "{info}"
+    );
+    check(run(&["--net", "tap=tt0"]), "already in use");
+    assert_eq!(api(&sock, "PUT", "/api/v1/vm.shutdown", "").0, 204);
+    assert!(child.0.wait().unwrap().success());
+}
