@@ -98,14 +98,13 @@ impl BusDevice for Rtc {
         match offset {
             // Bit 7 of the index port is the NMI mask.
             0 => self.index = v & 0x7f,
-            1 => {
+            1
                 // Time and status registers are the host's; the rest is RAM.
-                if self.index > REG_D && self.index != REG_CENTURY {
+                if self.index > REG_D && self.index != REG_CENTURY => {
                     if let Some(r) = self.ram.get_mut(usize::from(self.index)) {
                         *r = v;
                     }
                 }
-            }
             _ => {}
         }
     }

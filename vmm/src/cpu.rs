@@ -59,12 +59,11 @@ pub fn patch_cpuid(cpuid: &mut CpuId, id: u8, vcpus: u8, tsc_deadline: bool) {
                     e.edx &= !EDX_HTT;
                 }
             }
-            4 => {
+            4
                 // Cores per package - 1 in 31:26; one thread per cache user.
-                if e.eax & 0x1f != 0 {
+                if e.eax & 0x1f != 0 => {
                     e.eax = (e.eax & 0x3ff) | ((n - 1) << 26);
                 }
-            }
             LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 => {
                 e.edx = apic;
                 match e.index {

@@ -69,7 +69,6 @@ pub struct Vm {
     control: Arc<VcpuControl>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
-    pci: Arc<Mutex<PciRoot>>,
     events: Arc<VmEvents>,
     devices: DeviceManager,
     _vm_fd: Arc<VmFd>,
@@ -186,7 +185,6 @@ impl Vm {
             control,
             pio,
             mmio,
-            pci,
             events: events.clone(),
             devices,
             _vm_fd: vm_fd,
@@ -236,10 +234,6 @@ impl Vm {
 
     pub fn devices(&self) -> &DeviceManager {
         &self.devices
-    }
-
-    pub fn pci(&self) -> &Arc<Mutex<PciRoot>> {
-        &self.pci
     }
 
     /// Stop and join every vCPU thread.

@@ -4,6 +4,8 @@
 //! input, the ACPI power-off and reset paths, the control API and the
 //! command line's error handling.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};

@@ -266,7 +266,7 @@ impl PciConfigIo {
         let a = self.address;
         let enabled = a & 0x8000_0000 != 0;
         let bus = (a >> 16) & 0xff;
-        (enabled && bus == 0).then(|| {
+        (enabled && bus == 0).then_some({
             (
                 ((a >> 11) & 0x1f) as usize,
                 ((a >> 8) & 7) as usize,

@@ -404,7 +404,7 @@ impl VirtioPciDevice {
                 let Some(q) = self.queues.get_mut(sel) else {
                     return;
                 };
-                let (lo, hi) = if offset % 8 == 0 {
+                let (lo, hi) = if offset.is_multiple_of(8) {
                     (Some(v32), None)
                 } else {
                     (None, Some(v32))

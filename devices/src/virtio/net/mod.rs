@@ -57,7 +57,7 @@ pub struct NetConfig {
 
 impl NetConfig {
     pub fn validate(&self) -> Result<(), NetError> {
-        if self.num_queues < 2 || self.num_queues % 2 != 0 || self.num_queues > 32 {
+        if self.num_queues < 2 || !self.num_queues.is_multiple_of(2) || self.num_queues > 32 {
             return Err(NetError::QueueCount(self.num_queues));
         }
         if !self.queue_size.is_power_of_two()

@@ -220,8 +220,8 @@ impl PairWorker {
                     break;
                 }
             };
-            for i in 0..n {
-                let data = events[i].data;
+            for ev in &events[..n] {
+                let data = ev.data;
                 tracing::trace!("{}: event {data}", self.name);
                 match data {
                     TOKEN_KILL => break 'outer,
