@@ -157,6 +157,7 @@ fn write_response(stream: &mut UnixStream, status: u16, body: &str) -> io::Resul
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::client::{request, Response};

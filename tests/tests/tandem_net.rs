@@ -96,7 +96,7 @@ harness::guest_test!(fn tandem_standby_builds_failover_master(env) {
     let flags = agent.run_ok("cat /sys/class/net/ens3nsby/flags")?;
     let flags = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).map_err(|e| err!("{e}"))?;
     assert_eq!(flags & 1, 1, "ens3nsby is UP after the rename");
-    assert_eq!(agent.run_ok(&format!("basename $(readlink /sys/class/net/ens3nsby/master)"))?.trim(), master);
+    assert_eq!(agent.run_ok("basename $(readlink /sys/class/net/ens3nsby/master)")?.trim(), master);
     let out = up_and_ping(&mut agent, &master, "10.0.0.2")?;
     assert!(out.contains("0% packet loss"), "{out}");
     Ok(())
