@@ -109,6 +109,9 @@ pub struct PairWorker {
     rx_len: usize,
     /// (head, bytes written) of the chains the pending frame went into.
     rx_heads: Vec<(u16, u32)>,
+    /// How much of the pending frame is written, and where its header is.
+    rx_off: usize,
+    rx_hdr_at: Option<vm_memory::GuestAddress>,
     tx_frame: Vec<u8>,
     tap_polled: bool,
     epoll: i32,
@@ -147,6 +150,8 @@ impl PairWorker {
             rx_frame: vec![0; MAX_FRAME],
             rx_len: 0,
             rx_heads: Vec::with_capacity(usize::from(rx_size)),
+            rx_off: 0,
+            rx_hdr_at: None,
             tx_frame: vec![0; MAX_FRAME],
             tap_polled: false,
             epoll,
@@ -378,6 +383,8 @@ impl PairWorker {
             rx_frame,
             rx_len,
             rx_heads,
+            rx_off,
+            rx_hdr_at,
             mrg_rxbuf,
             shared,
             ..
@@ -390,18 +397,21 @@ impl PairWorker {
             // One buffer holds the whole frame: num_buffers is 1.
             frame[10..12].copy_from_slice(&1u16.to_le_bytes());
         }
-        rx_heads.clear();
-        let mut off = 0usize;
-        let mut hdr_at = None;
+        // A frame already partly written (the guest ran out of buffers in
+        // the middle) resumes where it stopped: the chains it holds are not
+        // put back, so next_avail stays level with the guest's avail index
+        // and the avail_event published while waiting asks for the very
+        // next kick. (Putting chains back left avail_event behind buffers
+        // the guest had already published; an EVENT_IDX driver then never
+        // kicked again and rx stalled for good.)
+        let mut off = *rx_off;
         let mut malformed = false;
         while off < frame.len() {
             let Some(chain) = queue.pop_descriptor_chain(&*mem) else {
                 if !*mrg_rxbuf && !rx_heads.is_empty() {
                     break;
                 }
-                for _ in 0..rx_heads.len() {
-                    queue.go_to_previous_position();
-                }
+                *rx_off = off;
                 return Ok(false);
             };
             let head = chain.head_index();
@@ -419,7 +429,7 @@ impl PairWorker {
                         break;
                     }
                     if off == 0 {
-                        hdr_at = Some(d.addr());
+                        *rx_hdr_at = Some(d.addr());
                     }
                     rx_heads.push((head, n as u32));
                     off += n;
@@ -434,6 +444,8 @@ impl PairWorker {
                 break;
             }
         }
+        let hdr_at = rx_hdr_at.take();
+        *rx_off = 0;
         let fits = !malformed && off == frame.len();
         if malformed {
             bump(&shared.stats.bad_chains, 1);
@@ -445,7 +457,7 @@ impl PairWorker {
                     .map_err(|e| QueueBroken(format!("{e}")))?;
             }
         }
-        for &(head, len) in rx_heads.iter() {
+        for (head, len) in rx_heads.drain(..) {
             queue
                 .add_used(&*mem, head, if fits { len } else { 0 })
                 .map_err(|e| QueueBroken(format!("{e:?}")))?;
