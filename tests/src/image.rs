@@ -224,13 +224,16 @@ fn resolve_debs(packages: &[String]) -> Result<Vec<Deb>> {
         "apt-get --print-uris download",
     )?;
     let mut debs = Vec::new();
-    for (line, package) in out.lines().filter(|l| l.starts_with('\'')).zip(packages) {
+    // apt lists the URIs in its own order, not the order asked: the package
+    // name is the file name's first field.
+    for line in out.lines().filter(|l| l.starts_with('\'')) {
         let f: Vec<&str> = line.split_whitespace().collect();
         let (Some(file), Some(size), Some(sum)) = (f.get(1), f.get(2), f.get(3)) else {
             return Err(err!("unexpected apt-get --print-uris line: {line}"));
         };
+        let package = file.split('_').next().unwrap_or(file).to_string();
         debs.push(Deb {
-            package: package.clone(),
+            package,
             file: file.to_string(),
             size: size
                 .parse()
