@@ -683,7 +683,17 @@ stage 9p
 [ -n "$TANDEM_WORK" ] || fail "no TANDEM_WORK= on the kernel command line"
 mkdir -p /host
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroot /host || fail "mount hostroot"
+# A checkout under /tmp (CI may clone there) must stay visible through the
+# chroot's fresh /tmp: set its top directory aside and bind it back.
+keep=""
+case "$TANDEM_WORK" in /tmp/*) keep=${TANDEM_WORK#/tmp/}; keep=${keep%%/*} ;; esac
+if [ -n "$keep" ]; then
+    mkdir -p /keep && mount --bind "/host/tmp/$keep" /keep || fail "set aside /tmp/$keep"
+fi
 mount -t tmpfs tmpfs /host/tmp || fail "tmpfs /host/tmp"
+if [ -n "$keep" ]; then
+    mkdir -p "/host/tmp/$keep" && mount --bind /keep "/host/tmp/$keep" || fail "bind /tmp/$keep back"
+fi
 mount -t tmpfs tmpfs /host/run || fail "tmpfs /host/run"
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 work "/host$TANDEM_WORK" || fail "mount work dir"
 mount -t proc proc /host/proc || fail "proc in chroot"
