@@ -843,12 +843,13 @@ mod tests {
     }
 
     #[test]
-    fn rx_partial_buffers_are_put_back() {
+    fn rx_frame_waits_in_its_buffers_and_asks_for_the_next_kick() {
         let (r, tap) = rig();
         let mock = MockSplitQueue::create(&r.mem, GuestAddress(RX_RING), 16);
         mock.add_desc_chains(&[desc(BUF, 600, VRING_DESC_F_WRITE, 0)], 0)
             .unwrap();
         let mut w = worker(&r, tap, Some(mock.create_queue().unwrap()), None, true);
+        w.q.rx.as_mut().unwrap().1.set_event_idx(true);
         rx_frame(&r, 1000);
         w.process_rx().unwrap();
         assert_eq!(
@@ -856,6 +857,14 @@ mod tests {
             0,
             "nothing used while the frame does not fit"
         );
+        // avail_event (after the used ring's 16 entries) must equal the
+        // guest's avail index, or posting one more buffer does not kick us:
+        // the rx stall bench-net found.
+        let avail_event: u16 = r
+            .mem
+            .read_obj(mock.used_addr().unchecked_add(4 + 8 * 16))
+            .unwrap();
+        assert_eq!(avail_event, mock.avail().idx().load());
         mock.add_desc_chains(&[desc(BUF + 0x1000, 600, VRING_DESC_F_WRITE, 0)], 1)
             .unwrap();
         w.process_rx().unwrap();
