@@ -40,7 +40,7 @@ impl Tandem {
             .args(extra)
             .env(
                 "TANDEM_LOG",
-                std::env::var("TANDEM_TEST_LOG").unwrap_or_else(|_| "info".into()),
+                std::env::var("TANDEM_TEST_LOG").unwrap_or_else(|_| "info,devices=debug".into()),
             )
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -57,7 +57,6 @@ fn feature_bit(agent: &mut Agent, dev: &str, bit: usize) -> harness::Result<bool
 fn boot_with(env: &GuestEnv, name: &str, extra: &[&str]) -> harness::Result<(Tandem, Agent)> {
     let mut args = vec!["--cmdline", "console=ttyS0 quiet panic=-1"];
     args.extend_from_slice(extra);
-    std::env::set_var("TANDEM_TEST_LOG", "debug");
     let mut vm = Tandem::spawn(env, name, &args)?;
     let agent = vm.agent(env, name)?;
     Ok((vm, agent))
