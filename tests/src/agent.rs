@@ -37,6 +37,9 @@ pub struct Agent {
     next_id: u64,
     /// `run_ok` uses this timeout.
     pub default_timeout: Duration,
+    /// Called when a wait times out; what it returns (say, the vCPUs'
+    /// registers) goes into the error, so a hung guest can be diagnosed.
+    pub on_timeout: Option<Box<dyn Fn() -> String + Send>>,
 }
 
 fn base64(data: &[u8]) -> String {
@@ -123,6 +126,7 @@ impl Agent {
             console_log,
             next_id: 1,
             default_timeout: Duration::from_secs(60),
+            on_timeout: None,
         })
     }
 
@@ -154,8 +158,10 @@ impl Agent {
             }
             let now = Instant::now();
             if now >= deadline {
+                drop(st);
+                let diag = self.on_timeout.as_ref().map(|f| f()).unwrap_or_default();
                 return Err(err!(
-                    "timed out after {:.0} s waiting for {what}; console log: {}",
+                    "timed out after {:.0} s waiting for {what}; console log: {}{diag}",
                     timeout.as_secs_f64(),
                     self.console_log.display()
                 ));

@@ -31,9 +31,10 @@ pub struct GuestImage {
 
 impl GuestImage {
     /// The kernel command line the test guest is meant to boot with (serial console on
-    /// COM1, quiet: every byte on an emulated UART is a VM exit).
+    /// COM1, quiet: every byte on an emulated UART is a VM exit; no KASLR, so a
+    /// hung vCPU's RIP can be looked up in the kernel's System.map).
     pub fn cmdline(&self) -> String {
-        "console=ttyS0 quiet panic=-1".to_string()
+        "console=ttyS0 quiet panic=-1 nokaslr".to_string()
     }
 }
 

@@ -254,6 +254,8 @@ pub fn run_guest_test(module_path: &str, name: &str, body: impl FnOnce(&GuestEnv
             exe.display().to_string(),
             "--exact".into(),
             test_path.clone(),
+            // The outer run already chose this test (perhaps with --ignored).
+            "--include-ignored".into(),
             "--nocapture".into(),
             "--test-threads=1".into(),
         ];

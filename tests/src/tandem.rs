@@ -1,7 +1,7 @@
 //! Launching `tandem run` from a test: the guest image, a serial socket the
 //! guest agent talks over, an API socket, and a log kept in the work dir.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -60,10 +60,13 @@ impl Tandem {
     /// Connect to the guest agent and wait until it is ready.
     pub fn agent(&mut self, env: &GuestEnv, name: &str) -> crate::Result<Agent> {
         let t0 = Instant::now();
-        let agent = Agent::connect_unix(
+        let mut agent = Agent::connect_unix(
             &self.serial,
             env.workdir.join(format!("{name}.console.log")),
         )?;
+        // A guest that stops answering: where are its vCPUs?
+        let (bin, api) = (self.bin.clone(), self.api.clone());
+        agent.on_timeout = Some(Box::new(move || vcpu_dump(&bin, &api)));
         if let Err(e) = agent.wait_ready(BOOT_TIMEOUT) {
             return Err(err!("{e}; tandem: {}", self.log()));
         }
@@ -119,4 +122,21 @@ impl Drop for Tandem {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Pause the VM, read every vCPU's registers through the API, resume.
+fn vcpu_dump(bin: &Path, api: &Path) -> String {
+    let remote = |cmd: &str| {
+        Command::new(bin)
+            .args(["remote", "--api-socket"])
+            .arg(api)
+            .arg(cmd)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    remote("vm.pause");
+    let info = remote("vm.info");
+    remote("vm.resume");
+    format!("\nvCPU state at the timeout (vm.info while paused):\n{info}")
 }
