@@ -14,15 +14,23 @@
 //!
 //! A boot that fails is listed with its error and makes the exit status 1.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
-use harness::{err, Agent, GuestImage, Mode, QemuVm};
+use harness::bench::{self, Bench, BenchReport, Dirs, VmSpec};
+use harness::{err, GuestImage, Mode};
 use serde::{Deserialize, Serialize};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 const RESULT_TAG: &str = "@@BENCH-RESULT@@ ";
+
+const BENCH: Bench = Bench {
+    name: "bench-boot",
+    result_tag: RESULT_TAG,
+    build_hint: "cargo build --release -p vmm --bins",
+    testhost_note: "all boots run inside one test host",
+    failed_note: "some boots failed",
+};
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct Sample {
@@ -78,139 +86,6 @@ fn parse_args() -> Args {
     Args { runs }
 }
 
-/// Output of a command's first line, or `?`.
-fn cmd_line(prog: &str, args: &[&str]) -> String {
-    Command::new(prog)
-        .args(args)
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .map(|l| l.trim().to_string())
-        })
-        .filter(|l| !l.is_empty())
-        .unwrap_or_else(|| "?".into())
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find_map(|l| l.strip_prefix("model name"))
-                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
-        })
-        .unwrap_or_else(|| "?".into())
-}
-
-fn kvm_module() -> String {
-    ["kvm_intel", "kvm_amd", "kvm_pvm"]
-        .iter()
-        .find(|m| Path::new("/sys/module").join(m).exists())
-        .map(|m| m.to_string())
-        .unwrap_or_else(|| "none".into())
-}
-
-fn mem_total() -> String {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        })
-        .map(|k| format!("{} MiB", k / 1024))
-        .unwrap_or_else(|| "?".into())
-}
-
-fn describe_machine(prefix: &str) -> Vec<(String, String)> {
-    vec![(
-        prefix.to_string(),
-        format!(
-            "Linux {}, {} x {}, {} RAM, KVM module {}",
-            cmd_line("uname", &["-r"]),
-            cmd_line("nproc", &[]),
-            cpu_model(),
-            mem_total(),
-            kvm_module()
-        ),
-    )]
-}
-
-/// `target/release/`, from this example's location (`target/release/examples/bench-boot`).
-fn profile_dir() -> harness::Result<PathBuf> {
-    let exe = std::env::current_exe().map_err(|e| err!("cannot find this program: {e}"))?;
-    exe.parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .ok_or_else(|| err!("unexpected location {}", exe.display()))
-}
-
-fn tandem_bin() -> harness::Result<PathBuf> {
-    let dir = profile_dir()?;
-    if dir.file_name().and_then(|n| n.to_str()) != Some("release") {
-        return Err(err!(
-            "bench-boot measures the release build: run it as `cargo run --release -p tests --example bench-boot` (this is {})",
-            dir.display()
-        ));
-    }
-    let bin = dir.join("tandem");
-    if !bin.exists() {
-        return Err(err!(
-            "{} is not built: run `cargo build --release -p vmm --bins` first",
-            bin.display()
-        ));
-    }
-    Ok(bin)
-}
-
-/// Under `cargo run`, (re)build the release tandem so the benchmark never measures a stale binary.
-fn build_tandem() -> harness::Result<()> {
-    let Some(cargo) = std::env::var_os("CARGO") else {
-        return Ok(());
-    };
-    eprintln!("bench-boot: cargo build --release -p vmm --bins");
-    let st = Command::new(cargo)
-        .args(["build", "--release", "-p", "vmm", "--bins"])
-        .status()
-        .map_err(|e| err!("cannot run cargo: {e}"))?;
-    if !st.success() {
-        return Err(err!("cargo build --release -p vmm --bins failed ({st})"));
-    }
-    Ok(())
-}
-
-/// A running VMM under measurement; killed when dropped.
-enum Vmm {
-    Tandem(Child),
-    Qemu(QemuVm),
-}
-
-impl Vmm {
-    fn pid(&self) -> u32 {
-        match self {
-            Vmm::Tandem(c) => c.id(),
-            Vmm::Qemu(q) => q.pid(),
-        }
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        match self {
-            Vmm::Tandem(c) => {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-            Vmm::Qemu(q) => q.kill(),
-        }
-    }
-}
-
 fn vm_rss_kib(pid: u32) -> harness::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .map_err(|e| err!("/proc/{pid}/status: {e}"))?;
@@ -219,19 +94,6 @@ fn vm_rss_kib(pid: u32) -> harness::Result<u64> {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .ok_or_else(|| err!("no VmRSS in /proc/{pid}/status"))
-}
-
-fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let v: Vec<&str> = text.lines().collect();
-    v[v.len().saturating_sub(lines)..].join(" | ")
-}
-
-struct Dirs {
-    /// Sockets (a local filesystem).
-    run: PathBuf,
-    /// Logs (kept inside the test host's work dir when a boot fails).
-    logs: PathBuf,
 }
 
 /// One boot: fills `s` as far as it gets.
@@ -244,50 +106,16 @@ fn boot_once(
     s: &mut Sample,
 ) -> harness::Result<()> {
     let name = format!("{vmm}-{run}");
-    let console = dirs.logs.join(format!("{name}.console.log"));
-    let _ = std::fs::remove_file(&console);
-    let vmm_log;
-    let t0 = Instant::now();
-    let (proc, serial) = if vmm == "tandem" {
-        let serial = dirs.run.join(format!("{name}.serial"));
-        let api = dirs.run.join(format!("{name}.api"));
-        vmm_log = dirs.logs.join(format!("{name}.tandem.log"));
-        let f = std::fs::File::create(&vmm_log).map_err(|e| err!("{e}"))?;
-        let child = Command::new(tandem)
-            .arg("run")
-            .arg("--kernel")
-            .arg(&guest.kernel)
-            .arg("--initramfs")
-            .arg(&guest.initramfs)
-            .args(["--cmdline", &guest.cmdline()])
-            .args(["--cpus", "boot=1", "--memory", "size=512M"])
-            .arg("--serial")
-            .arg(format!("socket={}", serial.display()))
-            .arg("--api-socket")
-            .arg(&api)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(f)
-            .spawn()
-            .map_err(|e| err!("cannot start {}: {e}", tandem.display()))?;
-        (Vmm::Tandem(child), serial)
-    } else {
-        let q = QemuVm::builder(guest, &dirs.run, &name)
-            .cpus(1)
-            .mem_mib(512)
-            .spawn()?;
-        vmm_log = q.log.clone();
-        let serial = q.serial.clone();
-        (Vmm::Qemu(q), serial)
+    let spec = VmSpec {
+        cpus: 1,
+        mem_mib: 512,
+        tandem_args: &[],
+        qemu_args: &[],
     };
-    let fail = |e: harness::Error| {
-        err!(
-            "{e}; console: {:?}; {vmm} log: {:?}",
-            tail(&console, 3),
-            tail(&vmm_log, 3)
-        )
-    };
-    let mut agent = Agent::connect_unix(&serial, console.clone()).map_err(fail)?;
+    let proc = bench::spawn_vmm(vmm, &name, tandem, guest, dirs, &spec)?;
+    let t0 = proc.t0;
+    let fail = |e: harness::Error| proc.fail(e);
+    let mut agent = proc.connect()?;
     let line = agent
         .wait_for_line("TANDEM-INIT ", BOOT_TIMEOUT)
         .map_err(fail)?;
@@ -305,7 +133,7 @@ fn boot_once(
         .map_err(fail)?;
     s.ready_s = Some(t0.elapsed().as_secs_f64());
     agent.run_ok("cat /proc/uptime").map_err(fail)?;
-    s.rss_kib = Some(vm_rss_kib(proc.pid())?);
+    s.rss_kib = Some(vm_rss_kib(proc.vmm.pid())?);
     drop(agent);
     drop(proc);
     Ok(())
@@ -313,65 +141,28 @@ fn boot_once(
 
 /// Runs every boot here (direct mode, or inside the test host).
 fn measure(args: &Args, mode: Mode, why: &str) -> harness::Result<Report> {
-    let tandem = tandem_bin()?;
+    let tandem = BENCH.tandem_bin()?;
     let guest = harness::image::test_guest()?;
-    let pid = std::process::id();
-    let logs = match std::env::var("TANDEM_WORKDIR") {
-        Ok(w) => PathBuf::from(w).join("bench-boot"),
-        Err(_) => harness::image::target_dir()?
-            .join("tandem-runs")
-            .join(format!("bench-boot-{pid}")),
-    };
-    let dirs = Dirs {
-        run: PathBuf::from(format!("/tmp/tandem-bench-boot-{pid}")),
-        logs,
-    };
-    for d in [&dirs.run, &dirs.logs] {
-        std::fs::create_dir_all(d).map_err(|e| err!("cannot create {}: {e}", d.display()))?;
-    }
+    let dirs = BENCH.dirs()?;
     // Both VMMs read the same files: read them once so neither pays for a cold cache.
     for f in [&guest.kernel, &guest.initramfs] {
         std::fs::read(f).map_err(|e| err!("cannot read {}: {e}", f.display()))?;
     }
-    let where_ = if harness::mode::in_testhost() {
-        "L1 (test host)"
-    } else {
-        "this machine"
-    };
-    let mut env = vec![
-        (
-            "date".to_string(),
-            cmd_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
-        ),
-        ("mode".to_string(), format!("{mode} ({why})")),
-    ];
-    env.extend(describe_machine(where_));
+    let mut env = bench::env_header(mode, why);
     env.push((
         "guest".into(),
         format!(
             "Debian kernel {}, 1 vCPU, 512M, cmdline `{}`",
-            if guest.kernel_version.is_empty() {
-                "?"
-            } else {
-                &guest.kernel_version
-            },
+            bench::kernel_version(&guest),
             guest.cmdline()
         ),
     ));
-    env.push((
-        "tandem".into(),
-        format!(
-            "{} ({}, git {})",
-            tandem.display(),
-            cmd_line(&tandem.display().to_string(), &["--version"]),
-            cmd_line("git", &["describe", "--always", "--dirty"])
-        ),
-    ));
+    env.push(("tandem".into(), bench::describe_tandem(&tandem)));
     env.push((
         "qemu".into(),
         format!(
             "{}; -machine q35 -accel kvm -cpu host -nodefaults, SeaBIOS, -kernel/-initrd",
-            cmd_line("qemu-system-x86_64", &["--version"])
+            bench::cmd_line("qemu-system-x86_64", &["--version"])
         ),
     ));
 
@@ -399,33 +190,12 @@ fn measure(args: &Args, mode: Mode, why: &str) -> harness::Result<Report> {
             samples.push(s);
         }
     }
-    let _ = std::fs::remove_dir_all(&dirs.run);
-    if samples.iter().all(|s| s.error.is_none()) && !harness::mode::in_testhost() {
-        let _ = std::fs::remove_dir_all(&dirs.logs);
-    }
+    dirs.finish(samples.iter().all(|s| s.error.is_none()));
     Ok(Report { env, samples })
 }
 
-fn stats(v: &mut [f64]) -> Option<(f64, f64, f64)> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    let med = if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    };
-    Some((med, v[0], v[n - 1]))
-}
-
 fn print_report(r: &Report) {
-    println!();
-    println!("Environment");
-    for (k, v) in &r.env {
-        println!("  {k:<16} {v}");
-    }
+    bench::print_env(&r.env, 16);
     let n = |vmm: &str| r.samples.iter().filter(|s| s.vmm == vmm).count();
     let ok = |vmm: &str| {
         r.samples
@@ -464,26 +234,21 @@ fn print_report(r: &Report) {
     );
     for (name, get, unit) in metrics {
         let col = |vmm: &str| {
-            let mut v: Vec<f64> = r
+            let v: Vec<f64> = r
                 .samples
                 .iter()
                 .filter(|s| s.vmm == vmm && s.error.is_none())
                 .filter_map(get)
                 .collect();
-            stats(&mut v)
+            bench::stats(&v)
         };
         let (t, q) = (col("tandem"), col("qemu"));
         let prec = if unit == "MiB" { 1 } else { 2 };
         let fmt = |x: Option<(f64, f64, f64)>| match x {
-            Some((m, lo, hi)) => {
-                format!("{m:.prec$} ({lo:.prec$}-{hi:.prec$}) {unit}")
-            }
+            Some(st) => bench::fmt_range(st, prec, unit),
             None => "no successful boot".into(),
         };
-        let ratio = match (t, q) {
-            (Some((a, _, _)), Some((b, _, _))) if b > 0.0 => format!("{:.2}", a / b),
-            _ => "-".into(),
-        };
+        let ratio = bench::ratio(t.map(|s| s.0), q.map(|s| s.0));
         println!("{name:<42} {:<24} {:<24} {ratio}", fmt(t), fmt(q));
     }
     let failed: Vec<&Sample> = r.samples.iter().filter(|s| s.error.is_some()).collect();
@@ -501,113 +266,22 @@ fn print_report(r: &Report) {
     }
 }
 
-fn failed(r: &Report) -> bool {
-    r.samples.iter().any(|s| s.error.is_some())
+impl BenchReport for Report {
+    fn env_mut(&mut self) -> &mut Vec<(String, String)> {
+        &mut self.env
+    }
+
+    fn print(&self) {
+        print_report(self)
+    }
+
+    fn failed(&self) -> bool {
+        self.samples.iter().any(|s| s.error.is_some())
+    }
 }
 
 fn main() {
     let args = parse_args();
-    let (mode, why) = match Mode::detect() {
-        Ok(m) => m,
-        Err(e) => {
-            eprintln!("bench-boot: {e}");
-            std::process::exit(1)
-        }
-    };
-    if harness::mode::in_testhost() || mode == Mode::Direct {
-        // Direct mode shares the machine with guest tests: take their lock.
-        let _lock = if mode == Mode::Direct {
-            eprintln!(
-                "bench-boot: mode direct ({why}); waiting for {}",
-                harness::testhost::LOCK_PATH
-            );
-            match build_tandem().and_then(|()| {
-                harness::image::FileLock::exclusive(Path::new(harness::testhost::LOCK_PATH))
-            }) {
-                Ok(l) => Some(l),
-                Err(e) => {
-                    eprintln!("bench-boot: {e}");
-                    std::process::exit(1)
-                }
-            }
-        } else {
-            None
-        };
-        let report = match measure(&args, mode, &why) {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("bench-boot: {e}");
-                std::process::exit(1)
-            }
-        };
-        if harness::mode::in_testhost() {
-            match serde_json::to_string(&report) {
-                Ok(j) => println!("{RESULT_TAG}{j}"),
-                Err(e) => {
-                    eprintln!("bench-boot: {e}");
-                    std::process::exit(1)
-                }
-            }
-        } else {
-            print_report(&report);
-        }
-        std::process::exit(i32::from(failed(&report)));
-    }
-
-    // Test-host mode, outside: build, then re-run this program inside one L1.
-    eprintln!("bench-boot: mode testhost ({why}): all boots run inside one test host");
-    if let Err(e) = build_tandem().and_then(|()| tandem_bin().map(|_| ())) {
-        eprintln!("bench-boot: {e}");
-        std::process::exit(1)
-    }
-    let exe = match std::env::current_exe() {
-        Ok(e) => e,
-        Err(e) => {
-            eprintln!("bench-boot: cannot find this program: {e}");
-            std::process::exit(1)
-        }
-    };
-    let argv = vec![
-        exe.display().to_string(),
-        "--runs".into(),
-        args.runs.to_string(),
-    ];
-    let outcome = match harness::testhost::TestHost::new("bench-boot").run(&argv) {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("bench-boot: {e}");
-            std::process::exit(1)
-        }
-    };
-    let Some(mut report) = outcome
-        .output
-        .lines()
-        .find_map(|l| l.strip_prefix(RESULT_TAG))
-        .and_then(|j| serde_json::from_str::<Report>(j).ok())
-    else {
-        eprintln!(
-            "bench-boot: the run inside the test host produced no result (exit {}); work dir: {}",
-            outcome.status,
-            outcome.workdir.display()
-        );
-        std::process::exit(1)
-    };
-    let mut outer = describe_machine("outer machine");
-    outer.push((
-        "L1 (test host)".into(),
-        format!(
-            "qemu-system-x86_64 -accel tcg -cpu EPYC -machine q35 -smp 1 -m 4G (booted to its job in {:.1} s)",
-            outcome.boot_time.as_secs_f64()
-        ),
-    ));
-    outer.append(&mut report.env);
-    report.env = outer;
-    print_report(&report);
-    if outcome.status != 0 || failed(&report) {
-        eprintln!(
-            "bench-boot: some boots failed; logs kept in {}",
-            outcome.workdir.display()
-        );
-        std::process::exit(1)
-    }
+    let relaunch = ["--runs".to_string(), args.runs.to_string()];
+    BENCH.main(&relaunch, |mode, why| measure(&args, mode, why));
 }

@@ -26,7 +26,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use harness::{err, Agent, GuestImage, Mode, QemuVm};
+use harness::bench::{self, sh, tail, Bench, BenchReport, Dirs, VmSpec, Vmm};
+use harness::{err, Agent, GuestImage, Mode, Tap};
 use serde::{Deserialize, Serialize};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -36,6 +37,14 @@ const GUEST_IP: &str = "10.0.0.2";
 const IPERF_PORT: u16 = 5201;
 const CPUS: u32 = 2;
 const MEM_MIB: u32 = 512;
+
+const BENCH: Bench = Bench {
+    name: "bench-net",
+    result_tag: RESULT_TAG,
+    build_hint: "cargo build --release --workspace --bins",
+    testhost_note: "everything runs inside one test host",
+    failed_note: "some measurements failed",
+};
 
 /// One measured value (or why there is none).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -115,182 +124,20 @@ fn parse_args() -> Args {
     a
 }
 
-/// Output of a command's first line, or `?`.
-fn cmd_line(prog: &str, args: &[&str]) -> String {
-    Command::new(prog)
-        .args(args)
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .map(|l| l.trim().to_string())
-        })
-        .filter(|l| !l.is_empty())
-        .unwrap_or_else(|| "?".into())
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find_map(|l| l.strip_prefix("model name"))
-                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
-        })
-        .unwrap_or_else(|| "?".into())
-}
-
-fn kvm_module() -> String {
-    ["kvm_intel", "kvm_amd", "kvm_pvm"]
-        .iter()
-        .find(|m| Path::new("/sys/module").join(m).exists())
-        .map(|m| m.to_string())
-        .unwrap_or_else(|| "none".into())
-}
-
-fn mem_total() -> String {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        })
-        .map(|k| format!("{} MiB", k / 1024))
-        .unwrap_or_else(|| "?".into())
-}
-
-fn describe_machine(prefix: &str) -> (String, String) {
-    (
-        prefix.to_string(),
-        format!(
-            "Linux {}, {} x {}, {} RAM, KVM module {}",
-            cmd_line("uname", &["-r"]),
-            cmd_line("nproc", &[]),
-            cpu_model(),
-            mem_total(),
-            kvm_module()
-        ),
-    )
-}
-
-/// `target/release/`, from this example's location (`target/release/examples/bench-net`).
-fn profile_dir() -> harness::Result<PathBuf> {
-    let exe = std::env::current_exe().map_err(|e| err!("cannot find this program: {e}"))?;
-    exe.parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .ok_or_else(|| err!("unexpected location {}", exe.display()))
-}
-
-fn tandem_bin() -> harness::Result<PathBuf> {
-    let dir = profile_dir()?;
-    if dir.file_name().and_then(|n| n.to_str()) != Some("release") {
-        return Err(err!(
-            "bench-net measures the release build: run it as `cargo run --release -p tests --example bench-net` (this is {})",
-            dir.display()
-        ));
-    }
-    let bin = dir.join("tandem");
-    if !bin.exists() {
-        return Err(err!(
-            "{} is not built: run `cargo build --release --workspace --bins` first",
-            bin.display()
-        ));
-    }
-    Ok(bin)
-}
-
-/// Under `cargo run`, (re)build the release tandem so the benchmark never measures a stale binary.
-fn build_tandem() -> harness::Result<()> {
-    let Some(cargo) = std::env::var_os("CARGO") else {
-        return Ok(());
-    };
-    eprintln!("bench-net: cargo build --release -p vmm --bins");
-    let st = Command::new(cargo)
-        .args(["build", "--release", "-p", "vmm", "--bins"])
-        .status()
-        .map_err(|e| err!("cannot run cargo: {e}"))?;
-    if !st.success() {
-        return Err(err!("cargo build --release -p vmm --bins failed ({st})"));
-    }
-    Ok(())
-}
-
-fn sh(args: &[&str]) -> harness::Result<()> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .map_err(|e| err!("cannot run `{}`: {e}", args.join(" ")))?;
-    if !out.status.success() {
-        return Err(err!(
-            "`{}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(())
-}
-
-/// A link (tap or bridge) deleted when dropped.
-struct Link(String);
-
-impl Drop for Link {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["link", "del", &self.0]).output();
-    }
-}
-
 /// A tap on `bridge`, up; `multi_queue` for multi-queue NICs.
-fn make_tap(name: &str, bridge: &str, multi_queue: bool) -> harness::Result<Link> {
+fn make_tap(name: &str, bridge: &str, multi_queue: bool) -> harness::Result<Tap> {
     let _ = Command::new("ip").args(["link", "del", name]).output();
     let mut add = vec!["ip", "tuntap", "add", "dev", name, "mode", "tap"];
     if multi_queue {
         add.push("multi_queue");
     }
     sh(&add)?;
-    let link = Link(name.to_string());
+    let tap = Tap {
+        name: name.to_string(),
+    };
     sh(&["ip", "link", "set", name, "master", bridge])?;
     sh(&["ip", "link", "set", name, "up"])?;
-    Ok(link)
-}
-
-/// A running VMM under measurement; killed when dropped.
-enum Vmm {
-    Tandem(Child),
-    Qemu(QemuVm),
-}
-
-impl Vmm {
-    fn pid(&self) -> u32 {
-        match self {
-            Vmm::Tandem(c) => c.id(),
-            Vmm::Qemu(q) => q.pid(),
-        }
-    }
-
-    fn exited(&mut self) -> bool {
-        match self {
-            Vmm::Tandem(c) => !matches!(c.try_wait(), Ok(None)),
-            Vmm::Qemu(q) => !q.is_running(),
-        }
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        match self {
-            Vmm::Tandem(c) => {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-            Vmm::Qemu(q) => q.kill(),
-        }
-    }
+    Ok(tap)
 }
 
 /// CPU time of process `pid` in seconds: (utime+stime, guest_time), all threads.
@@ -313,12 +160,6 @@ fn cpu_secs(pid: u32) -> harness::Result<(f64, f64)> {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let hz = if hz > 0.0 { hz } else { 100.0 };
     Ok(((field(14)? + field(15)?) / hz, field(43)? / hz))
-}
-
-fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let v: Vec<&str> = text.lines().collect();
-    v[v.len().saturating_sub(lines)..].join(" | ")
 }
 
 /// Is something listening on TCP `port` (IPv4 or IPv6)?
@@ -377,11 +218,6 @@ impl Drop for IperfServer {
     }
 }
 
-struct Dirs {
-    run: PathBuf,
-    logs: PathBuf,
-}
-
 /// One VM configuration to measure.
 struct Setup {
     config: &'static str,
@@ -406,73 +242,36 @@ fn boot(
     dirs: &Dirs,
 ) -> harness::Result<(Vmm, Agent, PathBuf)> {
     let name = format!("{}-{}", s.vmm, s.config);
-    let console = dirs.logs.join(format!("{name}.console.log"));
-    let _ = std::fs::remove_file(&console);
-    let (vmm, serial, log) = if s.vmm == "tandem" {
-        let serial = dirs.run.join(format!("{name}.serial"));
-        let api = dirs.run.join(format!("{name}.api"));
-        let log = dirs.logs.join(format!("{name}.tandem.log"));
-        let f = std::fs::File::create(&log).map_err(|e| err!("{e}"))?;
-        let mut net = format!("id=net0,tap={},mac={MAC}", s.tap);
-        if s.pairs > 1 {
-            net.push_str(&format!(",num_queues={}", 2 * s.pairs));
-        }
-        let child = Command::new(tandem)
-            .arg("run")
-            .arg("--kernel")
-            .arg(&guest.kernel)
-            .arg("--initramfs")
-            .arg(&guest.initramfs)
-            .args(["--cmdline", &guest.cmdline()])
-            .args(["--cpus", &format!("boot={CPUS}")])
-            .args(["--memory", &format!("size={MEM_MIB}M")])
-            .arg("--serial")
-            .arg(format!("socket={}", serial.display()))
-            .arg("--api-socket")
-            .arg(&api)
-            .args(["--net", &net])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(f)
-            .spawn()
-            .map_err(|e| err!("cannot start {}: {e}", tandem.display()))?;
-        (Vmm::Tandem(child), serial, log)
+    let mut net = format!("id=net0,tap={},mac={MAC}", s.tap);
+    if s.pairs > 1 {
+        net.push_str(&format!(",num_queues={}", 2 * s.pairs));
+    }
+    let (nd_mq, dev_mq) = if s.pairs > 1 {
+        (
+            format!(",queues={}", s.pairs),
+            format!(",mq=on,vectors={}", 2 * s.pairs + 2),
+        )
     } else {
-        let (nd_mq, dev_mq) = if s.pairs > 1 {
-            (
-                format!(",queues={}", s.pairs),
-                format!(",mq=on,vectors={}", 2 * s.pairs + 2),
-            )
-        } else {
-            (String::new(), String::new())
-        };
-        let q = QemuVm::builder(guest, &dirs.run, &name)
-            .cpus(CPUS)
-            .mem_mib(MEM_MIB)
-            .arg("-netdev")
-            .arg(&format!(
+        (String::new(), String::new())
+    };
+    let spec = VmSpec {
+        cpus: CPUS,
+        mem_mib: MEM_MIB,
+        tandem_args: &["--net".into(), net],
+        qemu_args: &[
+            "-netdev".into(),
+            format!(
                 "tap,id=n0,ifname={},script=no,downscript=no,vhost=off{nd_mq}",
                 s.tap
-            ))
-            .arg("-device")
-            .arg(&format!(
-                "virtio-net-pci,netdev=n0,mac={MAC},bus=pcie.0,addr=0x3,romfile={dev_mq}"
-            ))
-            .spawn()?;
-        let (serial, log) = (q.serial.clone(), q.log.clone());
-        (Vmm::Qemu(q), serial, log)
+            ),
+            "-device".into(),
+            format!("virtio-net-pci,netdev=n0,mac={MAC},bus=pcie.0,addr=0x3,romfile={dev_mq}"),
+        ],
     };
-    let fail = |e: harness::Error| {
-        err!(
-            "{e}; console: {:?}; {} log: {:?}",
-            tail(&console, 3),
-            s.vmm,
-            tail(&log, 3)
-        )
-    };
-    let agent = Agent::connect_unix(&serial, console.clone()).map_err(fail)?;
-    agent.wait_ready(BOOT_TIMEOUT).map_err(fail)?;
-    Ok((vmm, agent, log))
+    let vm = bench::spawn_vmm(s.vmm, &name, tandem, guest, dirs, &spec)?;
+    let agent = vm.connect()?;
+    agent.wait_ready(BOOT_TIMEOUT).map_err(|e| vm.fail(e))?;
+    Ok((vm.vmm, agent, vm.log))
 }
 
 /// Brings the guest's NIC up with GUEST_IP and waits until the peer answers; returns
@@ -802,22 +601,9 @@ fn measure_setup(s: &Setup, cx: &Ctx, rows: &mut Vec<Row>, env: &mut Vec<(String
 
 /// Runs every measurement here (direct mode, or inside the test host).
 fn measure(args: &Args, mode: Mode, why: &str) -> harness::Result<Report> {
-    let tandem = tandem_bin()?;
+    let tandem = BENCH.tandem_bin()?;
     let guest = harness::image::test_guest()?;
-    let pid = std::process::id();
-    let logs = match std::env::var("TANDEM_WORKDIR") {
-        Ok(w) => PathBuf::from(w).join("bench-net"),
-        Err(_) => harness::image::target_dir()?
-            .join("tandem-runs")
-            .join(format!("bench-net-{pid}")),
-    };
-    let dirs = Dirs {
-        run: PathBuf::from(format!("/tmp/tandem-bench-net-{pid}")),
-        logs,
-    };
-    for d in [&dirs.run, &dirs.logs] {
-        std::fs::create_dir_all(d).map_err(|e| err!("cannot create {}: {e}", d.display()))?;
-    }
+    let dirs = BENCH.dirs()?;
     let peer = harness::PEER_IP;
     // In the test host, L1's init built br0 with the peer address; in direct mode make ours.
     let (bridge, _bridge_guard) = if harness::mode::in_testhost() {
@@ -829,57 +615,39 @@ fn measure(args: &Args, mode: Mode, why: &str) -> harness::Result<Report> {
         let b = "tdmbr0".to_string();
         let _ = Command::new("ip").args(["link", "del", &b]).output();
         sh(&["ip", "link", "add", &b, "type", "bridge"])?;
-        let guard = Link(b.clone());
+        let guard = Tap { name: b.clone() };
         sh(&["ip", "addr", "add", &format!("{peer}/24"), "dev", &b])?;
         sh(&["ip", "link", "set", &b, "up"])?;
         (b, Some(guard))
     };
-    let where_ = if harness::mode::in_testhost() {
-        "L1 (test host)"
-    } else {
-        "this machine"
-    };
-    let mut env = vec![
-        (
-            "date".to_string(),
-            cmd_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
-        ),
-        ("mode".to_string(), format!("{mode} ({why})")),
-    ];
-    env.push(describe_machine(where_));
+    let mut env = bench::env_header(mode, why);
     env.push((
         "guest".into(),
         format!(
             "Debian kernel {}, {CPUS} vCPUs, {MEM_MIB}M, cmdline `{}`, {GUEST_IP}/24",
-            if guest.kernel_version.is_empty() {
-                "?"
-            } else {
-                &guest.kernel_version
-            },
+            bench::kernel_version(&guest),
             guest.cmdline()
         ),
     ));
     env.push((
         "tandem".into(),
         format!(
-            "{} ({}, git {}); --net id=net0,tap=T,mac={MAC}[,num_queues=4]",
-            tandem.display(),
-            cmd_line(&tandem.display().to_string(), &["--version"]),
-            cmd_line("git", &["describe", "--always", "--dirty"])
+            "{}; --net id=net0,tap=T,mac={MAC}[,num_queues=4]",
+            bench::describe_tandem(&tandem)
         ),
     ));
     env.push((
         "qemu".into(),
         format!(
             "{}; -machine q35 -accel kvm -cpu host; -netdev tap,ifname=T,script=no,downscript=no,vhost=off[,queues=2] -device virtio-net-pci,bus=pcie.0[,mq=on,vectors=6]",
-            cmd_line("qemu-system-x86_64", &["--version"])
+            bench::cmd_line("qemu-system-x86_64", &["--version"])
         ),
     ));
     env.push((
         "peer".into(),
         format!(
             "{peer} on bridge {bridge}; {} `-s -1` per run; client in the guest: `-t {} -i 0 -J [-R] [-P 4]`",
-            cmd_line("iperf3", &["--version"]),
+            bench::cmd_line("iperf3", &["--version"]),
             args.secs
         ),
     ));
@@ -920,35 +688,12 @@ fn measure(args: &Args, mode: Mode, why: &str) -> harness::Result<Report> {
         };
         measure_setup(s, &cx, &mut rows, &mut env);
     }
-    let _ = std::fs::remove_dir_all(&dirs.run);
-    if rows.iter().all(|r| r.errors.is_empty()) && !harness::mode::in_testhost() {
-        let _ = std::fs::remove_dir_all(&dirs.logs);
-    }
+    dirs.finish(rows.iter().all(|r| r.errors.is_empty()));
     Ok(Report { env, rows })
 }
 
-/// (median, min, max).
-fn stats(v: &[f64]) -> Option<(f64, f64, f64)> {
-    if v.is_empty() {
-        return None;
-    }
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    let med = if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    };
-    Some((med, v[0], v[n - 1]))
-}
-
 fn print_report(r: &Report) {
-    println!();
-    println!("Environment");
-    for (k, v) in &r.env {
-        println!("  {k:<32} {v}");
-    }
+    bench::print_env(&r.env, 32);
     let mut configs: Vec<&str> = Vec::new();
     for row in &r.rows {
         if !configs.contains(&row.config.as_str()) {
@@ -994,9 +739,9 @@ fn print_report(r: &Report) {
                     } else {
                         format!(" [{}/{} ok]", row.values.len(), row.runs)
                     };
-                    match stats(&row.values) {
-                        Some((m, lo, hi)) if row.values.len() > 1 => {
-                            format!("{m:.prec$} ({lo:.prec$}-{hi:.prec$}) {unit}{failed}")
+                    match bench::stats(&row.values) {
+                        Some(st) if row.values.len() > 1 => {
+                            format!("{}{failed}", bench::fmt_range(st, prec, unit))
                         }
                         Some((m, _, _)) => format!("{m:.prec$} {unit}{failed}"),
                         None => "FAILED".into(),
@@ -1004,11 +749,8 @@ fn print_report(r: &Report) {
                 }
                 None => "-".into(),
             };
-            let med = |x: Option<&Row>| x.and_then(|x| stats(&x.values)).map(|s| s.0);
-            let ratio = match (med(t), med(q)) {
-                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
-                _ => "-".into(),
-            };
+            let med = |x: Option<&Row>| x.and_then(|x| bench::stats(&x.values)).map(|s| s.0);
+            let ratio = bench::ratio(med(t), med(q));
             println!("{m:<40} {:>30} {:>30} {ratio:>11}", cell(t), cell(q));
         }
     }
@@ -1035,118 +777,30 @@ fn print_report(r: &Report) {
     }
 }
 
-fn failed(r: &Report) -> bool {
-    r.rows.iter().any(|x| !x.errors.is_empty())
+impl BenchReport for Report {
+    fn env_mut(&mut self) -> &mut Vec<(String, String)> {
+        &mut self.env
+    }
+
+    fn print(&self) {
+        print_report(self)
+    }
+
+    fn failed(&self) -> bool {
+        self.rows.iter().any(|x| !x.errors.is_empty())
+    }
 }
 
 fn main() {
     let args = parse_args();
-    let (mode, why) = match Mode::detect() {
-        Ok(m) => m,
-        Err(e) => {
-            eprintln!("bench-net: {e}");
-            std::process::exit(1)
-        }
-    };
-    if harness::mode::in_testhost() || mode == Mode::Direct {
-        // Direct mode shares the machine with guest tests: take their lock.
-        let _lock = if mode == Mode::Direct {
-            eprintln!(
-                "bench-net: mode direct ({why}); waiting for {}",
-                harness::testhost::LOCK_PATH
-            );
-            match build_tandem().and_then(|()| {
-                harness::image::FileLock::exclusive(Path::new(harness::testhost::LOCK_PATH))
-            }) {
-                Ok(l) => Some(l),
-                Err(e) => {
-                    eprintln!("bench-net: {e}");
-                    std::process::exit(1)
-                }
-            }
-        } else {
-            None
-        };
-        let report = match measure(&args, mode, &why) {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("bench-net: {e}");
-                std::process::exit(1)
-            }
-        };
-        if harness::mode::in_testhost() {
-            match serde_json::to_string(&report) {
-                Ok(j) => println!("{RESULT_TAG}{j}"),
-                Err(e) => {
-                    eprintln!("bench-net: {e}");
-                    std::process::exit(1)
-                }
-            }
-        } else {
-            print_report(&report);
-        }
-        std::process::exit(i32::from(failed(&report)));
-    }
-
-    // Test-host mode, outside: build, then re-run this program inside one L1.
-    eprintln!("bench-net: mode testhost ({why}): everything runs inside one test host");
-    if let Err(e) = build_tandem().and_then(|()| tandem_bin().map(|_| ())) {
-        eprintln!("bench-net: {e}");
-        std::process::exit(1)
-    }
-    let exe = match std::env::current_exe() {
-        Ok(e) => e,
-        Err(e) => {
-            eprintln!("bench-net: cannot find this program: {e}");
-            std::process::exit(1)
-        }
-    };
-    let mut argv = vec![
-        exe.display().to_string(),
+    let mut relaunch = vec![
         "--time".into(),
         args.secs.to_string(),
         "--reps".into(),
         args.reps.to_string(),
     ];
     if !args.mq {
-        argv.push("--no-mq".into());
+        relaunch.push("--no-mq".into());
     }
-    let outcome = match harness::testhost::TestHost::new("bench-net").run(&argv) {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("bench-net: {e}");
-            std::process::exit(1)
-        }
-    };
-    let Some(mut report) = outcome
-        .output
-        .lines()
-        .find_map(|l| l.strip_prefix(RESULT_TAG))
-        .and_then(|j| serde_json::from_str::<Report>(j).ok())
-    else {
-        eprintln!(
-            "bench-net: the run inside the test host produced no result (exit {}); work dir: {}",
-            outcome.status,
-            outcome.workdir.display()
-        );
-        std::process::exit(1)
-    };
-    let mut outer = vec![describe_machine("outer machine")];
-    outer.push((
-        "L1 (test host)".into(),
-        format!(
-            "qemu-system-x86_64 -accel tcg -cpu EPYC -machine q35 -smp 1 -m 4G (booted to its job in {:.1} s)",
-            outcome.boot_time.as_secs_f64()
-        ),
-    ));
-    outer.append(&mut report.env);
-    report.env = outer;
-    print_report(&report);
-    if outcome.status != 0 || failed(&report) {
-        eprintln!(
-            "bench-net: some measurements failed; logs kept in {}",
-            outcome.workdir.display()
-        );
-        std::process::exit(1)
-    }
+    BENCH.main(&relaunch, |mode, why| measure(&args, mode, why));
 }

@@ -2,6 +2,7 @@
 //! reference QEMU, and the `guest_test!` macro that runs one test body in either mode.
 
 pub mod agent;
+pub mod bench;
 pub mod cpio;
 pub mod image;
 pub mod mode;
