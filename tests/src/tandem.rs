@@ -21,7 +21,8 @@ pub struct Tandem {
 
 impl Tandem {
     /// `tandem run` with the test guest, its serial and API on sockets in
-    /// the run dir, and `extra` arguments (put --cmdline there to change it).
+    /// the run dir, the guest image's command line unless `extra` has a
+    /// `--cmdline`, and the `extra` arguments.
     pub fn spawn(env: &GuestEnv, name: &str, extra: &[&str]) -> crate::Result<Self> {
         let bin = env.tandem_bin()?;
         let api = env.socket_path(&format!("{name}.api"));
@@ -36,8 +37,11 @@ impl Tandem {
             .arg("--serial")
             .arg(format!("socket={}", serial.display()))
             .arg("--api-socket")
-            .arg(&api)
-            .args(extra)
+            .arg(&api);
+        if !extra.contains(&"--cmdline") {
+            cmd.arg("--cmdline").arg(env.guest.cmdline());
+        }
+        cmd.args(extra)
             .env(
                 "TANDEM_LOG",
                 std::env::var("TANDEM_TEST_LOG").unwrap_or_else(|_| "info,devices=debug".into()),
@@ -65,8 +69,8 @@ impl Tandem {
             env.workdir.join(format!("{name}.console.log")),
         )?;
         // A guest that stops answering: where are its vCPUs?
-        let (bin, api) = (self.bin.clone(), self.api.clone());
-        agent.on_timeout = Some(Box::new(move || vcpu_dump(&bin, &api)));
+        let (bin, api, pid) = (self.bin.clone(), self.api.clone(), self.child.id());
+        agent.on_timeout = Some(Box::new(move || vcpu_dump(&bin, &api, pid)));
         if let Err(e) = agent.wait_ready(BOOT_TIMEOUT) {
             return Err(err!("{e}; tandem: {}", self.log()));
         }
@@ -124,19 +128,50 @@ impl Drop for Tandem {
     }
 }
 
-/// Pause the VM, read every vCPU's registers through the API, resume.
-fn vcpu_dump(bin: &Path, api: &Path) -> String {
+/// Where a VMM that stopped answering is: each thread's kernel state
+/// (name, state, wchan, kernel stack), then every vCPU's registers, read
+/// through the API while paused.
+fn vcpu_dump(bin: &Path, api: &Path, pid: u32) -> String {
+    let mut out = String::from("\nVMM threads at the timeout:\n");
+    let read = |p: String| std::fs::read_to_string(p).unwrap_or_default();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            let dir = t.path().display().to_string();
+            let stat = read(format!("{dir}/stat"));
+            // comm is in parentheses, the state follows it.
+            let state = stat.rsplit_once(") ").map_or("?", |(_, r)| &r[..1]);
+            let stack: Vec<String> = read(format!("{dir}/stack"))
+                .lines()
+                .take(6)
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("").to_string())
+                .collect();
+            out.push_str(&format!(
+                "  {} {} {state} wchan={} stack={}\n",
+                t.file_name().to_string_lossy(),
+                read(format!("{dir}/comm")).trim(),
+                read(format!("{dir}/wchan")).trim(),
+                stack.join("<")
+            ));
+        }
+    }
     let remote = |cmd: &str| {
-        Command::new(bin)
+        match Command::new(bin)
             .args(["remote", "--api-socket"])
             .arg(api)
             .arg(cmd)
             .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default()
+        {
+            Ok(o) => format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => format!("tandem remote {cmd}: {e}"),
+        }
     };
-    remote("vm.pause");
+    let paused = remote("vm.pause");
     let info = remote("vm.info");
     remote("vm.resume");
-    format!("\nvCPU state at the timeout (vm.info while paused):\n{info}")
+    out.push_str(&format!("vm.pause: {paused}\nvm.info while paused:\n{info}"));
+    out
 }
