@@ -85,6 +85,7 @@ pub(crate) struct NetShared {
     pub status: Mutex<u16>,
     pub needs_reset: AtomicBool,
     pub stats: worker::Stats,
+    pub queues: tap::TapQueues,
 }
 
 /// Called with the acknowledged features when the driver sets FEATURES_OK
@@ -111,6 +112,15 @@ impl Net {
     pub fn new(cfg: NetConfig) -> Result<Self, NetError> {
         cfg.validate()?;
         let taps = tap::open(&cfg.tap, cfg.pairs())?;
+        let dups = taps
+            .iter()
+            .map(File::try_clone)
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|source| TapError::Io {
+                name: cfg.tap.clone(),
+                op: "dup",
+                source,
+            })?;
         let mut f = (1u64 << VIRTIO_F_VERSION_1)
             | (1 << VIRTIO_F_RING_EVENT_IDX)
             | (1 << VIRTIO_NET_F_CSUM)
@@ -142,6 +152,7 @@ impl Net {
             status: Mutex::new(VIRTIO_NET_S_LINK_UP as u16),
             needs_reset: AtomicBool::new(false),
             stats: worker::Stats::default(),
+            queues: tap::TapQueues::new(dups, cfg.pairs()),
         });
         Ok(Self {
             cfg,
@@ -280,6 +291,10 @@ impl VirtioDevice for Net {
             }
         }
         let offload = Self::offload_flags(args.features);
+        // The driver starts on the first pair; VQ_PAIRS_SET adds the others.
+        if let Err(e) = self.shared.queues.set_active(1) {
+            tracing::warn!("net {}: cannot detach the unused tap queues: {e}", self.cfg.id);
+        }
         for (i, queues) in per_pair.into_iter().enumerate() {
             if queues.rx.is_none() && queues.tx.is_none() && queues.ctrl.is_none() {
                 continue;
@@ -296,7 +311,7 @@ impl VirtioDevice for Net {
                 kill.try_clone()?,
                 self.shared.clone(),
                 args.features,
-                pairs,
+                i,
             )?;
             let handle = std::thread::Builder::new()
                 .name(format!("net-{}-q{i}", self.cfg.id))

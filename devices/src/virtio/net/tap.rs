@@ -13,6 +13,9 @@ use thiserror::Error;
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const TUNSETQUEUE: libc::c_ulong = 0x4004_54d9;
+const IFF_ATTACH_QUEUE: libc::c_short = 0x0200;
+const IFF_DETACH_QUEUE: libc::c_short = 0x0400;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
@@ -128,4 +131,110 @@ pub fn set_offload(tap: &File, flags: u32) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Attach a multi-queue tap's queue to the interface, or detach it: a
+/// detached queue gets no frames (the kernel spreads them over the attached
+/// ones), and reading it fails with EBADFD.
+pub fn set_queue_attached(tap: &File, attached: bool) -> io::Result<()> {
+    let mut req = IfReq {
+        name: [0; 16],
+        flags: if attached {
+            IFF_ATTACH_QUEUE
+        } else {
+            IFF_DETACH_QUEUE
+        },
+        _pad: [0; 22],
+    };
+    // SAFETY: TUNSETQUEUE reads the flags of an ifreq, which `req` is laid
+    // out as; the fd is a tun queue we own.
+    if unsafe { libc::ioctl(tap.as_raw_fd(), TUNSETQUEUE, &mut req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The tap queues of one device, and how many of them the driver uses.
+/// virtio-net's driver starts on the first queue pair and picks more with
+/// VQ_PAIRS_SET; the tap must not hand frames to a pair the driver does not
+/// use, so the queues of unused pairs are detached.
+pub struct TapQueues {
+    inner: std::sync::Mutex<TapQueuesInner>,
+    active: std::sync::atomic::AtomicUsize,
+    max: usize,
+}
+
+struct TapQueuesInner {
+    /// One per pair (duplicates of the workers' files); empty in unit tests.
+    taps: Vec<File>,
+    attached: Vec<bool>,
+    /// Each pair's worker wakes on this to look at `active` again.
+    wakes: Vec<Option<vmm_sys_util::eventfd::EventFd>>,
+}
+
+impl TapQueues {
+    /// `taps`: one per pair, all attached (as `open` leaves them); `max`:
+    /// the number of pairs.
+    pub fn new(taps: Vec<File>, max: usize) -> Self {
+        let n = taps.len();
+        Self {
+            inner: std::sync::Mutex::new(TapQueuesInner {
+                taps,
+                attached: vec![true; n],
+                wakes: (0..max).map(|_| None).collect(),
+            }),
+            active: std::sync::atomic::AtomicUsize::new(max),
+            max,
+        }
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// How many pairs the driver uses.
+    pub fn active(&self) -> usize {
+        self.active.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Where pair `pair`'s worker wants to be woken when its state changes.
+    pub fn set_wake(&self, pair: usize, wake: vmm_sys_util::eventfd::EventFd) {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = g.wakes.get_mut(pair) {
+            *w = Some(wake);
+        }
+    }
+
+    /// Use the first `n` pairs (1..=max): attach their queues first, publish
+    /// `n`, then detach the others, and wake every worker whose state changed.
+    pub fn set_active(&self, n: usize) -> io::Result<()> {
+        if !(1..=self.max).contains(&n) {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let g = &mut *g;
+        let old = self.active();
+        let multi = g.taps.len() > 1;
+        for (i, tap) in g.taps.iter().enumerate().take(n) {
+            if multi && !g.attached[i] {
+                set_queue_attached(tap, true)?;
+                g.attached[i] = true;
+            }
+        }
+        self.active.store(n, std::sync::atomic::Ordering::Release);
+        let mut result = Ok(());
+        for (i, tap) in g.taps.iter().enumerate().skip(n) {
+            if multi && g.attached[i] {
+                match set_queue_attached(tap, false) {
+                    Ok(()) => g.attached[i] = false,
+                    Err(e) => result = Err(e),
+                }
+            }
+        }
+        let (lo, hi) = (old.min(n), old.max(n));
+        for w in g.wakes.iter().take(hi).skip(lo).flatten() {
+            let _ = w.write(1);
+        }
+        result
+    }
 }

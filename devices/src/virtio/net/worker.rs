@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_net::*;
-use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::{Address, Bytes};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -89,6 +89,7 @@ const TOKEN_TX: u64 = 2;
 const TOKEN_CTRL: u64 = 3;
 const TOKEN_TAP: u64 = 4;
 const TOKEN_KILL: u64 = 5;
+const TOKEN_WAKE: u64 = 6;
 
 /// Why a queue cannot be used any more.
 #[derive(Debug)]
@@ -103,7 +104,10 @@ pub struct PairWorker {
     kill: EventFd,
     shared: Arc<NetShared>,
     mrg_rxbuf: bool,
-    max_pairs: usize,
+    /// Which queue pair this is; its tap queue is used only while the
+    /// driver uses this pair (see `TapQueues`).
+    pair: usize,
+    wake: EventFd,
     /// A frame read from the tap, waiting for rx buffers (`rx_len` bytes).
     rx_frame: Vec<u8>,
     rx_len: usize,
@@ -112,7 +116,6 @@ pub struct PairWorker {
     /// How much of the pending frame is written, and where its header is.
     rx_off: usize,
     rx_hdr_at: Option<vm_memory::GuestAddress>,
-    tx_frame: Vec<u8>,
     tap_polled: bool,
     epoll: i32,
 }
@@ -128,11 +131,13 @@ impl PairWorker {
         kill: EventFd,
         shared: Arc<NetShared>,
         features: u64,
-        max_pairs: usize,
+        pair: usize,
     ) -> io::Result<Self> {
         let event_idx = features & (1 << crate::virtio::VIRTIO_F_RING_EVENT_IDX) != 0;
         let rx_size = q.rx.as_ref().map_or(0, |r| r.1.max_size());
         let epoll = epoll::create(true)?;
+        let wake = EventFd::new(libc::EFD_NONBLOCK)?;
+        shared.queues.set_wake(pair, wake.try_clone()?);
         let mut q = q;
         for (_, queue, _) in [&mut q.rx, &mut q.tx, &mut q.ctrl].into_iter().flatten() {
             queue.set_event_idx(event_idx);
@@ -146,13 +151,13 @@ impl PairWorker {
             kill,
             shared,
             mrg_rxbuf: features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0,
-            max_pairs,
+            pair,
+            wake,
             rx_frame: vec![0; MAX_FRAME],
             rx_len: 0,
             rx_heads: Vec::with_capacity(usize::from(rx_size)),
             rx_off: 0,
             rx_hdr_at: None,
-            tx_frame: vec![0; MAX_FRAME],
             tap_polled: false,
             epoll,
         })
@@ -168,6 +173,8 @@ impl PairWorker {
     }
 
     fn poll_tap(&mut self, on: bool) {
+        // The tap queue of a pair the driver does not use is detached.
+        let on = on && self.pair < self.shared.queues.active();
         if on == self.tap_polled {
             return;
         }
@@ -190,13 +197,15 @@ impl PairWorker {
 
     pub fn run(mut self) {
         let epoll = self.epoll;
-        let mut ok = self
-            .epoll_ctl(
-                epoll::ControlOptions::EPOLL_CTL_ADD,
-                self.kill.as_raw_fd(),
-                TOKEN_KILL,
-            )
-            .is_ok();
+        let mut ok = true;
+        for (fd, token) in [
+            (self.kill.as_raw_fd(), TOKEN_KILL),
+            (self.wake.as_raw_fd(), TOKEN_WAKE),
+        ] {
+            ok &= self
+                .epoll_ctl(epoll::ControlOptions::EPOLL_CTL_ADD, fd, token)
+                .is_ok();
+        }
         for (q, token) in [
             (&self.q.rx, TOKEN_RX),
             (&self.q.tx, TOKEN_TX),
@@ -216,6 +225,7 @@ impl PairWorker {
             self.poll_tap(true);
         }
         let mut events = vec![epoll::Event::new(epoll::Events::empty(), 0); 8];
+        let mut iov: Vec<libc::iovec> = Vec::with_capacity(64);
         'outer: loop {
             let n = match epoll::wait(epoll, -1, &mut events) {
                 Ok(n) => n,
@@ -237,11 +247,20 @@ impl PairWorker {
                         self.rx_ready();
                     }
                     TOKEN_TAP => self.rx_ready(),
+                    TOKEN_WAKE => {
+                        // The driver changed how many pairs it uses.
+                        let _ = self.wake.read();
+                        if self.pair < self.shared.queues.active() {
+                            self.rx_ready();
+                        } else {
+                            self.poll_tap(false);
+                        }
+                    }
                     TOKEN_TX => {
                         if let Some((_, _, e)) = &self.q.tx {
                             let _ = e.read();
                         }
-                        if let Err(e) = self.process_tx() {
+                        if let Err(e) = self.process_tx(&mut iov) {
                             self.fail("tx queue", e);
                             self.q.tx = None;
                         }
@@ -285,6 +304,12 @@ impl PairWorker {
                     Ok(_) => continue,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    // Detached (the driver stopped using this pair): wait
+                    // for a wake-up, not for the tap.
+                    Err(e) if e.raw_os_error() == Some(libc::EBADFD) => {
+                        self.poll_tap(false);
+                        return Ok(());
+                    }
                     Err(e) => {
                         tracing::warn!("{}: tap read: {e}", self.name);
                         break;
@@ -471,7 +496,10 @@ impl PairWorker {
         Ok(true)
     }
 
-    fn process_tx(&mut self) -> Result<(), QueueBroken> {
+    /// Send the guest's tx chains to the tap. Each frame goes out with one
+    /// `writev` straight from guest memory (no copy in the VMM); `iov` is
+    /// the caller's scratch vector, reused from frame to frame.
+    fn process_tx(&mut self, iov: &mut Vec<libc::iovec>) -> Result<(), QueueBroken> {
         let Some((idx, _, _)) = self.q.tx.as_ref() else {
             return Ok(());
         };
@@ -486,26 +514,23 @@ impl PairWorker {
                 .map_err(|e| QueueBroken(format!("{e:?}")))?;
             while let Some(chain) = queue.pop_descriptor_chain(&self.mem) {
                 let head = chain.head_index();
-                let len = match chain.reader(&self.mem) {
-                    Ok(mut r) => {
-                        let n = r.available_bytes();
-                        if !(VNET_HDR_LEN..=MAX_FRAME).contains(&n) {
-                            None
+                match gather_tx(&self.mem, chain, iov) {
+                    Some(n) => {
+                        // SAFETY: every iovec points into a mapping of guest
+                        // memory that `self.mem` keeps alive for the call, and
+                        // the kernel only reads from it; a guest changing the
+                        // bytes meanwhile can only garble its own frame.
+                        let r = unsafe {
+                            libc::writev(self.tap.as_raw_fd(), iov.as_ptr(), iov.len() as i32)
+                        };
+                        if r < 0 {
+                            // A bad vnet header (EINVAL) or a full tap: drop.
+                            bump(&self.shared.stats.tx_dropped, 1);
                         } else {
-                            r.read_exact(&mut self.tx_frame[..n]).ok().map(|_| n)
-                        }
-                    }
-                    Err(_) => None,
-                };
-                match len {
-                    Some(n) => match self.tap.write(&self.tx_frame[..n]) {
-                        Ok(_) => {
                             bump(&self.shared.stats.tx_frames, 1);
                             bump(&self.shared.stats.tx_bytes, (n - VNET_HDR_LEN) as u64);
                         }
-                        // A bad vnet header (EINVAL) or a full tap: drop.
-                        Err(_) => bump(&self.shared.stats.tx_dropped, 1),
-                    },
+                    }
                     None => {
                         bump(&self.shared.stats.bad_chains, 1);
                         bump(&self.shared.stats.tx_dropped, 1);
@@ -546,7 +571,7 @@ impl PairWorker {
                     Err(_) => (0, false),
                 };
                 let status = if read_ok && n >= 2 {
-                    handle_ctrl(&self.shared, self.max_pairs, req[0], req[1], &req[2..n])
+                    handle_ctrl(&self.shared, req[0], req[1], &req[2..n])
                 } else {
                     VIRTIO_NET_ERR as u8
                 };
@@ -586,7 +611,7 @@ impl Drop for PairWorker {
 }
 
 /// One control command; returns VIRTIO_NET_OK or VIRTIO_NET_ERR.
-fn handle_ctrl(shared: &NetShared, max_pairs: usize, class: u8, cmd: u8, data: &[u8]) -> u8 {
+fn handle_ctrl(shared: &NetShared, class: u8, cmd: u8, data: &[u8]) -> u8 {
     let ok = match (u32::from(class), u32::from(cmd)) {
         // The tap delivers everything; rx-mode filtering is the guest's.
         (VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC..=VIRTIO_NET_CTRL_RX_NOBCAST) => {
@@ -612,7 +637,13 @@ fn handle_ctrl(shared: &NetShared, max_pairs: usize, class: u8, cmd: u8, data: &
         (VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET) => match data.get(..2) {
             Some(b) => {
                 let pairs = usize::from(u16::from_le_bytes([b[0], b[1]]));
-                (1..=max_pairs).contains(&pairs)
+                match shared.queues.set_active(pairs) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!("VQ_PAIRS_SET {pairs}: {e}");
+                        false
+                    }
+                }
             }
             None => false,
         },
@@ -623,6 +654,49 @@ fn handle_ctrl(shared: &NetShared, max_pairs: usize, class: u8, cmd: u8, data: &
     } else {
         VIRTIO_NET_ERR as u8
     }
+}
+
+/// The most segments one tx frame may have (the kernel's IOV_MAX).
+const MAX_TX_SEGMENTS: usize = 1024;
+
+/// Fill `iov` with the host addresses of a tx chain's buffers and return the
+/// frame's length. None — the frame is dropped — when a buffer is
+/// write-only or outside guest memory, the chain has more than
+/// [`MAX_TX_SEGMENTS`] pieces, or the frame is shorter than its vnet header
+/// or longer than [`MAX_FRAME`].
+fn gather_tx<M>(
+    mem: &GuestMemoryMmap,
+    chain: virtio_queue::DescriptorChain<M>,
+    iov: &mut Vec<libc::iovec>,
+) -> Option<usize>
+where
+    M: std::ops::Deref,
+    M::Target: vm_memory::GuestMemory,
+{
+    use vm_memory::GuestMemoryBackend;
+    iov.clear();
+    let mut total = 0usize;
+    for d in chain {
+        if d.is_write_only() {
+            return None;
+        }
+        total = total.checked_add(d.len() as usize)?;
+        if total > MAX_FRAME {
+            return None;
+        }
+        // A buffer may straddle two memory regions: one iovec per piece.
+        for slice in mem.get_slices(d.addr(), d.len() as usize) {
+            let slice = slice.ok()?;
+            if iov.len() == MAX_TX_SEGMENTS {
+                return None;
+            }
+            iov.push(libc::iovec {
+                iov_base: slice.ptr_guard().as_ptr() as *mut libc::c_void,
+                iov_len: slice.len(),
+            });
+        }
+    }
+    (total >= VNET_HDR_LEN).then_some(total)
 }
 
 #[cfg(test)]
@@ -679,6 +753,7 @@ mod tests {
             status: Mutex::new(1),
             needs_reset: AtomicBool::new(false),
             stats: Stats::default(),
+            queues: crate::virtio::net::tap::TapQueues::new(vec![], 2),
         });
         (
             Rig {
@@ -712,7 +787,7 @@ mod tests {
             evt(),
             r.shared.clone(),
             features,
-            1,
+            0,
         )
         .unwrap()
     }
@@ -750,7 +825,7 @@ mod tests {
         )
         .unwrap();
         let mut w = worker(&r, tap, None, Some(mock.create_queue().unwrap()), false);
-        w.process_tx().unwrap();
+        w.process_tx(&mut Vec::new()).unwrap();
         let mut buf = [0u8; 2048];
         let n = r.peer.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], &frame[..]);
@@ -778,7 +853,7 @@ mod tests {
         mock.add_desc_chains(&[desc(BUF, MAX_FRAME as u32 + 1, 0, 0)], 0)
             .unwrap();
         let mut w = worker(&r, tap, None, Some(mock.create_queue().unwrap()), false);
-        w.process_tx().unwrap();
+        w.process_tx(&mut Vec::new()).unwrap();
         assert_eq!(r.shared.stats.snapshot().tx_dropped, 1);
         assert_eq!(used(&mock, 0), (0, 0));
     }
@@ -790,7 +865,7 @@ mod tests {
         // avail.idx claims 1000 new entries in a 4-entry ring.
         mock.avail().idx().store(1000);
         let mut w = worker(&r, tap, None, Some(mock.create_queue().unwrap()), false);
-        assert!(w.process_tx().is_err());
+        assert!(w.process_tx(&mut Vec::new()).is_err());
     }
 
     fn rx_frame(r: &Rig, payload_len: usize) -> Vec<u8> {
@@ -936,7 +1011,7 @@ mod tests {
         let ok = VIRTIO_NET_OK as u8;
         let err = VIRTIO_NET_ERR as u8;
         let c = |class: u32, cmd: u32, data: &[u8]| {
-            handle_ctrl(&r.shared, 2, class as u8, cmd as u8, data)
+            handle_ctrl(&r.shared, class as u8, cmd as u8, data)
         };
         assert_eq!(c(VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC, &[1]), ok);
         assert_eq!(
@@ -978,5 +1053,39 @@ mod tests {
             0
         );
         assert_eq!(c(99, 0, &[]), err);
+    }
+
+    #[test]
+    fn an_unused_pair_leaves_its_tap_alone() {
+        let (r, tap) = rig();
+        let evt = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mock = MockSplitQueue::create(&r.mem, GuestAddress(RX_RING), 4);
+        let q = PairQueues {
+            rx: Some((2, mock.create_queue().unwrap(), evt())),
+            tx: None,
+            ctrl: None,
+        };
+        let mut w = PairWorker::new(
+            "pair1".into(),
+            r.mem.clone(),
+            r.irq.clone(),
+            q,
+            tap,
+            evt(),
+            r.shared.clone(),
+            0,
+            1,
+        )
+        .unwrap();
+        r.shared.queues.set_active(1).unwrap();
+        assert_eq!(w.wake.read().unwrap(), 1, "pair 1's worker is told");
+        w.poll_tap(true);
+        assert!(!w.tap_polled, "pair 1 is unused: its tap stays out of epoll");
+        r.shared.queues.set_active(2).unwrap();
+        assert_eq!(w.wake.read().unwrap(), 1);
+        w.poll_tap(true);
+        assert!(w.tap_polled);
+        assert!(r.shared.queues.set_active(3).is_err(), "only 2 pairs exist");
+        assert!(r.shared.queues.set_active(0).is_err());
     }
 }
