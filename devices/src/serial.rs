@@ -30,8 +30,10 @@ const IER_RDA: u8 = 1;
 const FIFO_SIZE: usize = 64;
 /// How long input may sit unread before the interrupt is raised again.
 const STALL: Duration = Duration::from_millis(20);
-/// Stop re-raising after this long without the guest reading anything.
+/// After this long without the guest reading anything, re-raise less often
+/// (every [`SLOW_KICK`]), or stop if the guest has the interrupt disabled.
 const GIVE_UP: Duration = Duration::from_secs(5);
+const SLOW_KICK: Duration = Duration::from_millis(500);
 /// What a socket backend keeps of the output while no client is connected.
 const UNCONNECTED_BACKLOG: usize = 256 * 1024;
 
@@ -90,6 +92,22 @@ impl Serial {
             .map_or(0, |u| FIFO_SIZE - u.fifo_capacity())
     }
 
+    /// IER, IIR and LSR as the guest last left them (for diagnostics; reading
+    /// them here changes nothing).
+    pub fn registers(&self) -> Option<(u8, u8, u8)> {
+        self.uart.as_ref().map(|u| {
+            let st = u.state();
+            (st.interrupt_enable, st.interrupt_identification, st.line_status)
+        })
+    }
+
+    /// Whether the guest enabled the received-data interrupt.
+    pub fn rx_interrupt_enabled(&self) -> bool {
+        self.uart
+            .as_ref()
+            .is_some_and(|u| u.state().interrupt_enable & IER_RDA != 0)
+    }
+
     /// Raise the receive interrupt again if input is waiting and the guest
     /// enabled it. The line is an edge: one that arrives while the guest has
     /// the IOAPIC pin masked (as Linux does while setting the port up) is
@@ -98,7 +116,7 @@ impl Serial {
         let Some(uart) = self.uart.as_ref() else {
             return;
         };
-        if self.pending_input() > 0 && uart.state().interrupt_enable & IER_RDA != 0 {
+        if self.pending_input() > 0 && self.rx_interrupt_enabled() {
             if let Err(e) = uart.interrupt_evt().trigger() {
                 tracing::debug!("serial: re-raising the interrupt: {e}");
             }
@@ -159,17 +177,20 @@ pub fn pump_input(serial: Arc<Mutex<Serial>>, mut input: impl Read) {
             if progress != last.0 {
                 let now = std::time::Instant::now();
                 last = (progress, now, now);
-            } else if last.1.elapsed() > GIVE_UP {
-                // The guest is not reading (no driver?): wait for more input.
-                if rest.is_empty() {
-                    break;
-                }
-            } else if last.2.elapsed() > STALL {
+            }
+            let stalled = last.1.elapsed() > GIVE_UP;
+            if stalled && rest.is_empty() && !s.rx_interrupt_enabled() {
+                // No driver listens: wait for more input instead.
+                break;
+            }
+            // A driver that enabled the interrupt and has not read for a
+            // while lost an edge: raise it again, for as long as it takes.
+            if last.2.elapsed() > if stalled { SLOW_KICK } else { STALL } {
                 s.kick_if_pending();
                 last.2 = std::time::Instant::now();
             }
             drop(s);
-            thread::sleep(Duration::from_millis(1));
+            thread::sleep(Duration::from_millis(if stalled { 20 } else { 1 }));
         }
     }
 }

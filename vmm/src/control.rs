@@ -378,7 +378,14 @@ impl Vmm {
             DeviceInfo {
                 id: "com1".into(),
                 kind: "serial-16550a".into(),
-                location: "pio 0x3f8 irq 4".into(),
+                location: {
+                    let s = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+                    let (ier, iir, lsr) = s.registers().unwrap_or_default();
+                    format!(
+                        "pio 0x3f8 irq 4 (input unread {} B, ier {ier:#x} iir {iir:#x} lsr {lsr:#x})",
+                        s.pending_input(),
+                    )
+                },
             },
             DeviceInfo {
                 id: "i8042".into(),
