@@ -169,9 +169,9 @@ fn vcpu_dump(bin: &Path, api: &Path, pid: u32) -> String {
             Err(e) => format!("tandem remote {cmd}: {e}"),
         }
     };
-    let paused = remote("vm.pause");
-    let info = remote("vm.info");
-    remote("vm.resume");
-    out.push_str(&format!("vm.pause: {paused}\nvm.info while paused:\n{info}"));
+    let paused = remote("pause");
+    let info = remote("info");
+    remote("resume");
+    out.push_str(&format!("pause: {paused}\ninfo while paused:\n{info}"));
     out
 }
