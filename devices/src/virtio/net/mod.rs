@@ -20,7 +20,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{
     read_bytes, ActivateArgs, ActivateError, VirtioDevice, VIRTIO_F_RING_EVENT_IDX,
-    VIRTIO_F_VERSION_1,
+    VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
 };
 pub use tap::TapError;
 
@@ -123,6 +123,9 @@ impl Net {
             })?;
         let mut f = (1u64 << VIRTIO_F_VERSION_1)
             | (1 << VIRTIO_F_RING_EVENT_IDX)
+            // A tx frame in an indirect table takes one ring slot, not one
+            // per fragment: many more frames in flight on the same ring.
+            | (1 << VIRTIO_F_RING_INDIRECT_DESC)
             | (1 << VIRTIO_NET_F_CSUM)
             | (1 << VIRTIO_NET_F_GUEST_CSUM)
             | (1 << VIRTIO_NET_F_GUEST_TSO4)
