@@ -199,6 +199,21 @@ impl PairWorker {
     }
 
     pub fn run(mut self) {
+        // A kick wakes this thread while the vCPU that kicked usually still
+        // holds the guest's tx queue lock. Where the worker shares a CPU with
+        // the vCPUs, a normal thread preempts that vCPU on wake-up and the
+        // guest's other vCPUs spin on the lock meanwhile; a batch thread waits
+        // for the vCPU's time slice to end instead.
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: sched_setscheduler on the calling thread (pid 0) with a
+        // valid sched_param; it changes nothing but this thread's policy.
+        if unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) } != 0 {
+            tracing::debug!(
+                "{}: SCHED_BATCH: {}",
+                self.name,
+                io::Error::last_os_error()
+            );
+        }
         let epoll = self.epoll;
         let mut ok = true;
         for (fd, token) in [
