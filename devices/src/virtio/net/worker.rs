@@ -682,15 +682,11 @@ const MAX_TX_SEGMENTS: usize = 1024;
 /// write-only or outside guest memory, the chain has more than
 /// [`MAX_TX_SEGMENTS`] pieces, or the frame is shorter than its vnet header
 /// or longer than [`MAX_FRAME`].
-fn gather_tx<M>(
+fn gather_tx(
     mem: &GuestMemoryMmap,
-    chain: virtio_queue::DescriptorChain<M>,
+    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
     iov: &mut Vec<libc::iovec>,
-) -> Option<usize>
-where
-    M: std::ops::Deref,
-    M::Target: vm_memory::GuestMemory,
-{
+) -> Option<usize> {
     use vm_memory::GuestMemoryBackend;
     iov.clear();
     let mut total = 0usize;
