@@ -199,16 +199,7 @@ pub struct VcpuContext {
 pub fn run_vcpu(mut vcpu: VcpuFd, ctx: VcpuContext) {
     KVM_RUN_PTR.with(|p| p.set(vcpu.get_kvm_run() as *mut kvm_run));
     loop {
-        let regs = |vcpu: &VcpuFd| {
-            match (vcpu.get_regs(), vcpu.get_sregs()) {
-            (Ok(r), Ok(s)) => format!(
-                "rip {:#x} rsp {:#x} rflags {:#x} cs {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} efer {:#x}",
-                r.rip, r.rsp, r.rflags, s.cs.selector, s.cr0, s.cr2, s.cr3, s.efer
-            ),
-            (Err(e), _) | (_, Err(e)) => format!("registers unavailable: {e}"),
-        }
-        };
-        if !ctx.control.checkpoint(ctx.id, || regs(&vcpu)) {
+        if !ctx.control.checkpoint(ctx.id, || parked_state(&vcpu)) {
             break;
         }
         match vcpu.run() {
@@ -268,6 +259,86 @@ fn handle_exit(exit: VcpuExit, ctx: &VcpuContext) -> Result<(), String> {
         other => return Err(format!("unhandled exit {other:?}")),
     }
     Ok(())
+}
+
+/// What a parked vCPU looks like: registers, run state, the interrupt
+/// controller (priorities, in-service and requested vectors, the timer) and
+/// the timer and paravirtual MSRs. Read while paused for `vm.info`; this is
+/// what tells a guest waiting for an interrupt from one that cannot take it.
+fn parked_state(vcpu: &VcpuFd) -> String {
+    let mut out = match (vcpu.get_regs(), vcpu.get_sregs()) {
+        (Ok(r), Ok(s)) => format!(
+            "rip {:#x} rsp {:#x} rflags {:#x} cs {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} efer {:#x}",
+            r.rip, r.rsp, r.rflags, s.cs.selector, s.cr0, s.cr2, s.cr3, s.efer
+        ),
+        (Err(e), _) | (_, Err(e)) => format!("registers unavailable: {e}"),
+    };
+    if let Ok(mp) = vcpu.get_mp_state() {
+        out.push_str(&format!(" mp_state {}", mp.mp_state));
+    }
+    if let Ok(ev) = vcpu.get_vcpu_events() {
+        out.push_str(&format!(
+            " irq_injected {}:{:#x} nmi_pending {} shadow {}",
+            ev.interrupt.injected, ev.interrupt.nr, ev.nmi.pending, ev.interrupt.shadow
+        ));
+    }
+    if let Ok(l) = vcpu.get_lapic() {
+        let reg = |off: usize| -> u32 {
+            let b = |i: usize| l.regs.get(off + i).map_or(0, |v| *v as u8);
+            u32::from_le_bytes([b(0), b(1), b(2), b(3)])
+        };
+        // 256-bit vector sets are eight registers 16 bytes apart.
+        let vecs = |base: usize| -> String {
+            let mut v = Vec::new();
+            for i in 0..8 {
+                let word = reg(base + i * 0x10);
+                for bit in 0..32 {
+                    if word & (1 << bit) != 0 {
+                        v.push(format!("{:#x}", i * 32 + bit));
+                    }
+                }
+            }
+            format!("[{}]", v.join(","))
+        };
+        out.push_str(&format!(
+            "\n    lapic id {:#x} svr {:#x} tpr {:#x} ppr {:#x} isr {} irr {} lvtt {:#x} tmict {:#x} tmcct {:#x} tdcr {:#x} lint0 {:#x} esr {:#x}",
+            reg(0x20) >> 24,
+            reg(0xf0),
+            reg(0x80),
+            reg(0xa0),
+            vecs(0x100),
+            vecs(0x200),
+            reg(0x320),
+            reg(0x380),
+            reg(0x390),
+            reg(0x3e0),
+            reg(0x350),
+            reg(0x280),
+        ));
+    }
+    const MSRS: [(u32, &str); 8] = [
+        (0x10, "tsc"),
+        (0x6e0, "tsc_deadline"),
+        (0x1b, "apic_base"),
+        (0x4b56_4d01, "kvm_system_time"),
+        (0x4b56_4d02, "kvm_async_pf_en"),
+        (0x4b56_4d04, "kvm_pv_eoi_en"),
+        (0x4b56_4d05, "kvm_poll_control"),
+        (0x4b56_4d06, "kvm_async_pf_int"),
+    ];
+    let entries = MSRS.map(|(index, _)| kvm_bindings::kvm_msr_entry {
+        index,
+        ..Default::default()
+    });
+    if let Ok(mut msrs) = kvm_bindings::Msrs::from_entries(&entries) {
+        if let Ok(n) = vcpu.get_msrs(&mut msrs) {
+            out.push_str("\n    msrs");
+            for (e, (_, name)) in msrs.as_slice().iter().take(n).zip(MSRS) {
+                out.push_str(&format!(" {name} {:#x}", e.data));
+            }
+        }
+    }
+    out
 }
 
 /// Registers for the error report of a vCPU that stopped on an error.

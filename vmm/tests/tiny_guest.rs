@@ -418,6 +418,15 @@ fn api_pause_resume_info_and_errors() {
         .unwrap()
         .iter()
         .any(|d| d["location"] == "pci 00:00.0"));
+    // Each paused vCPU reports its registers, interrupt controller and timer MSRs.
+    let vcpus = info["vcpus"].as_array().unwrap();
+    assert_eq!(vcpus.len(), 2, "{info}");
+    for v in vcpus {
+        let v = v.as_str().unwrap();
+        for field in ["rip ", "mp_state ", "lapic id ", "isr [", "lvtt ", "tsc_deadline "] {
+            assert!(v.contains(field), "no {field:?} in {v}");
+        }
+    }
     assert!(
         !grows(Duration::from_millis(300)),
         "output grew while paused"
