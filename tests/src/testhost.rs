@@ -349,7 +349,13 @@ impl TestHost {
             ("TANDEM_VFIO_NICS".into(), nics.join(",")),
             ("TANDEM_BRIDGE".into(), "br0".into()),
         ];
-        for pass in ["RUST_BACKTRACE", "RUST_LOG", "CARGO_TARGET_DIR"] {
+        for pass in [
+            "RUST_BACKTRACE",
+            "RUST_LOG",
+            "CARGO_TARGET_DIR",
+            "TANDEM_TEST_LOG",
+            "TANDEM_SOAK_RUNS",
+        ] {
             if let Ok(v) = std::env::var(pass) {
                 env.push((pass.into(), v));
             }

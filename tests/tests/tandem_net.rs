@@ -152,8 +152,15 @@ harness::guest_test!(fn tandem_two_nics(env) {
 /// A multi-queue tap on the test bridge, deleted when the guard drops.
 fn mq_tap(env: &GuestEnv, tap: &str) -> harness::Result<harness::Tap> {
     let sh = |args: &[&str]| -> harness::Result<()> {
-        let st = Command::new("ip").args(args).status().map_err(|e| err!("ip: {e}"))?;
-        if st.success() { Ok(()) } else { Err(err!("ip {args:?} failed")) }
+        let st = Command::new("ip")
+            .args(args)
+            .status()
+            .map_err(|e| err!("ip: {e}"))?;
+        if st.success() {
+            Ok(())
+        } else {
+            Err(err!("ip {args:?} failed"))
+        }
     };
     let _ = Command::new("ip").args(["link", "del", tap]).status();
     sh(&["tuntap", "add", "dev", tap, "mode", "tap", "multi_queue"])?;
@@ -168,12 +175,13 @@ fn mq_tap(env: &GuestEnv, tap: &str) -> harness::Result<harness::Tap> {
 fn tap_queues(tap: &str) -> harness::Result<usize> {
     let dir = format!("/sys/class/net/{tap}/queues");
     let rd = std::fs::read_dir(&dir).map_err(|e| err!("{dir}: {e}"))?;
-    Ok(rd.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("tx-")).count())
+    Ok(rd
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("tx-"))
+        .count())
 }
 
-harness::guest_test!(
-    #[ignore = "hangs about 1 run in 20 (guest halted waiting for an interrupt, VMM idle; also seen once in the single-queue standby test, 2026-11-25; not understood); run with --ignored"]
-    fn tandem_multiqueue_one_vcpu_uses_one_pair(env) {
+harness::guest_test!(fn tandem_multiqueue_one_vcpu_uses_one_pair(env) {
     // Two pairs offered, one vCPU: Linux asks for one pair (VQ_PAIRS_SET 1),
     // so the second tap queue is detached and the tap sends nothing there.
     let tap = "tdmq1";
@@ -193,9 +201,7 @@ harness::guest_test!(
     Ok(())
 });
 
-harness::guest_test!(
-    #[ignore = "hangs about 1 run in 20 (guest halted waiting for an interrupt, VMM idle; also seen once in the single-queue standby test, 2026-11-25; not understood); run with --ignored"]
-    fn tandem_multiqueue_uses_both_pairs(env) {
+harness::guest_test!(fn tandem_multiqueue_uses_both_pairs(env) {
     let tap = "tdmq0";
     let _guard = mq_tap(env, tap)?;
     // loglevel=5: a soft lockup prints its backtrace on the console.
@@ -227,5 +233,39 @@ harness::guest_test!(
         assert!(count(q) > 0, "no interrupts on {q}:\n{irqs}");
     }
     assert!(count("output.0") + count("output.1") > 0 || irqs.contains("output"), "{irqs}");
+    Ok(())
+});
+
+harness::guest_test!(
+    #[ignore = "a soak run for hunting rare hangs: TANDEM_SOAK_RUNS boots (default 20) of a 2-vCPU multi-queue guest in one test host"]
+    fn tandem_net_soak(env) {
+    let runs: usize = std::env::var("TANDEM_SOAK_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    let tap = "tdsoak0";
+    let _guard = mq_tap(env, tap)?;
+    for i in 0..runs {
+        let t0 = std::time::Instant::now();
+        let name = format!("soak{i}");
+        // Odd runs: one vCPU and a STANDBY NIC (where the hang was also seen).
+        let (cpus, net) = if i % 2 == 0 {
+            ("boot=2", format!("id=net0,tap={tap},mac={MAC_A},num_queues=4"))
+        } else {
+            ("boot=1", format!("id=net0,tap={tap},mac={MAC_A},num_queues=4,standby=on"))
+        };
+        let (mut vm, mut agent) = boot_with(env, &name, &["--cpus", cpus, "--net", &net])?;
+        let mut dev = netdev_by_mac(&mut agent, MAC_A)?;
+        if i % 2 == 1 {
+            // Traffic goes through the failover master.
+            agent.run_ok(&format!("ip link set {dev} up"))?;
+            dev = agent.run_ok(&format!("basename $(readlink /sys/class/net/{dev}/master)"))?.trim().to_string();
+        }
+        up_and_ping(&mut agent, &dev, "10.0.0.2")?;
+        agent.run_ok(&format!(
+            "for c in $(seq 0 $(($(nproc)-1))); do taskset -c $c ping -c 30 -i 0.02 -s 1000 {} >/dev/null & done; wait",
+            harness::PEER_IP
+        ))?;
+        let _ = agent.run("poweroff -f", Duration::from_secs(2));
+        assert_eq!(vm.wait_exit(Duration::from_secs(30))?, 0, "tandem exit status after poweroff");
+        eprintln!("soak run {i} passed in {:.1} s", t0.elapsed().as_secs_f64());
+    }
     Ok(())
 });
