@@ -237,7 +237,7 @@ harness::guest_test!(fn tandem_multiqueue_uses_both_pairs(env) {
 });
 
 harness::guest_test!(
-    #[ignore = "a soak run for hunting rare hangs: TANDEM_SOAK_RUNS boots (default 20) of a 2-vCPU multi-queue guest in one test host"]
+    #[ignore = "a soak run for hunting rare hangs: TANDEM_SOAK_RUNS boots (default 20) of a multi-queue guest in one test host, 2 vCPUs and 1 vCPU with STANDBY in turn"]
     fn tandem_net_soak(env) {
     let runs: usize = std::env::var("TANDEM_SOAK_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
     let tap = "tdsoak0";
