@@ -97,7 +97,11 @@ impl Serial {
     pub fn registers(&self) -> Option<(u8, u8, u8)> {
         self.uart.as_ref().map(|u| {
             let st = u.state();
-            (st.interrupt_enable, st.interrupt_identification, st.line_status)
+            (
+                st.interrupt_enable,
+                st.interrupt_identification,
+                st.line_status,
+            )
         })
     }
 

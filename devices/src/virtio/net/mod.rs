@@ -296,7 +296,10 @@ impl VirtioDevice for Net {
         let offload = Self::offload_flags(args.features);
         // The driver starts on the first pair; VQ_PAIRS_SET adds the others.
         if let Err(e) = self.shared.queues.set_active(1) {
-            tracing::warn!("net {}: cannot detach the unused tap queues: {e}", self.cfg.id);
+            tracing::warn!(
+                "net {}: cannot detach the unused tap queues: {e}",
+                self.cfg.id
+            );
         }
         for (i, queues) in per_pair.into_iter().enumerate() {
             if queues.rx.is_none() && queues.tx.is_none() && queues.ctrl.is_none() {

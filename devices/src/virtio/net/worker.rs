@@ -208,11 +208,7 @@ impl PairWorker {
         // SAFETY: sched_setscheduler on the calling thread (pid 0) with a
         // valid sched_param; it changes nothing but this thread's policy.
         if unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) } != 0 {
-            tracing::debug!(
-                "{}: SCHED_BATCH: {}",
-                self.name,
-                io::Error::last_os_error()
-            );
+            tracing::debug!("{}: SCHED_BATCH: {}", self.name, io::Error::last_os_error());
         }
         let epoll = self.epoll;
         let mut ok = true;
@@ -903,7 +899,10 @@ mod tests {
         let n = r.peer.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], &frame[..]);
         r.peer.set_nonblocking(true).unwrap();
-        assert!(r.peer.recv(&mut buf).is_err(), "only the good table is sent");
+        assert!(
+            r.peer.recv(&mut buf).is_err(),
+            "only the good table is sent"
+        );
         assert_eq!(used_idx(&mock), 3, "every chain is returned");
         let s = r.shared.stats.snapshot();
         assert_eq!((s.tx_frames, s.tx_dropped), (1, 2));
@@ -1143,7 +1142,10 @@ mod tests {
         r.shared.queues.set_active(1).unwrap();
         assert_eq!(w.wake.read().unwrap(), 1, "pair 1's worker is told");
         w.poll_tap(true);
-        assert!(!w.tap_polled, "pair 1 is unused: its tap stays out of epoll");
+        assert!(
+            !w.tap_polled,
+            "pair 1 is unused: its tap stays out of epoll"
+        );
         r.shared.queues.set_active(2).unwrap();
         assert_eq!(w.wake.read().unwrap(), 1);
         w.poll_tap(true);
