@@ -8,6 +8,7 @@
 //! [`PciRoot`].
 
 mod config;
+pub mod hotplug;
 pub mod msix;
 mod root;
 

@@ -45,6 +45,9 @@ pub struct PciRoot {
     slots: Vec<Option<Slot>>,
     mmio: Arc<Bus>,
     pio: Arc<Bus>,
+    /// BAR ranges of surprise-removed devices, answered by a [`Tombstone`]
+    /// until a device is mapped over them.
+    tombstones: Vec<(BarKind, u64, u64)>,
 }
 
 impl PciRoot {
@@ -53,6 +56,7 @@ impl PciRoot {
             slots: (0..PCI_SLOTS).map(|_| None).collect(),
             mmio,
             pio,
+            tombstones: Vec::new(),
         };
         root.slots[0] = Some(Slot {
             device: Arc::new(Mutex::new(HostBridge::new())),
@@ -82,6 +86,7 @@ impl PciRoot {
         }
         let mut mapped = Vec::new();
         for &(bar, kind, base, len) in bars {
+            self.clear_tombstones(kind, base, len);
             if let Err(source) = self.map_bar(&device, bar, kind, base, len) {
                 for &(_, k, b, _) in &mapped {
                     let _ = self.bus(k).remove(b);
@@ -109,6 +114,44 @@ impl PciRoot {
             let _ = self.bus(kind).remove(base);
         }
         Ok(s.device)
+    }
+
+    /// Take the device out of `slot` without the guest's consent. Its config
+    /// space reads as absent at once, but its BARs stay claimed by a
+    /// [`Tombstone`] that reads zero: the guest's driver, torn down after the
+    /// fact, still touches them, and a virtio driver resetting the device
+    /// polls its status until it reads 0 (all-ones, what a vanished device
+    /// answers on real hardware, keeps Linux 6.1's virtio-pci in that loop
+    /// forever). A device mapped over the range later replaces the tombstone.
+    pub fn surprise_remove(&mut self, slot: usize) -> Result<SharedPciDevice, PciRootError> {
+        let mapped = match self.slots.get(slot) {
+            Some(Some(s)) if slot != 0 => s.mapped.clone(),
+            _ => vec![],
+        };
+        let device = self.remove(slot)?;
+        for (_, kind, base, len) in mapped {
+            if self
+                .bus(kind)
+                .insert(Arc::new(Mutex::new(Tombstone)), base, len)
+                .is_ok()
+            {
+                self.tombstones.push((kind, base, len));
+            }
+        }
+        Ok(device)
+    }
+
+    /// Drop the tombstones that overlap `base..base+len` on `kind`'s bus.
+    fn clear_tombstones(&mut self, kind: BarKind, base: u64, len: u64) {
+        let end = base.saturating_add(len);
+        let bus_of = |k: BarKind| matches!(k, BarKind::Io);
+        let (hit, keep): (Vec<_>, Vec<_>) = self.tombstones.iter().partition(|(k, b, l)| {
+            bus_of(*k) == bus_of(kind) && *b < end && base < b.saturating_add(*l)
+        });
+        for (k, b, _) in hit {
+            let _ = self.bus(k).remove(b);
+        }
+        self.tombstones = keep;
     }
 
     pub fn occupied(&self, slot: usize) -> bool {
@@ -175,6 +218,7 @@ impl PciRoot {
         };
         let (bar, kind, old, len) = slot.mapped[pos];
         let _ = self.bus(kind).remove(old);
+        self.clear_tombstones(kind, mv.new, len);
         let new_base = match self.map_bar(&device, bar, kind, mv.new, len) {
             Ok(()) => mv.new,
             Err(e) => {
@@ -209,6 +253,16 @@ impl BusDevice for BarRegion {
             .unwrap_or_else(|e| e.into_inner())
             .bar_write(self.bar, offset, data);
     }
+}
+
+/// What is left at a surprise-removed device's BARs: reads zero, ignores writes.
+struct Tombstone;
+
+impl BusDevice for Tombstone {
+    fn read(&mut self, _base: u64, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write(&mut self, _base: u64, _offset: u64, _data: &[u8]) {}
 }
 
 /// 00:00.0, a host bridge with no BARs.
@@ -465,5 +519,37 @@ mod tests {
             Err(PciRootError::BadSlot(0))
         ));
         assert_eq!(root.lock().unwrap().free_slot().unwrap(), 1);
+    }
+
+    #[test]
+    fn surprise_removal_leaves_a_tombstone_until_a_device_takes_the_range() {
+        let (root, mmio, mut io, _ecam) = setup();
+        let mk = || {
+            let mut config = PciConfig::new(0x1af4, 0x1041, PciClass::ETHERNET, 0);
+            config.add_bar(0, BarKind::Mem32, 0x1000, 0xc000_0000, false);
+            Arc::new(Mutex::new(BarDev {
+                config,
+                last_write: None,
+            }))
+        };
+        let bars = [(0, BarKind::Mem32, 0xc000_0000, 0x1000)];
+        root.lock().unwrap().add(4, mk(), &bars).unwrap();
+        root.lock().unwrap().surprise_remove(4).unwrap();
+        // Config space says absent; the BAR still answers, with zeros.
+        assert_eq!(cf8(&mut io, 4, 0), 0xffff_ffff);
+        let mut b = [0xffu8; 4];
+        assert!(mmio.read(0xc000_0010, &mut b));
+        assert_eq!(b, [0; 4]);
+        assert!(mmio.write(0xc000_0010, &[1]));
+        // A new device over the same range replaces the tombstone.
+        let dev = mk();
+        root.lock().unwrap().add(6, dev.clone(), &bars).unwrap();
+        let mut b = [0u8; 1];
+        assert!(mmio.read(0xc000_0007, &mut b));
+        assert_eq!(b[0], 0x07);
+        assert!(matches!(
+            root.lock().unwrap().surprise_remove(4),
+            Err(PciRootError::SlotEmpty(4))
+        ));
     }
 }

@@ -1,0 +1,177 @@
+//! The ACPI PCI hotplug controller: three 32-bit port-I/O registers that the
+//! DSDT's AML reads and writes, and the GED interrupt that makes the guest
+//! run that AML.
+//!
+//! The protocol, one bit per slot of bus 0:
+//! 1. The VMM wants the guest to look at slot S (a device was put there, or
+//!    taken away by surprise): it sets S in `UP` and raises the interrupt.
+//!    To ask the guest to give a device up, it sets S in `DOWN` instead.
+//! 2. The interrupt makes the guest's GED driver run `_EVT`, which reads
+//!    `UP` and `DOWN` (a read returns the pending slots and clears them). Any
+//!    `UP` bit: `Notify(PCI0, 0)`, a bus check of the root bus. Each `DOWN`
+//!    bit: `Notify(SLxx, 3)`, an eject request to that slot's ACPI device.
+//! 3. On the bus check, Linux's acpiphp looks at every slot: it adds and
+//!    binds what appeared and removes what vanished (a device check of one
+//!    slot would only ever add). On an eject request it unbinds the driver,
+//!    removes the PCI device and calls the slot's `_EJ0`, which writes bit S
+//!    to `EJECT`.
+//! 4. A write to `EJECT` records the slot as released and signals the VMM's
+//!    eject eventfd; only then does the VMM tear the device down.
+//!
+//! A read that clears is safe against a slot the VMM sets in the meantime:
+//! every set raises the interrupt again, and the next `_EVT` finds it.
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::bus::BusDevice;
+
+/// Port of the register block (next to the ACPI PM registers).
+pub const HOTPLUG_BASE: u64 = 0x610;
+pub const HOTPLUG_LEN: u64 = 12;
+/// Slots the guest should rescan (read clears).
+pub const UP_OFFSET: u64 = 0;
+/// Slots whose device the guest is asked to eject (read clears).
+pub const DOWN_OFFSET: u64 = 4;
+/// The guest writes the slots it ejected.
+pub const EJECT_OFFSET: u64 = 8;
+/// The GED's interrupt: an ISA IRQ that no legacy device uses.
+pub const HOTPLUG_GSI: u32 = 5;
+
+pub struct PciHotplug {
+    up: u32,
+    down: u32,
+    ejected: u32,
+    irq: EventFd,
+    eject_evt: EventFd,
+}
+
+impl PciHotplug {
+    /// `irq` raises the GED interrupt; `eject_evt` tells the VMM that the
+    /// guest ejected a slot ([`PciHotplug::take_ejected`] says which).
+    pub fn new(irq: EventFd, eject_evt: EventFd) -> Self {
+        Self {
+            up: 0,
+            down: 0,
+            ejected: 0,
+            irq,
+            eject_evt,
+        }
+    }
+
+    fn bit(slot: usize) -> u32 {
+        1u32.checked_shl(slot as u32).unwrap_or(0)
+    }
+
+    fn raise(&self) {
+        if let Err(e) = self.irq.write(1) {
+            tracing::warn!("pci hotplug: cannot raise the GED interrupt: {e}");
+        }
+    }
+
+    /// Ask the guest to rescan `slot` (a device arrived or vanished).
+    pub fn notify_changed(&mut self, slot: usize) {
+        self.up |= Self::bit(slot);
+        self.ejected &= !Self::bit(slot);
+        self.raise();
+    }
+
+    /// Ask the guest to release the device in `slot`.
+    pub fn request_eject(&mut self, slot: usize) {
+        self.down |= Self::bit(slot);
+        self.ejected &= !Self::bit(slot);
+        self.raise();
+    }
+
+    /// Slots the guest ejected since the last call.
+    pub fn take_ejected(&mut self) -> u32 {
+        std::mem::take(&mut self.ejected)
+    }
+
+    /// Pending (up, down) bits, for `vm.info`.
+    pub fn pending(&self) -> (u32, u32) {
+        (self.up, self.down)
+    }
+}
+
+impl BusDevice for PciHotplug {
+    fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+        let v = match (offset, data.len()) {
+            (UP_OFFSET, 4) => std::mem::take(&mut self.up),
+            (DOWN_OFFSET, 4) => std::mem::take(&mut self.down),
+            _ => 0,
+        };
+        for (d, b) in data.iter_mut().zip(v.to_le_bytes()) {
+            *d = b;
+        }
+    }
+
+    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        if offset != EJECT_OFFSET || data.len() != 4 {
+            return;
+        }
+        let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+        // Slot 0 is the host bridge: never ejectable.
+        let v = v & !1;
+        if v == 0 {
+            return;
+        }
+        tracing::debug!("pci hotplug: the guest ejected slots {v:#x}");
+        self.ejected |= v;
+        if let Err(e) = self.eject_evt.write(1) {
+            tracing::warn!("pci hotplug: cannot signal the eject: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read32(h: &mut PciHotplug, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        h.read(HOTPLUG_BASE, off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    #[test]
+    fn insert_eject_and_release() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let ej = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut h = PciHotplug::new(irq.try_clone().unwrap(), ej.try_clone().unwrap());
+        h.notify_changed(5);
+        assert_eq!(irq.read().unwrap(), 1);
+        assert_eq!(read32(&mut h, UP_OFFSET), 1 << 5);
+        assert_eq!(read32(&mut h, UP_OFFSET), 0, "a read clears");
+        h.request_eject(5);
+        h.request_eject(7);
+        assert_eq!(irq.read().unwrap(), 2);
+        assert_eq!(read32(&mut h, DOWN_OFFSET), (1 << 5) | (1 << 7));
+        assert_eq!(read32(&mut h, DOWN_OFFSET), 0);
+        h.write(HOTPLUG_BASE, EJECT_OFFSET, &(1u32 << 5).to_le_bytes());
+        assert_eq!(ej.read().unwrap(), 1);
+        assert_eq!(h.take_ejected(), 1 << 5);
+        assert_eq!(h.take_ejected(), 0);
+    }
+
+    #[test]
+    fn odd_accesses_are_ignored() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let ej = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut h = PciHotplug::new(irq, ej.try_clone().unwrap());
+        h.notify_changed(3);
+        // A byte read neither answers nor clears.
+        let mut b = [0xffu8; 1];
+        h.read(HOTPLUG_BASE, UP_OFFSET, &mut b);
+        assert_eq!(b, [0]);
+        assert_eq!(h.pending(), (1 << 3, 0));
+        // Short writes, other registers, and slot 0 do not eject anything.
+        h.write(HOTPLUG_BASE, EJECT_OFFSET, &[0xff]);
+        h.write(HOTPLUG_BASE, UP_OFFSET, &u32::MAX.to_le_bytes());
+        h.write(HOTPLUG_BASE, EJECT_OFFSET, &1u32.to_le_bytes());
+        assert!(ej.read().is_err());
+        assert_eq!(h.take_ejected(), 0);
+        // Slots past 31 are not representable and are ignored.
+        h.notify_changed(40);
+        assert_eq!(h.pending(), (1 << 3, 0));
+    }
+}
