@@ -47,6 +47,8 @@ pub enum Endpoint {
     VmResume,
     VmShutdown,
     VmReboot,
+    VmAddNet,
+    VmRemoveDevice,
 }
 
 /// (method, path below [`API_PREFIX`], endpoint, CLI command name).
@@ -57,6 +59,13 @@ pub const ENDPOINTS: &[(Method, &str, Endpoint, &str)] = &[
     (Method::Put, "vm.resume", Endpoint::VmResume, "resume"),
     (Method::Put, "vm.shutdown", Endpoint::VmShutdown, "shutdown"),
     (Method::Put, "vm.reboot", Endpoint::VmReboot, "reboot"),
+    (Method::Put, "vm.add-net", Endpoint::VmAddNet, "add-net"),
+    (
+        Method::Put,
+        "vm.remove-device",
+        Endpoint::VmRemoveDevice,
+        "remove-device",
+    ),
 ];
 
 /// The OpenAPI document served at `GET /api/v1/openapi.json`.
@@ -142,12 +151,123 @@ impl ApiError {
             message: message.into(),
         }
     }
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self {
+            status: 404,
+            message: message.into(),
+        }
+    }
     pub fn internal(message: impl Into<String>) -> Self {
         Self {
             status: 500,
             message: message.into(),
         }
     }
+    pub fn timeout(message: impl Into<String>) -> Self {
+        Self {
+            status: 504,
+            message: message.into(),
+        }
+    }
+}
+
+/// The body of `vm.remove-device`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveDevice {
+    pub id: String,
+    /// Tear the device down without asking the guest.
+    #[serde(default)]
+    pub surprise: bool,
+    /// How long an orderly removal waits for the guest to release the device.
+    #[serde(default = "RemoveDevice::default_timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(default)]
+    pub on_timeout: OnTimeout,
+}
+
+impl RemoveDevice {
+    pub const MAX_TIMEOUT_MS: u64 = 60_000;
+    fn default_timeout_ms() -> u64 {
+        10_000
+    }
+}
+
+/// What an orderly removal does when the guest does not release the device in time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnTimeout {
+    /// Fail the request; the device stays.
+    #[default]
+    Error,
+    /// Remove the device by surprise.
+    Surprise,
+}
+
+/// The answer of `vm.add-net`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceAdded {
+    pub id: String,
+    pub slot: usize,
+    pub bdf: String,
+}
+
+/// The answer of `vm.remove-device`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceRemoved {
+    pub id: String,
+    pub slot: usize,
+    /// `released` (the guest ejected it), `surprise`, `timeout-surprise`, or
+    /// `reboot` (the VM rebooted while the removal waited).
+    pub how: String,
+    pub elapsed_ms: u64,
+}
+
+/// `key=value,...` (the `--net` syntax) as the JSON object `vm.add-net` takes:
+/// numbers for numeric keys, booleans for on/off keys, strings otherwise.
+pub fn kv_to_json(spec: &str) -> Result<serde_json::Value, String> {
+    let mut m = serde_json::Map::new();
+    for part in spec.split(',').filter(|p| !p.is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?} is not key=value"))?;
+        let value = match (k, v) {
+            ("standby", "on" | "true" | "yes") => serde_json::Value::Bool(true),
+            ("standby", "off" | "false" | "no") => serde_json::Value::Bool(false),
+            ("num_queues" | "queue_size" | "mtu" | "slot", n) => n
+                .parse::<u64>()
+                .map(serde_json::Value::from)
+                .map_err(|_| format!("{k}={v}: not a number"))?,
+            (_, v) => serde_json::Value::String(v.to_string()),
+        };
+        if m.insert(k.to_string(), value).is_some() {
+            return Err(format!("{k} given twice"));
+        }
+    }
+    Ok(serde_json::Value::Object(m))
+}
+
+/// The JSON object of `vm.add-net` back in `key=value,...` form. Refuses
+/// anything but a flat object of strings, numbers and booleans, and values
+/// that could smuggle another key in (`,` or `=`).
+pub fn json_to_kv(v: &serde_json::Value) -> Result<String, String> {
+    let obj = v
+        .as_object()
+        .ok_or("the body must be a JSON object such as {\"tap\": \"tap0\", \"mac\": \"52:54:00:12:34:56\"}")?;
+    let mut parts = Vec::new();
+    for (k, v) in obj {
+        let text = match v {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Number(n) => n.to_string(),
+            serde_json::Value::Bool(b) => if *b { "on" } else { "off" }.to_string(),
+            _ => return Err(format!("{k}: expected a string, number or boolean")),
+        };
+        if text.contains([',', '=']) || k.contains([',', '=']) {
+            return Err(format!("{k}: ',' and '=' are not allowed"));
+        }
+        parts.push(format!("{k}={text}"));
+    }
+    Ok(parts.join(","))
 }
 
 /// The JSON body of every error response.
@@ -220,6 +340,42 @@ mod tests {
             assert_eq!(Endpoint::from_command(cmd), Some(*e));
             assert_eq!(Endpoint::route(e.method().as_str(), &e.path()), Ok(*e));
         }
+    }
+
+    #[test]
+    fn net_specs_round_trip_and_refuse_smuggling() {
+        let j = kv_to_json("id=n1,tap=t1,mac=52:54:00:00:00:01,standby=on,slot=5").unwrap();
+        assert_eq!(j["standby"], true);
+        assert_eq!(j["slot"], 5);
+        let kv = json_to_kv(&j).unwrap();
+        assert_eq!(kv_to_json(&kv).unwrap(), j);
+        assert!(kv_to_json("slot=x").is_err());
+        assert!(kv_to_json("tap").is_err());
+        assert!(kv_to_json("id=a,id=b").is_err());
+        for bad in [
+            serde_json::json!("tap=t"),
+            serde_json::json!({"tap": "t,mac=52:54:00:00:00:02"}),
+            serde_json::json!({"tap": ["t"]}),
+            serde_json::json!({"tap": null}),
+            serde_json::json!({"a=b": "c"}),
+        ] {
+            assert!(json_to_kv(&bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn remove_device_defaults_and_unknown_fields() {
+        let r: RemoveDevice = serde_json::from_str(r#"{"id": "n1"}"#).unwrap();
+        assert_eq!(
+            (r.surprise, r.timeout_ms, r.on_timeout),
+            (false, 10_000, OnTimeout::Error)
+        );
+        let r: RemoveDevice =
+            serde_json::from_str(r#"{"id": "n1", "on_timeout": "surprise", "timeout_ms": 5}"#)
+                .unwrap();
+        assert_eq!((r.timeout_ms, r.on_timeout), (5, OnTimeout::Surprise));
+        assert!(serde_json::from_str::<RemoveDevice>(r#"{"id": "n1", "force": true}"#).is_err());
+        assert!(serde_json::from_str::<RemoveDevice>(r#"{"surprise": true}"#).is_err());
     }
 
     /// The OpenAPI document and the endpoint table describe the same API.

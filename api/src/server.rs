@@ -1,9 +1,14 @@
-//! A small HTTP/1.1 server on a unix socket: one request per connection.
+//! A small HTTP/1.1 server on a unix socket: one request per connection, each
+//! connection on its own short-lived thread (at most [`MAX_CONNECTIONS`] at
+//! once), so that a request the control loop answers late — an orderly device
+//! removal waits for the guest — does not hold up the others.
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Sender};
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
@@ -11,9 +16,11 @@ use crate::{ApiError, ApiMessage, ApiRequest, Endpoint, ErrorBody, RouteError, O
 
 const MAX_HEADERS: usize = 32;
 const MAX_REQUEST: usize = 64 * 1024;
+/// Connections served at once; more are answered 503 at once.
+pub const MAX_CONNECTIONS: usize = 16;
 
 /// Wakes the control loop after a message was queued.
-pub type Notifier = Box<dyn Fn() + Send>;
+pub type Notifier = Arc<dyn Fn() + Send + Sync>;
 
 /// Bind `path` and serve requests on a thread until the process exits.
 pub fn start(
@@ -23,16 +30,34 @@ pub fn start(
 ) -> io::Result<JoinHandle<()>> {
     let listener = UnixListener::bind(path)
         .map_err(|e| io::Error::new(e.kind(), format!("api socket {}: {e}", path.display())))?;
+    let active = Arc::new(AtomicUsize::new(0));
     thread::Builder::new().name("api".into()).spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { continue };
             let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
             let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
-            let (status, body) = match read_request(&mut stream) {
-                Ok((method, path, body)) => dispatch(&method, &path, &body, &to_vmm, &notify),
-                Err(e) => error(400, format!("bad request: {e}")),
-            };
-            let _ = write_response(&mut stream, status, &body);
+            if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+                active.fetch_sub(1, Ordering::SeqCst);
+                let (status, body) = error(503, "too many API connections at once".into());
+                let _ = write_response(&mut stream, status, &body);
+                continue;
+            }
+            let (to_vmm, notify, done) = (to_vmm.clone(), notify.clone(), active.clone());
+            let served = thread::Builder::new()
+                .name("api-conn".into())
+                .spawn(move || {
+                    let (status, body) = match read_request(&mut stream) {
+                        Ok((method, path, body)) => {
+                            dispatch(&method, &path, &body, &to_vmm, &notify)
+                        }
+                        Err(e) => error(400, format!("bad request: {e}")),
+                    };
+                    let _ = write_response(&mut stream, status, &body);
+                    done.fetch_sub(1, Ordering::SeqCst);
+                });
+            if served.is_err() {
+                active.fetch_sub(1, Ordering::SeqCst);
+            }
         }
     })
 }
@@ -165,7 +190,7 @@ mod tests {
     fn serve() -> (tempdir::Dir, std::sync::mpsc::Receiver<ApiMessage>) {
         let dir = tempdir::Dir::new();
         let (tx, rx) = channel();
-        start(&dir.path.join("api.sock"), tx, Box::new(|| {})).unwrap();
+        start(&dir.path.join("api.sock"), tx, Arc::new(|| {})).unwrap();
         (dir, rx)
     }
 

@@ -3,8 +3,9 @@
 //! The platform is hardware-reduced ACPI: no SCI, PM timer or GPE blocks;
 //! power-off goes through the FADT sleep control register and reboot through
 //! its reset register (both in [`devices::acpi_pm`]). The DSDT describes the
-//! PCI host bridge (`_CRS` windows, `_PRT` legacy routing), COM1 and the ECAM
-//! reservation.
+//! PCI host bridge (`_CRS` windows, `_PRT` legacy routing, one ejectable
+//! ACPI device per slot for hotplug), the GED that signals hotplug events,
+//! COM1 and the ECAM reservation.
 
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -85,19 +86,113 @@ fn pci_host_bridge(layout: &AcpiLayout) -> Vec<u8> {
 
     let hid = aml::EISAName::new("PNP0A08");
     let cid = aml::EISAName::new("PNP0A03");
-    device(
-        "_SB_.PCI0",
-        &[
-            ("_HID", &hid),
-            ("_CID", &cid),
-            ("_ADR", &aml::ZERO),
-            ("_SEG", &aml::ZERO),
-            ("_UID", &aml::ZERO),
-            ("_BBN", &aml::ZERO),
-            ("_CRS", &crs),
-            ("_PRT", &prt),
+    let names: Vec<(&str, &dyn Aml)> = vec![
+        ("_HID", &hid),
+        ("_CID", &cid),
+        ("_ADR", &aml::ZERO),
+        ("_SEG", &aml::ZERO),
+        ("_UID", &aml::ZERO),
+        ("_BBN", &aml::ZERO),
+        ("_CRS", &crs),
+        ("_PRT", &prt),
+    ];
+    let named: Vec<aml::Name> = names
+        .iter()
+        .map(|(n, v)| aml::Name::new((*n).into(), *v))
+        .collect();
+    let hotplug = RawAml(pci_hotplug_aml());
+    let mut children: Vec<&dyn Aml> = named.iter().map(|o| o as &dyn Aml).collect();
+    children.push(&hotplug);
+    bytes(&aml::Device::new("_SB_.PCI0".into(), children))
+}
+
+/// The ACPI name of slot `slot`'s device under PCI0.
+fn slot_name(slot: usize) -> String {
+    format!("SL{slot:02X}")
+}
+
+/// Inside PCI0: the hotplug registers (see [`devices::pci::hotplug`]), one
+/// ejectable device per slot (`_ADR`, `_SUN` = slot number, `_EJ0`), and
+/// `PCNT`, which the GED's `_EVT` calls to notify the slots the VMM flagged.
+fn pci_hotplug_aml() -> Vec<u8> {
+    use devices::pci::hotplug::{HOTPLUG_BASE, HOTPLUG_LEN};
+    let mut out = Vec::new();
+    let base = HOTPLUG_BASE as u32;
+    let len = HOTPLUG_LEN as u32;
+    aml::OpRegion::new("PCHP".into(), aml::OpRegionSpace::SystemIO, &base, &len)
+        .to_aml_bytes(&mut out);
+    aml::Field::new(
+        "PCHP".into(),
+        aml::FieldAccessType::DWord,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![
+            aml::FieldEntry::Named(*b"PCIU", 32),
+            aml::FieldEntry::Named(*b"PCID", 32),
+            aml::FieldEntry::Named(*b"PCEJ", 32),
         ],
     )
+    .to_aml_bytes(&mut out);
+    for slot in 1..PCI_SLOTS {
+        let adr = (slot as u32) << 16;
+        let sun = slot as u32;
+        let bit = 1u32 << slot;
+        let pcej: aml::Path = "\\_SB_.PCI0.PCEJ".into();
+        let store = aml::Store::new(&pcej, &bit);
+        let ej0 = aml::Method::new("_EJ0".into(), 1, false, vec![&store]);
+        let adr_n = aml::Name::new("_ADR".into(), &adr);
+        let sun_n = aml::Name::new("_SUN".into(), &sun);
+        aml::Device::new(slot_name(slot).as_str().into(), vec![&adr_n, &sun_n, &ej0])
+            .to_aml_bytes(&mut out);
+    }
+    // PCNT: Local0 = PCIU, Local1 = PCID (each read clears). Any changed
+    // slot: a bus check of the whole root bus (Notify(PCI0, 0)), which makes
+    // acpiphp add what appeared and drop what vanished; a device check of
+    // the slot alone would only ever add. Then for each slot in Local1:
+    // Notify(SLxx, 3), the eject request.
+    let pciu: aml::Path = "PCIU".into();
+    let pcid: aml::Path = "PCID".into();
+    let read_up = aml::Store::new(&aml::Local(0), &pciu);
+    let read_down = aml::Store::new(&aml::Local(1), &pcid);
+    let root: aml::Path = "\\_SB_.PCI0".into();
+    let bus_check = aml::Notify::new(&root, &aml::ZERO);
+    let changed = aml::NotEqual::new(&aml::Local(0), &aml::ZERO);
+    let mut body: Vec<Vec<u8>> = vec![
+        bytes(&read_up),
+        bytes(&read_down),
+        bytes(&aml::If::new(&changed, vec![&bus_check])),
+    ];
+    for slot in 1..PCI_SLOTS {
+        let bit = 1u32 << slot;
+        let dev: aml::Path = slot_name(slot).as_str().into();
+        let l = aml::Local(1);
+        let masked = aml::And::new(&aml::ZERO, &l, &bit);
+        let set = aml::NotEqual::new(&masked, &aml::ZERO);
+        let eject_request = 3u8;
+        let notify = aml::Notify::new(&dev, &eject_request);
+        body.push(bytes(&aml::If::new(&set, vec![&notify])));
+    }
+    let raw: Vec<RawAml> = body.into_iter().map(RawAml).collect();
+    let refs: Vec<&dyn Aml> = raw.iter().map(|r| r as &dyn Aml).collect();
+    aml::Method::new("PCNT".into(), 0, true, refs).to_aml_bytes(&mut out);
+    out
+}
+
+/// The Generic Event Device (hardware-reduced ACPI has no GPEs): its
+/// interrupt makes the guest run `_EVT`, which lets PCI0 notify the slots.
+fn ged() -> Vec<u8> {
+    let hid = aml::AmlString::from("ACPI0013");
+    let irq = aml::Interrupt::new(true, true, false, false, devices::pci::hotplug::HOTPLUG_GSI);
+    let crs = aml::ResourceTemplate::new(vec![&irq]);
+    let hid_n = aml::Name::new("_HID".into(), &hid);
+    let uid_n = aml::Name::new("_UID".into(), &aml::ZERO);
+    let crs_n = aml::Name::new("_CRS".into(), &crs);
+    let call = aml::MethodCall::new("\\_SB_.PCI0.PCNT".into(), vec![]);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&call]);
+    bytes(&aml::Device::new(
+        "_SB_.GED_".into(),
+        vec![&hid_n, &uid_n, &crs_n, &evt],
+    ))
 }
 
 /// A device whose children are all named objects.
@@ -153,7 +248,13 @@ fn motherboard() -> Vec<u8> {
         1,
         devices::acpi_pm::PM_LEN as u8,
     );
-    let crs = aml::ResourceTemplate::new(vec![&ecam, &pm]);
+    let hotplug = aml::IO::new(
+        devices::pci::hotplug::HOTPLUG_BASE as u16,
+        devices::pci::hotplug::HOTPLUG_BASE as u16,
+        1,
+        devices::pci::hotplug::HOTPLUG_LEN as u8,
+    );
+    let crs = aml::ResourceTemplate::new(vec![&ecam, &pm, &hotplug]);
     device(
         "_SB_.MBRD",
         &[("_HID", &hid), ("_UID", &aml::ZERO), ("_CRS", &crs)],
@@ -168,6 +269,7 @@ pub fn dsdt(layout: &AcpiLayout) -> Sdt {
     t.append_slice(&com1());
     t.append_slice(&rtc());
     t.append_slice(&motherboard());
+    t.append_slice(&ged());
     t.update_checksum();
     t
 }
@@ -308,8 +410,26 @@ mod tests {
         let d = dsdt(&layout());
         let s = d.as_slice();
         let has = |n: &[u8]| s.windows(n.len()).any(|w| w == n);
-        for name in [&b"PCI0"[..], b"_PRT", b"_CRS", b"_S5_", b"COM1", b"MBRD"] {
+        for name in [
+            &b"PCI0"[..],
+            b"_PRT",
+            b"_CRS",
+            b"_S5_",
+            b"COM1",
+            b"MBRD",
+            b"GED_",
+            b"ACPI0013",
+            b"PCNT",
+            b"PCEJ",
+            b"SL01",
+            b"SL1F",
+            b"_EJ0",
+            b"_SUN",
+        ] {
             assert!(has(name), "{}", String::from_utf8_lossy(name));
+        }
+        if let Ok(dir) = std::env::var("TANDEM_DUMP_DSDT") {
+            std::fs::write(format!("{dir}/dsdt.aml"), s).unwrap();
         }
     }
 

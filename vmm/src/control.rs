@@ -3,7 +3,11 @@
 //! It owns what outlives a single boot (the serial device and its backend,
 //! the API channel, the event fds), builds a [`Vm`], and waits on epoll for:
 //! the guest powering off or resetting, a fatal vCPU error, an API request,
-//! or SIGTERM/SIGINT.
+//! the guest ejecting a hotplug slot, the deadline of an orderly removal, or
+//! SIGTERM/SIGINT.
+//!
+//! Hotplug changes `cfg.nets` along with the machine, so a reboot comes back
+//! with the devices the VM has now, each in the slot it has now.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -11,13 +15,19 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
 
-use api::{ApiError, ApiMessage, ApiResponse, DeviceInfo, Endpoint, VmInfo, VmState};
+use std::sync::mpsc::Sender;
+use std::time::{Duration, Instant};
+
+use api::{
+    ApiError, ApiMessage, ApiResponse, DeviceAdded, DeviceInfo, DeviceRemoved, Endpoint, OnTimeout,
+    RemoveDevice, VmInfo, VmState,
+};
 use devices::serial::{self, Serial, SerialSink, SocketConsole};
 use kvm_ioctls::Kvm;
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{SerialConfig, VmConfig};
+use crate::config::{self, SerialConfig, VmConfig};
 use crate::events::VmEvents;
 use crate::vm::{Vm, VmError};
 
@@ -49,6 +59,7 @@ enum Token {
     Error,
     Api,
     Signal,
+    Eject,
 }
 
 impl Token {
@@ -59,6 +70,7 @@ impl Token {
             Token::Error,
             Token::Api,
             Token::Signal,
+            Token::Eject,
         ]
         .into_iter()
         .find(|t| *t as u64 == v)
@@ -69,6 +81,36 @@ impl Token {
 enum ApiAction {
     Exit(Exit),
     Reboot,
+}
+
+/// An orderly removal waiting for the guest to eject the device.
+struct PendingRemoval {
+    id: String,
+    slot: usize,
+    started: Instant,
+    deadline: Instant,
+    on_timeout: OnTimeout,
+    reply: Sender<ApiResponse>,
+}
+
+impl PendingRemoval {
+    fn answer(self, how: &str) {
+        tracing::info!(
+            "device {} removed from slot {} ({how}) after {} ms",
+            self.id,
+            self.slot,
+            self.started.elapsed().as_millis()
+        );
+        let done = DeviceRemoved {
+            id: self.id,
+            slot: self.slot,
+            how: how.into(),
+            elapsed_ms: self.started.elapsed().as_millis() as u64,
+        };
+        let _ = self
+            .reply
+            .send(serde_json::to_value(done).map_err(|e| ApiError::internal(e.to_string())));
+    }
 }
 
 /// Restores the terminal when the VMM exits.
@@ -170,6 +212,7 @@ pub struct Vmm {
     signals: OwnedFd,
     boots: u32,
     sockets: Vec<PathBuf>,
+    pending: Vec<PendingRemoval>,
     _tty: Option<TtyGuard>,
 }
 
@@ -219,7 +262,7 @@ impl Vmm {
                 api::server::start(
                     path,
                     tx,
-                    Box::new(move || {
+                    std::sync::Arc::new(move || {
                         let _ = wake.write(1);
                     }),
                 )?;
@@ -237,12 +280,24 @@ impl Vmm {
             signals,
             boots: 0,
             sockets,
+            pending: Vec::new(),
             _tty: tty,
         })
     }
 
     fn boot(&mut self) -> Result<Vm, VmmError> {
+        // Removals still waiting for the old guest are done: the new one
+        // boots without those devices.
+        for p in std::mem::take(&mut self.pending) {
+            self.cfg.nets.retain(|n| n.net.id != p.id);
+            p.answer("reboot");
+        }
         let mut vm = Vm::create(&self.kvm, &self.cfg, &self.serial, &self.events)?;
+        // Pin every device to the slot it got, so that later boots keep
+        // them there whatever hotplug does in between.
+        for n in &mut self.cfg.nets {
+            n.slot = vm.devices().slot_of(&n.net.id);
+        }
         vm.start()?;
         self.boots += 1;
         tracing::info!("boot {} started with {} vCPUs", self.boots, vm.vcpus());
@@ -267,6 +322,7 @@ impl Vmm {
         watch(self.events.reset_evt.as_raw_fd(), Token::Reset)?;
         watch(self.events.error_evt.as_raw_fd(), Token::Error)?;
         watch(self.signals.as_raw_fd(), Token::Signal)?;
+        watch(self.events.eject_evt.as_raw_fd(), Token::Eject)?;
         if let Some((_, evt)) = &self.api {
             watch(evt.as_raw_fd(), Token::Api)?;
         }
@@ -274,7 +330,14 @@ impl Vmm {
         let mut vm = self.boot()?;
         let mut ready = vec![epoll::Event::new(epoll::Events::empty(), 0); 8];
         loop {
-            let n = match epoll::wait(epoll, -1, &mut ready) {
+            self.expire_removals(&mut vm);
+            let timeout_ms = self
+                .pending
+                .iter()
+                .map(|p| p.deadline.saturating_duration_since(Instant::now()))
+                .min()
+                .map_or(-1, |d| d.as_millis().min(60_000) as i32 + 1);
+            let n = match epoll::wait(epoll, timeout_ms, &mut ready) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e.into()),
@@ -311,6 +374,10 @@ impl Vmm {
                         vm.stop();
                         return Ok(Exit::Signal(sig));
                     }
+                    Token::Eject => {
+                        let _ = self.events.eject_evt.read();
+                        self.handle_ejects(&mut vm);
+                    }
                     Token::Api => match self.handle_api(&mut vm) {
                         None => {}
                         Some(ApiAction::Exit(exit)) => {
@@ -341,6 +408,18 @@ impl Vmm {
         for msg in msgs {
             let endpoint = msg.request.endpoint;
             let reply: ApiResponse = match endpoint {
+                Endpoint::VmAddNet => self.add_net(vm, &msg.request.body),
+                Endpoint::VmRemoveDevice => match self.remove_device(vm, &msg.request.body) {
+                    Ok(Some(done)) => Ok(done),
+                    // Answered when the guest releases the device, or at the deadline.
+                    Ok(None) => {
+                        if let Some(p) = self.pending.last_mut() {
+                            p.reply = msg.reply;
+                        }
+                        continue;
+                    }
+                    Err(e) => Err(e),
+                },
                 Endpoint::Ping => Ok(serde_json::json!({
                     "version": env!("CARGO_PKG_VERSION"),
                     "pid": std::process::id(),
@@ -371,6 +450,161 @@ impl Vmm {
         }
         exit.map(ApiAction::Exit)
             .or(reboot.then_some(ApiAction::Reboot))
+    }
+
+    /// `vm.add-net`: the body is `--net` as a JSON object.
+    fn add_net(&mut self, vm: &mut Vm, body: &serde_json::Value) -> ApiResponse {
+        let kv = api::json_to_kv(body).map_err(ApiError::bad_request)?;
+        // Default ids count up past every id in use.
+        let mut n = self.cfg.nets.len();
+        while self.cfg.nets.iter().any(|s| s.net.id == format!("net{n}")) {
+            n += 1;
+        }
+        let spec = config::parse_net(&kv, n).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let mut all = self.cfg.nets.clone();
+        all.push(spec.clone());
+        config::check_nets(&all).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let slot = vm
+            .hot_add_net(&spec)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        tracing::info!("device {} hot-added in slot {slot}", spec.net.id);
+        let id = spec.net.id.clone();
+        self.cfg.nets.push(config::NetSpec {
+            slot: Some(slot),
+            ..spec
+        });
+        serde_json::to_value(DeviceAdded {
+            id,
+            slot,
+            bdf: format!("0000:00:{slot:02x}.0"),
+        })
+        .map_err(|e| ApiError::internal(e.to_string()))
+    }
+
+    /// `vm.remove-device`: `Some` answer now (surprise), or `None` with a
+    /// [`PendingRemoval`] pushed (its reply filled in by the caller).
+    fn remove_device(
+        &mut self,
+        vm: &mut Vm,
+        body: &serde_json::Value,
+    ) -> Result<Option<serde_json::Value>, ApiError> {
+        let req: RemoveDevice = serde_json::from_value(body.clone())
+            .map_err(|e| ApiError::bad_request(format!("remove-device: {e}")))?;
+        if !(1..=RemoveDevice::MAX_TIMEOUT_MS).contains(&req.timeout_ms) {
+            return Err(ApiError::bad_request(format!(
+                "timeout_ms must be 1..={}",
+                RemoveDevice::MAX_TIMEOUT_MS
+            )));
+        }
+        let Some(slot) = vm.devices().slot_of(&req.id) else {
+            return Err(ApiError::not_found(format!(
+                "no device with id {:?}",
+                req.id
+            )));
+        };
+        if self.pending.iter().any(|p| p.id == req.id) && !req.surprise {
+            return Err(ApiError::conflict(format!(
+                "the removal of {} is already under way",
+                req.id
+            )));
+        }
+        let started = Instant::now();
+        if req.surprise {
+            vm.remove_device(&req.id, true)
+                .map_err(|e| ApiError::internal(e.to_string()))?;
+            self.cfg.nets.retain(|n| n.net.id != req.id);
+            // An orderly removal of the same device is over too.
+            for p in self.take_pending(&req.id) {
+                p.answer("surprise");
+            }
+            tracing::info!("device {} removed by surprise from slot {slot}", req.id);
+            let done = DeviceRemoved {
+                id: req.id,
+                slot,
+                how: "surprise".into(),
+                elapsed_ms: started.elapsed().as_millis() as u64,
+            };
+            return serde_json::to_value(done)
+                .map(Some)
+                .map_err(|e| ApiError::internal(e.to_string()));
+        }
+        vm.request_eject(&req.id)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        tracing::info!("device {}: eject requested (slot {slot})", req.id);
+        // The reply channel is a placeholder until the caller moves the real one in.
+        let (placeholder, _) = std::sync::mpsc::channel();
+        self.pending.push(PendingRemoval {
+            id: req.id,
+            slot,
+            started,
+            deadline: started + Duration::from_millis(req.timeout_ms),
+            on_timeout: req.on_timeout,
+            reply: placeholder,
+        });
+        Ok(None)
+    }
+
+    fn take_pending(&mut self, id: &str) -> Vec<PendingRemoval> {
+        let (done, keep) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|p| p.id == id);
+        self.pending = keep;
+        done
+    }
+
+    /// The guest ejected slots: tear their devices down, answer whoever waits.
+    fn handle_ejects(&mut self, vm: &mut Vm) {
+        for (slot, id) in vm.take_ejected() {
+            let Some(id) = id else {
+                tracing::debug!("the guest ejected slot {slot}, which is empty");
+                continue;
+            };
+            if let Err(e) = vm.remove_device(&id, false) {
+                tracing::warn!("device {id}: {e}");
+                continue;
+            }
+            self.cfg.nets.retain(|n| n.net.id != id);
+            let waiting = self.take_pending(&id);
+            if waiting.is_empty() {
+                tracing::info!("device {id} in slot {slot} released by the guest on its own");
+            }
+            for p in waiting {
+                p.answer("released");
+            }
+        }
+    }
+
+    /// Orderly removals whose deadline passed: fail, or remove by surprise.
+    fn expire_removals(&mut self, vm: &mut Vm) {
+        let now = Instant::now();
+        let (expired, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|p| p.deadline <= now);
+        self.pending = keep;
+        for p in expired {
+            match p.on_timeout {
+                OnTimeout::Surprise => {
+                    if let Err(e) = vm.remove_device(&p.id, true) {
+                        let _ = p.reply.send(Err(ApiError::internal(e.to_string())));
+                        continue;
+                    }
+                    self.cfg.nets.retain(|n| n.net.id != p.id);
+                    p.answer("timeout-surprise");
+                }
+                OnTimeout::Error => {
+                    tracing::warn!(
+                        "device {}: the guest did not release it within {} ms",
+                        p.id,
+                        p.started.elapsed().as_millis()
+                    );
+                    let _ = p.reply.send(Err(ApiError::timeout(format!(
+                        "the guest did not release {} within {} ms; the device stays (it is removed if the guest ejects it later)",
+                        p.id,
+                        (p.deadline - p.started).as_millis()
+                    ))));
+                }
+            }
+        }
     }
 
     fn info(&self, vm: &Vm) -> ApiResponse {

@@ -24,6 +24,8 @@ pub enum DeviceError {
     Io { id: String, source: std::io::Error },
     #[error("no room left in the 32-bit PCI window for a {0}-byte BAR")]
     NoBarSpace(u64),
+    #[error("no device with id {0:?}")]
+    NoSuchDevice(String),
 }
 
 /// Hands out naturally aligned BAR ranges from the 32-bit window.
@@ -69,6 +71,7 @@ impl Default for BarAllocator {
 struct NetEntry {
     cfg: NetConfig,
     slot: usize,
+    bar0: u64,
     device: Arc<Mutex<VirtioPciDevice>>,
 }
 
@@ -131,9 +134,50 @@ impl DeviceManager {
         self.nets.push(NetEntry {
             cfg: cfg.clone(),
             slot,
+            bar0,
             device: dev,
         });
         Ok(slot)
+    }
+
+    /// The slot of device `id`.
+    pub fn slot_of(&self, id: &str) -> Option<usize> {
+        self.nets.iter().find(|n| n.cfg.id == id).map(|n| n.slot)
+    }
+
+    /// The id of the device in `slot`.
+    pub fn id_in(&self, slot: usize) -> Option<&str> {
+        self.nets
+            .iter()
+            .find(|n| n.slot == slot)
+            .map(|n| n.cfg.id.as_str())
+    }
+
+    /// Take device `id` off the machine: out of its slot and its BAR off the
+    /// bus; dropping it stops its workers and frees its interrupt routes and
+    /// notification eventfds. Returns the slot it was in.
+    /// `surprise`: the guest did not give the device up, so its BARs stay
+    /// claimed by a tombstone (see [`PciRoot::surprise_remove`]).
+    pub fn remove(&mut self, id: &str, surprise: bool) -> Result<usize, DeviceError> {
+        let i = self
+            .nets
+            .iter()
+            .position(|n| n.cfg.id == id)
+            .ok_or_else(|| DeviceError::NoSuchDevice(id.to_string()))?;
+        let entry = self.nets.remove(i);
+        let mut pci = self.pci.lock().unwrap_or_else(|e| e.into_inner());
+        let removed = if surprise {
+            pci.surprise_remove(entry.slot)
+        } else {
+            pci.remove(entry.slot)
+        };
+        drop(pci);
+        if let Err(e) = removed {
+            tracing::warn!("device {id}: slot {}: {e}", entry.slot);
+        }
+        // What the allocator handed out, wherever the guest moved the BAR since.
+        self.bars.free(entry.bar0, BAR0_SIZE);
+        Ok(entry.slot)
     }
 
     pub fn info(&self) -> Vec<DeviceInfo> {

@@ -1,5 +1,5 @@
 //! Events that devices and vCPUs raise for the control loop: the guest asked
-//! to power off or reset, or something failed fatally.
+//! to power off or reset, ejected a hotplug slot, or something failed fatally.
 
 use std::sync::Mutex;
 
@@ -9,6 +9,8 @@ pub struct VmEvents {
     pub shutdown_evt: EventFd,
     pub reset_evt: EventFd,
     pub error_evt: EventFd,
+    /// The guest ejected a hotplug slot (the PCI hotplug controller says which).
+    pub eject_evt: EventFd,
     error: Mutex<Option<String>>,
 }
 
@@ -18,6 +20,7 @@ impl VmEvents {
             shutdown_evt: EventFd::new(libc::EFD_NONBLOCK)?,
             reset_evt: EventFd::new(libc::EFD_NONBLOCK)?,
             error_evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            eject_evt: EventFd::new(libc::EFD_NONBLOCK)?,
             error: Mutex::new(None),
         })
     }

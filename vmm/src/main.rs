@@ -77,8 +77,54 @@ struct RemoteArgs {
     /// The API socket of the running tandem.
     #[arg(long, value_name = "PATH")]
     api_socket: PathBuf,
-    /// One of: ping, info, pause, resume, shutdown, reboot.
+    /// One of: ping, info, pause, resume, shutdown, reboot, add-net, remove-device.
     command: String,
+    /// add-net: id=ID,tap=NAME,mac=MAC[,standby=on][,num_queues=N][,queue_size=N][,mtu=N][,slot=S]
+    /// (the --net syntax). remove-device: ID [--surprise] [--timeout-ms N]
+    /// [--on-timeout error|surprise].
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<String>,
+}
+
+/// The JSON body for `command` from its arguments.
+fn remote_body(command: &str, args: &[String]) -> Result<Option<String>, String> {
+    match command {
+        "add-net" => match args {
+            [spec] => Ok(Some(api::kv_to_json(spec)?.to_string())),
+            _ => Err("add-net takes one argument: id=ID,tap=NAME,mac=MAC,...".into()),
+        },
+        "remove-device" => {
+            let mut it = args.iter();
+            let id = it
+                .next()
+                .filter(|a| !a.starts_with('-'))
+                .ok_or("remove-device takes a device id first")?;
+            let mut body = serde_json::json!({ "id": id });
+            while let Some(a) = it.next() {
+                match a.as_str() {
+                    "--surprise" => body["surprise"] = true.into(),
+                    "--timeout-ms" => {
+                        let v = it.next().ok_or("--timeout-ms needs a value")?;
+                        let ms: u64 = v
+                            .parse()
+                            .map_err(|_| format!("--timeout-ms {v}: not a number"))?;
+                        body["timeout_ms"] = ms.into();
+                    }
+                    "--on-timeout" => {
+                        let v = it.next().ok_or("--on-timeout needs error or surprise")?;
+                        if v != "error" && v != "surprise" {
+                            return Err(format!("--on-timeout {v}: expected error or surprise"));
+                        }
+                        body["on_timeout"] = v.as_str().into();
+                    }
+                    other => return Err(format!("remove-device: unknown option {other}")),
+                }
+            }
+            Ok(Some(body.to_string()))
+        }
+        _ if args.is_empty() => Ok(None),
+        _ => Err(format!("{command} takes no arguments")),
+    }
 }
 
 fn build_config(a: RunArgs) -> Result<VmConfig, ConfigError> {
@@ -157,11 +203,18 @@ fn remote(a: RemoteArgs) -> ExitCode {
         );
         return ExitCode::from(2);
     };
+    let body = match remote_body(&a.command, &a.args) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("tandem remote: {e}");
+            return ExitCode::from(2);
+        }
+    };
     match api::client::request(
         &a.api_socket,
         endpoint.method().as_str(),
         &endpoint.path(),
-        None,
+        body.as_deref(),
     ) {
         Ok(r) if (200..300).contains(&r.status) => {
             if !r.body.is_empty() {

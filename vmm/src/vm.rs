@@ -9,6 +9,7 @@ use std::thread::{self, JoinHandle};
 use devices::acpi_pm::{AcpiPm, PM_BASE, PM_LEN};
 use devices::bus::{Bus, BusError};
 use devices::i8042::{I8042, I8042_BASE, I8042_LEN};
+use devices::pci::hotplug::{PciHotplug, HOTPLUG_BASE, HOTPLUG_GSI, HOTPLUG_LEN};
 use devices::pci::{
     PciConfigIo, PciConfigMmio, PciRoot, CONFIG_IO_LEN, CONFIG_IO_PORT, ECAM_BUS0_SIZE,
 };
@@ -21,7 +22,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi::{self, AcpiLayout};
 use crate::boot::{self, BootError};
-use crate::config::VmConfig;
+use crate::config::{NetSpec, VmConfig};
 use crate::cpu::{self, CpuError};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::events::VmEvents;
@@ -71,6 +72,7 @@ pub struct Vm {
     mmio: Arc<Bus>,
     events: Arc<VmEvents>,
     devices: DeviceManager,
+    hotplug: Arc<Mutex<PciHotplug>>,
     _vm_fd: Arc<VmFd>,
     _memory: GuestMemoryMmap,
 }
@@ -152,6 +154,17 @@ impl Vm {
             ECAM_BUS0_SIZE,
         )?;
 
+        // ACPI PCI hotplug: the GED interrupt and the slot registers.
+        let hotplug_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+        vm_fd
+            .register_irqfd(&hotplug_irq, HOTPLUG_GSI)
+            .map_err(kvm("register the hotplug irqfd"))?;
+        let hotplug = Arc::new(Mutex::new(PciHotplug::new(
+            hotplug_irq,
+            events.eject_evt.try_clone().map_err(VmError::EventFd)?,
+        )));
+        pio.insert(hotplug.clone(), HOTPLUG_BASE, HOTPLUG_LEN)?;
+
         let routes = Arc::new(KvmRoutes::new(vm_fd.clone()).map_err(VmError::EventFd)?);
         let mut devices = DeviceManager::new(pci.clone(), routes, mem.clone());
         for n in &cfg.nets {
@@ -187,6 +200,7 @@ impl Vm {
             mmio,
             events: events.clone(),
             devices,
+            hotplug,
             _vm_fd: vm_fd,
             _memory: mem,
         })
@@ -234,6 +248,48 @@ impl Vm {
 
     pub fn devices(&self) -> &DeviceManager {
         &self.devices
+    }
+
+    fn hotplug(&self) -> std::sync::MutexGuard<'_, PciHotplug> {
+        self.hotplug.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hot-add a virtio-net device: put it in its slot, then tell the guest
+    /// to look at that slot. Returns the slot.
+    pub fn hot_add_net(&mut self, spec: &NetSpec) -> Result<usize, VmError> {
+        let slot = self.devices.add_net(&spec.net, spec.slot)?;
+        self.hotplug().notify_changed(slot);
+        Ok(slot)
+    }
+
+    /// Ask the guest to release device `id` (ACPI eject request); the guest
+    /// answers through the eject register. Returns the slot.
+    pub fn request_eject(&self, id: &str) -> Result<usize, VmError> {
+        let slot = self
+            .devices
+            .slot_of(id)
+            .ok_or_else(|| DeviceError::NoSuchDevice(id.to_string()))?;
+        self.hotplug().request_eject(slot);
+        Ok(slot)
+    }
+
+    /// Tear device `id` down now. After a surprise removal the guest is told
+    /// to rescan the slot, where it finds nothing. Returns the slot.
+    pub fn remove_device(&mut self, id: &str, surprise: bool) -> Result<usize, VmError> {
+        let slot = self.devices.remove(id, surprise)?;
+        if surprise {
+            self.hotplug().notify_changed(slot);
+        }
+        Ok(slot)
+    }
+
+    /// Slots the guest ejected since the last call, with the device in each.
+    pub fn take_ejected(&self) -> Vec<(usize, Option<String>)> {
+        let bits = self.hotplug().take_ejected();
+        (1..32)
+            .filter(|s| bits & (1 << s) != 0)
+            .map(|s| (s, self.devices.id_in(s).map(str::to_string)))
+            .collect()
     }
 
     /// Stop and join every vCPU thread.

@@ -423,7 +423,14 @@ fn api_pause_resume_info_and_errors() {
     assert_eq!(vcpus.len(), 2, "{info}");
     for v in vcpus {
         let v = v.as_str().unwrap();
-        for field in ["rip ", "mp_state ", "lapic id ", "isr [", "lvtt ", "tsc_deadline "] {
+        for field in [
+            "rip ",
+            "mp_state ",
+            "lapic id ",
+            "isr [",
+            "lvtt ",
+            "tsc_deadline ",
+        ] {
             assert!(v.contains(field), "no {field:?} in {v}");
         }
     }
@@ -691,5 +698,174 @@ fn net_backend_errors() {
     );
     check(run(&["--net", "tap=tt0"]), "already in use");
     assert_eq!(api(&sock, "PUT", "/api/v1/vm.shutdown", "").0, 204);
+    assert!(child.0.wait().unwrap().success());
+}
+
+/// The hotplug API against a guest that never looks at its slots: adds and
+/// surprise removals work, an orderly removal times out (and by policy turns
+/// into a surprise one), and every bad request gets one clear error while
+/// the VM keeps running.
+#[test]
+fn hotplug_api_without_guest_cooperation() {
+    let dir = Scratch::new("hotplug");
+    let a = Asm::default();
+    let top = a.here();
+    let k = dir.kernel(&a.jmp_to(top).0);
+    let k = k.to_str().unwrap();
+    let ns = Netns::new("hotplug");
+    for tap in ["ht0", "ht1"] {
+        let st = ns
+            .exec(&["ip", "tuntap", "add", "dev", tap, "mode", "tap"])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    let sock = dir.path("api.sock");
+    let sock_s = sock.to_str().unwrap().to_string();
+    let child = ns
+        .exec(&[
+            TANDEM,
+            "run",
+            "--kernel",
+            k,
+            "--serial",
+            "off",
+            "--api-socket",
+            &sock_s,
+            "--net",
+            "id=boot0,tap=ht0,mac=52:54:00:00:01:01",
+        ])
+        .spawn()
+        .unwrap();
+    let mut child = Running(child);
+    wait_for(&sock);
+    let put = |path: &str, body: &str| api(&sock, "PUT", &format!("/api/v1/{path}"), body);
+
+    // Bad requests: each a 4xx with a reason, nothing changes.
+    for (body, status, needle) in [
+        ("", 400, "JSON object"),
+        ("[1]", 400, "JSON object"),
+        (
+            r#"{"mac": "52:54:00:00:01:09"}"#,
+            400,
+            "tap=NAME is required",
+        ),
+        (r#"{"tap": "ht1", "mac": "zz"}"#, 400, "MAC"),
+        (
+            r#"{"tap": "nosuch0", "mac": "52:54:00:00:01:09"}"#,
+            400,
+            "nosuch0",
+        ),
+        (r#"{"tap": "ht0", "mac": "52:54:00:00:01:09"}"#, 400, "ht0"),
+        (r#"{"tap": "ht1", "mac": "52:54:00:00:01:01"}"#, 400, "MAC"),
+        (
+            r#"{"id": "boot0", "tap": "ht1", "mac": "52:54:00:00:01:09"}"#,
+            400,
+            "duplicate id",
+        ),
+        (
+            r#"{"tap": "ht1", "mac": "52:54:00:00:01:09", "slot": 0}"#,
+            400,
+            "slot",
+        ),
+        (
+            r#"{"tap": "ht1", "mac": "52:54:00:00:01:09", "slot": 99}"#,
+            400,
+            "slot",
+        ),
+        (
+            r#"{"tap": "ht1,mac=52:54:00:00:01:09"}"#,
+            400,
+            "not allowed",
+        ),
+        (
+            r#"{"tap": "ht1", "mac": "52:54:00:00:01:09", "color": "red"}"#,
+            400,
+            "color",
+        ),
+    ] {
+        let (st, b) = put("vm.add-net", body);
+        assert_eq!(st, status, "add-net {body}: {b}");
+        assert!(b.contains(needle), "add-net {body}: want {needle:?} in {b}");
+    }
+    for (body, status, needle) in [
+        (r#"{"id": "nosuch"}"#, 404, "no device"),
+        (r#"{"id": "boot0", "timeout_ms": 0}"#, 400, "timeout_ms"),
+        (r#"{"id": "boot0", "timeout_ms": 60001}"#, 400, "timeout_ms"),
+        (r#"{"id": "boot0", "force": true}"#, 400, "force"),
+        (r#"{"surprise": true}"#, 400, "id"),
+    ] {
+        let (st, b) = put("vm.remove-device", body);
+        assert_eq!(st, status, "remove-device {body}: {b}");
+        assert!(
+            b.contains(needle),
+            "remove-device {body}: want {needle:?} in {b}"
+        );
+    }
+
+    // A hot-add takes the first free slot after boot0's.
+    let (st, b) = put(
+        "vm.add-net",
+        r#"{"id": "hp1", "tap": "ht1", "mac": "52:54:00:00:01:02"}"#,
+    );
+    assert_eq!(st, 200, "{b}");
+    assert!(b.contains(r#""bdf":"0000:00:02.0""#), "{b}");
+    let (_, info) = api(&sock, "GET", "/api/v1/vm.info", "");
+    assert!(
+        info.contains("hp1") && info.contains("pci 00:02.0"),
+        "{info}"
+    );
+
+    // This guest never ejects: an orderly removal times out and keeps the device...
+    let t0 = Instant::now();
+    let (st, b) = put("vm.remove-device", r#"{"id": "hp1", "timeout_ms": 300}"#);
+    assert_eq!(st, 504, "{b}");
+    assert!(b.contains("did not release"), "{b}");
+    assert!(t0.elapsed() >= Duration::from_millis(300));
+    let (_, info) = api(&sock, "GET", "/api/v1/vm.info", "");
+    assert!(info.contains("hp1"), "{info}");
+    // ...unless the policy says surprise.
+    let (st, b) = put(
+        "vm.remove-device",
+        r#"{"id": "hp1", "timeout_ms": 200, "on_timeout": "surprise"}"#,
+    );
+    assert_eq!(st, 200, "{b}");
+    assert!(b.contains("timeout-surprise"), "{b}");
+    // The tap is free again: the same NIC goes back into the same slot.
+    let (st, b) = put(
+        "vm.add-net",
+        r#"{"id": "hp1", "tap": "ht1", "mac": "52:54:00:00:01:02", "slot": 2}"#,
+    );
+    assert_eq!(st, 200, "{b}");
+    // The CLI: remove-device by surprise.
+    let out = run_bounded(
+        tandem(&[
+            "remote",
+            "--api-socket",
+            &sock_s,
+            "remove-device",
+            "hp1",
+            "--surprise",
+        ]),
+        Duration::from_secs(20),
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("surprise"));
+    let out = run_bounded(
+        tandem(&[
+            "remote",
+            "--api-socket",
+            &sock_s,
+            "remove-device",
+            "--surprise",
+        ]),
+        Duration::from_secs(20),
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let (_, info) = api(&sock, "GET", "/api/v1/vm.info", "");
+    assert!(!info.contains("hp1") && info.contains("boot0"), "{info}");
+    // Still alive.
+    assert_eq!(api(&sock, "GET", "/api/v1/vmm.ping", "").0, 200);
+    assert_eq!(put("vm.shutdown", "").0, 204);
     assert!(child.0.wait().unwrap().success());
 }
