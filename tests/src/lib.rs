@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod bench;
 pub mod cpio;
+pub mod guestnet;
 pub mod image;
 pub mod mode;
 pub mod qemu;

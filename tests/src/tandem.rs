@@ -88,16 +88,22 @@ impl Tandem {
 
     /// `tandem remote <cmd>`; its stdout.
     pub fn remote(&self, cmd: &str) -> crate::Result<String> {
+        self.remote_args(&[cmd])
+    }
+
+    /// `tandem remote <args...>`; its stdout, or an error with its stderr.
+    pub fn remote_args(&self, args: &[&str]) -> crate::Result<String> {
         let out = Command::new(&self.bin)
             .args(["remote", "--api-socket"])
             .arg(&self.api)
-            .arg(cmd)
+            .args(args)
             .output()
             .map_err(|e| err!("tandem remote: {e}"))?;
         if !out.status.success() {
             return Err(err!(
-                "tandem remote {cmd}: {}",
-                String::from_utf8_lossy(&out.stderr)
+                "tandem remote {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
             ));
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
@@ -154,20 +160,18 @@ fn vcpu_dump(bin: &Path, api: &Path, pid: u32) -> String {
             ));
         }
     }
-    let remote = |cmd: &str| {
-        match Command::new(bin)
-            .args(["remote", "--api-socket"])
-            .arg(api)
-            .arg(cmd)
-            .output()
-        {
-            Ok(o) => format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            ),
-            Err(e) => format!("tandem remote {cmd}: {e}"),
-        }
+    let remote = |cmd: &str| match Command::new(bin)
+        .args(["remote", "--api-socket"])
+        .arg(api)
+        .arg(cmd)
+        .output()
+    {
+        Ok(o) => format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(e) => format!("tandem remote {cmd}: {e}"),
     };
     let paused = remote("pause");
     let info = remote("info");

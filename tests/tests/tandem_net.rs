@@ -5,49 +5,12 @@
 use std::process::Command;
 use std::time::Duration;
 
+use harness::guestnet::{netdev_by_mac, up_and_ping};
 use harness::tandem::Tandem;
 use harness::{err, Agent, GuestEnv};
 
 const MAC_A: &str = "52:54:00:aa:00:01";
 const MAC_B: &str = "52:54:00:aa:00:02";
-
-/// The guest's netdev with this permanent MAC that virtio_net drives and
-/// that is not a failover master.
-fn netdev_by_mac(agent: &mut Agent, mac: &str) -> harness::Result<String> {
-    let out = agent.run_ok(&format!(
-        "for n in /sys/class/net/*; do d=$(readlink $n/device/driver 2>/dev/null); \
-         [ \"${{d##*/}}\" = virtio_net ] && [ \"$(cat $n/address)\" = {mac} ] && \
-         [ \"$(cat $n/phys_port_name 2>/dev/null)\" != \"\" -o ! -e $n/master ] && echo ${{n##*/}}; done; true"
-    ))?;
-    let devs: Vec<&str> = out.split_whitespace().collect();
-    // Without failover there is exactly one; with it, prefer the standby slave.
-    for d in &devs {
-        let ppn = agent.run_ok(&format!(
-            "cat /sys/class/net/{d}/phys_port_name 2>/dev/null; true"
-        ))?;
-        if ppn.trim() == "sby" {
-            return Ok(d.to_string());
-        }
-    }
-    devs.first()
-        .map(|s| s.to_string())
-        .ok_or_else(|| err!("no virtio_net netdev with MAC {mac}: {out:?}"))
-}
-
-fn up_and_ping(agent: &mut Agent, dev: &str, ip: &str) -> harness::Result<String> {
-    agent.run_ok(&format!(
-        "ip link set {dev} up && ip addr add {ip}/24 dev {dev}"
-    ))?;
-    // The first ping may wait for ARP and the bridge to learn.
-    let out = agent.run(
-        &format!("i=0; while ! ping -c 1 -W 1 {p} >/dev/null 2>&1 && [ $i -lt 20 ]; do i=$((i+1)); done; ping -c 3 -W 2 {p}", p = harness::PEER_IP),
-        Duration::from_secs(90),
-    )?;
-    if out.status != 0 {
-        return Err(err!("ping from {dev} failed: {}", out.stdout));
-    }
-    Ok(out.stdout)
-}
 
 fn feature_bit(agent: &mut Agent, dev: &str, bit: usize) -> harness::Result<bool> {
     let f = agent.run_ok(&format!("cat /sys/class/net/{dev}/device/features"))?;
