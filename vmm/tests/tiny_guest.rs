@@ -837,6 +837,26 @@ fn hotplug_api_without_guest_cooperation() {
         r#"{"id": "hp1", "tap": "ht1", "mac": "52:54:00:00:01:02", "slot": 2}"#,
     );
     assert_eq!(st, 200, "{b}");
+    // A reboot keeps the hot-added NIC in its slot.
+    assert_eq!(put("vm.reboot", "").0, 204);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, info) = api(&sock, "GET", "/api/v1/vm.info", "");
+        let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+        if v["boots"] == 2 {
+            assert!(
+                info.contains("hp1") && info.contains("pci 00:02.0"),
+                "{info}"
+            );
+            assert!(
+                info.contains("boot0") && info.contains("pci 00:01.0"),
+                "{info}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "no second boot: {info}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // The CLI: remove-device by surprise.
     let out = run_bounded(
         tandem(&[
