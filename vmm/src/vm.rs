@@ -309,5 +309,9 @@ impl Drop for Vm {
                 let _ = t.join();
             }
         }
+        // Break the PCI root <-> bus cycle so that every device is dropped
+        // now: a reboot reopens the same taps.
+        self.mmio.clear();
+        self.pio.clear();
     }
 }
