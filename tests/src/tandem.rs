@@ -160,18 +160,41 @@ fn vcpu_dump(bin: &Path, api: &Path, pid: u32) -> String {
             ));
         }
     }
-    let remote = |cmd: &str| match Command::new(bin)
-        .args(["remote", "--api-socket"])
-        .arg(api)
-        .arg(cmd)
-        .output()
-    {
-        Ok(o) => format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        ),
-        Err(e) => format!("tandem remote {cmd}: {e}"),
+    // Shown at once: the API calls below can hang if the VMM is stuck.
+    eprintln!("{out}");
+    // Each API call gets 20 s: a VMM whose control loop is stuck must not
+    // hold the report up for the client's full timeout.
+    let remote = |cmd: &str| {
+        let child = Command::new(bin)
+            .args(["remote", "--api-socket"])
+            .arg(api)
+            .arg(cmd)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn();
+        let mut child = match child {
+            Ok(c) => c,
+            Err(e) => return format!("tandem remote {cmd}: {e}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while matches!(child.try_wait(), Ok(None)) {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return format!(
+                    "tandem remote {cmd}: no answer within 20 s (control loop stuck?)\n"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        match child.wait_with_output() {
+            Ok(o) => format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => format!("tandem remote {cmd}: {e}"),
+        }
     };
     let paused = remote("pause");
     let info = remote("info");

@@ -226,6 +226,20 @@ harness::guest_test!(
             "for c in $(seq 0 $(($(nproc)-1))); do taskset -c $c ping -c 30 -i 0.02 -s 1000 {} >/dev/null & done; wait",
             harness::PEER_IP
         ))?;
+        // The driver resets the device and comes back (where CI once stalled).
+        let sby = netdev_by_mac(&mut agent, MAC_A)?;
+        let vdev = agent.run_ok(&format!("basename $(readlink -f /sys/class/net/{sby}/device)"))?;
+        agent.run_ok(&format!(
+            "echo {v} > /sys/bus/virtio/drivers/virtio_net/unbind; echo {v} > /sys/bus/virtio/drivers/virtio_net/bind",
+            v = vdev.trim()
+        ))?;
+        let mut dev = netdev_by_mac(&mut agent, MAC_A)?;
+        if i % 2 == 1 {
+            agent.run_ok(&format!("ip link set {dev} up"))?;
+            dev = agent.run_ok(&format!("basename $(readlink /sys/class/net/{dev}/master)"))?.trim().to_string();
+            agent.run_ok(&format!("ip addr flush dev {dev}"))?;
+        }
+        up_and_ping(&mut agent, &dev, "10.0.0.2")?;
         let _ = agent.run("poweroff -f", Duration::from_secs(2));
         assert_eq!(vm.wait_exit(Duration::from_secs(30))?, 0, "tandem exit status after poweroff");
         eprintln!("soak run {i} passed in {:.1} s", t0.elapsed().as_secs_f64());

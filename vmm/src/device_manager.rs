@@ -184,18 +184,35 @@ impl DeviceManager {
         self.nets
             .iter()
             .map(|n| {
-                let d = n.device.lock().unwrap_or_else(|e| e.into_inner());
                 let standby = if n.cfg.standby { ", standby" } else { "" };
+                // Never wait for a device: a vCPU or worker stuck while holding
+                // it is exactly what vm.info must be able to show.
+                let driver = match n.device.try_lock() {
+                    Ok(d) => format!(
+                        "driver status {:#x}, features {:#x}",
+                        d.status(),
+                        d.driver_features()
+                    ),
+                    Err(std::sync::TryLockError::Poisoned(p)) => {
+                        let d = p.into_inner();
+                        format!(
+                            "driver status {:#x}, features {:#x}",
+                            d.status(),
+                            d.driver_features()
+                        )
+                    }
+                    Err(std::sync::TryLockError::WouldBlock) => {
+                        "device busy: held by another thread".to_string()
+                    }
+                };
                 DeviceInfo {
                     id: n.cfg.id.clone(),
                     kind: "virtio-net".into(),
                     location: format!(
-                        "pci 00:{:02x}.0 (tap {}, mac {}{standby}, driver status {:#x}, features {:#x})",
+                        "pci 00:{:02x}.0 (tap {}, mac {}{standby}, {driver})",
                         n.slot,
                         n.cfg.tap,
                         format_mac(&n.cfg.mac),
-                        d.status(),
-                        d.driver_features()
                     ),
                 }
             })
