@@ -111,6 +111,12 @@ impl Scratch {
         std::fs::write(&p, elf(code)).unwrap();
         p
     }
+    /// A guest that spins forever doing nothing.
+    fn idle_kernel(&self) -> PathBuf {
+        let a = Asm::default();
+        let top = a.here();
+        self.kernel(&a.jmp_to(top).0)
+    }
     fn path(&self, n: &str) -> PathBuf {
         self.0.join(n)
     }
@@ -626,6 +632,13 @@ impl Netns {
         assert!(st.success(), "ip netns add (the tests run as root)");
         Self(name)
     }
+    fn add_tap(&self, name: &str) {
+        let st = self
+            .exec(&["ip", "tuntap", "add", "dev", name, "mode", "tap"])
+            .status()
+            .unwrap();
+        assert!(st.success(), "ip tuntap add {name}");
+    }
     fn exec(&self, args: &[&str]) -> Command {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.0])
@@ -644,16 +657,10 @@ impl Drop for Netns {
 #[test]
 fn net_backend_errors() {
     let dir = Scratch::new("neterr");
-    let a = Asm::default();
-    let top = a.here();
-    let k = dir.kernel(&a.jmp_to(top).0);
+    let k = dir.idle_kernel();
     let k = k.to_str().unwrap();
     let ns = Netns::new("neterr");
-    let st = ns
-        .exec(&["ip", "tuntap", "add", "dev", "tt0", "mode", "tap"])
-        .status()
-        .unwrap();
-    assert!(st.success());
+    ns.add_tap("tt0");
     let run = |args: &[&str]| {
         let mut full = vec![TANDEM, "run", "--kernel", k, "--serial", "off"];
         full.extend_from_slice(args);
@@ -708,18 +715,11 @@ fn net_backend_errors() {
 #[test]
 fn hotplug_api_without_guest_cooperation() {
     let dir = Scratch::new("hotplug");
-    let a = Asm::default();
-    let top = a.here();
-    let k = dir.kernel(&a.jmp_to(top).0);
+    let k = dir.idle_kernel();
     let k = k.to_str().unwrap();
     let ns = Netns::new("hotplug");
-    for tap in ["ht0", "ht1"] {
-        let st = ns
-            .exec(&["ip", "tuntap", "add", "dev", tap, "mode", "tap"])
-            .status()
-            .unwrap();
-        assert!(st.success());
-    }
+    ns.add_tap("ht0");
+    ns.add_tap("ht1");
     let sock = dir.path("api.sock");
     let sock_s = sock.to_str().unwrap().to_string();
     let child = ns
