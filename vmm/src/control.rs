@@ -632,6 +632,17 @@ impl Vmm {
                 location: "pio 0x600".into(),
             },
         ];
+        let (up, down) = vm.hotplug_pending();
+        devices.push(DeviceInfo {
+            id: "pci-hotplug".into(),
+            kind: "acpi-pci-hotplug".into(),
+            location: format!(
+                "pio {:#x}, GED gsi {} (unread: rescan {up:#x}, eject {down:#x}; removals waiting: {})",
+                devices::pci::hotplug::HOTPLUG_BASE,
+                devices::pci::hotplug::HOTPLUG_GSI,
+                self.pending.len()
+            ),
+        });
         devices.push(DeviceInfo {
             id: "host-bridge".into(),
             kind: "pci-host-bridge".into(),

@@ -283,6 +283,11 @@ impl Vm {
         Ok(slot)
     }
 
+    /// Slots flagged for the guest and not yet read by it: (rescan, eject).
+    pub fn hotplug_pending(&self) -> (u32, u32) {
+        self.hotplug().pending()
+    }
+
     /// Slots the guest ejected since the last call, with the device in each.
     pub fn take_ejected(&self) -> Vec<(usize, Option<String>)> {
         let bits = self.hotplug().take_ejected();
