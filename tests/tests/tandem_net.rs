@@ -246,3 +246,29 @@ harness::guest_test!(
     }
     Ok(())
 });
+
+harness::guest_test!(
+    #[ignore = "a soak run: TANDEM_SOAK_RUNS (default 20) driver unbind/rebind cycles under a ping flood in one guest, where CI once stalled"]
+    fn tandem_net_rebind_soak(env) {
+    let runs: usize = std::env::var("TANDEM_SOAK_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    let _tap = env.tap("tdrb0")?;
+    let (_vm, mut agent) = boot_with(env, "rebind", &["--net", &format!("id=net0,tap=tdrb0,mac={MAC_A}")])?;
+    let dev = netdev_by_mac(&mut agent, MAC_A)?;
+    up_and_ping(&mut agent, &dev, "10.0.0.2")?;
+    for i in 0..runs {
+        let t0 = std::time::Instant::now();
+        let dev = netdev_by_mac(&mut agent, MAC_A)?;
+        let vdev = agent.run_ok(&format!("basename $(readlink -f /sys/class/net/{dev}/device)"))?;
+        agent.run_ok(&format!(
+            "(ping -c 300 -i 0.01 -s 1400 {p} >/dev/null 2>&1 &); sleep 0.5; \
+             echo {v} > /sys/bus/virtio/drivers/virtio_net/unbind; sleep 0.2; \
+             echo {v} > /sys/bus/virtio/drivers/virtio_net/bind",
+            p = harness::PEER_IP,
+            v = vdev.trim()
+        ))?;
+        let dev = netdev_by_mac(&mut agent, MAC_A)?;
+        up_and_ping(&mut agent, &dev, "10.0.0.2")?;
+        eprintln!("rebind cycle {i} passed in {:.1} s", t0.elapsed().as_secs_f64());
+    }
+    Ok(())
+});
