@@ -61,6 +61,42 @@ fn secs_from_env(var: &str, default: u64) -> Duration {
     )
 }
 
+/// Removes a path when dropped.
+struct RemoveOnDrop(PathBuf);
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+/// Ask QEMU's monitor for L1's registers and the code at its RIP.
+fn l1_registers(monitor: &Path) -> String {
+    use std::os::unix::net::UnixStream;
+    let mut s = match UnixStream::connect(monitor) {
+        Ok(s) => s,
+        Err(e) => return format!("(monitor {}: {e})", monitor.display()),
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(1500)));
+    let _ = s.write_all(b"info registers\nx/8i $pc\ninfo lapic\n");
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        match std::io::Read::read(&mut s, &mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(_) => break,
+        }
+    }
+    // Drop the monitor's echo of what was typed (cursor-movement escapes).
+    String::from_utf8_lossy(&out)
+        .replace('\r', "")
+        .lines()
+        .filter(|l| !l.contains('\u{1b}'))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
@@ -119,25 +155,27 @@ impl TestHost {
         let stderr_file = fs::File::create(&stderr_log)
             .map_err(|e| err!("cannot create {}: {e}", stderr_log.display()))?;
 
+        let monitor = PathBuf::from(format!(
+            "/tmp/tandem-l1-{}-{stamp}.monitor",
+            std::process::id()
+        ));
+        let _monitor_guard = RemoveOnDrop(monitor.clone());
         let mut cmd = Command::new(qemu);
         cmd.args([
             "-accel", "tcg", "-cpu", "EPYC", "-machine", "q35", "-smp", "1", "-m", "4G",
         ])
-        .args([
-            "-nodefaults",
-            "-display",
-            "none",
-            "-monitor",
-            "none",
-            "-no-reboot",
-        ])
+        .args(["-nodefaults", "-display", "none", "-no-reboot"])
+        // A monitor on a short socket path: when L1 hangs, the watchdog asks
+        // it where L1's CPU is before killing it.
+        .arg("-monitor")
+        .arg(format!("unix:{},server,nowait", monitor.display()))
         .arg("-kernel")
         .arg(&host.kernel)
         .arg("-initrd")
         .arg(&host.initramfs)
         .arg("-append")
         .arg(format!(
-            "console=ttyS0 quiet panic=-1 intel_iommu=on iommu=pt TANDEM_WORK={}",
+            "console=ttyS0 quiet panic=-1 nokaslr intel_iommu=on iommu=pt TANDEM_WORK={}",
             workdir.display()
         ))
         .args(["-device", "intel-iommu,intremap=on,caching-mode=on"])
@@ -241,6 +279,9 @@ impl TestHost {
                 )
             };
             if limit.is_zero() {
+                let where_l1 = l1_registers(&monitor);
+                let _ = fs::write(workdir.join("l1-registers.txt"), &where_l1);
+                eprintln!("testhost: L1 hung; its CPU as the monitor shows it (System.map of the test-host kernel, nokaslr):\n{where_l1}");
                 let _ = child.kill();
                 let _ = child.wait();
                 let _ = relay.join();
