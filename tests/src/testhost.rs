@@ -281,7 +281,7 @@ impl TestHost {
             if limit.is_zero() {
                 let where_l1 = l1_registers(&monitor);
                 let _ = fs::write(workdir.join("l1-registers.txt"), &where_l1);
-                eprintln!("testhost: L1 hung; its CPU as the monitor shows it (System.map of the test-host kernel, nokaslr):\n{where_l1}");
+                eprintln!("testhost: L1 hung; its CPU as the monitor shows it (L1 boots nokaslr: look RIP up in its /proc/kallsyms; the package System.map is a stub):\n{where_l1}");
                 let _ = child.kill();
                 let _ = child.wait();
                 let _ = relay.join();
