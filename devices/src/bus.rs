@@ -73,14 +73,6 @@ impl Bus {
             .ok_or(BusError::NotFound(base))
     }
 
-    /// Remove every device. The PCI root and its config-space windows refer
-    /// to each other through the buses, so a VM that goes away empties them
-    /// to let its devices (and their taps) drop.
-    pub fn clear(&self) {
-        let old = std::mem::take(&mut *self.map.write().unwrap_or_else(|e| e.into_inner()));
-        drop(old);
-    }
-
     fn resolve(&self, addr: u64, size: usize) -> Option<(u64, u64, SharedDevice)> {
         let map = self.map.read().unwrap_or_else(|e| e.into_inner());
         let (&base, entry) = map.range(..=addr).next_back()?;

@@ -12,10 +12,8 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{channel, Receiver};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
-
-use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
 use api::{
@@ -93,23 +91,24 @@ struct PendingRemoval {
     reply: Sender<ApiResponse>,
 }
 
+/// The answer of a finished removal.
+fn removed(id: &str, slot: usize, how: &str, started: Instant) -> ApiResponse {
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    tracing::info!("device {id} removed from slot {slot} ({how}) after {elapsed_ms} ms");
+    serde_json::to_value(DeviceRemoved {
+        id: id.to_string(),
+        slot,
+        how: how.into(),
+        elapsed_ms,
+    })
+    .map_err(|e| ApiError::internal(e.to_string()))
+}
+
 impl PendingRemoval {
     fn answer(self, how: &str) {
-        tracing::info!(
-            "device {} removed from slot {} ({how}) after {} ms",
-            self.id,
-            self.slot,
-            self.started.elapsed().as_millis()
-        );
-        let done = DeviceRemoved {
-            id: self.id,
-            slot: self.slot,
-            how: how.into(),
-            elapsed_ms: self.started.elapsed().as_millis() as u64,
-        };
         let _ = self
             .reply
-            .send(serde_json::to_value(done).map_err(|e| ApiError::internal(e.to_string())));
+            .send(removed(&self.id, self.slot, how, self.started));
     }
 }
 
@@ -409,17 +408,11 @@ impl Vmm {
             let endpoint = msg.request.endpoint;
             let reply: ApiResponse = match endpoint {
                 Endpoint::VmAddNet => self.add_net(vm, &msg.request.body),
-                Endpoint::VmRemoveDevice => match self.remove_device(vm, &msg.request.body) {
-                    Ok(Some(done)) => Ok(done),
-                    // Answered when the guest releases the device, or at the deadline.
-                    Ok(None) => {
-                        if let Some(p) = self.pending.last_mut() {
-                            p.reply = msg.reply;
-                        }
-                        continue;
-                    }
-                    Err(e) => Err(e),
-                },
+                Endpoint::VmRemoveDevice => {
+                    // Answered now, or once the guest releases the device.
+                    self.remove_device(vm, &msg.request.body, msg.reply);
+                    continue;
+                }
                 Endpoint::Ping => Ok(serde_json::json!({
                     "version": env!("CARGO_PKG_VERSION"),
                     "pid": std::process::id(),
@@ -481,67 +474,69 @@ impl Vmm {
         .map_err(|e| ApiError::internal(e.to_string()))
     }
 
-    /// `vm.remove-device`: `Some` answer now (surprise), or `None` with a
-    /// [`PendingRemoval`] pushed (its reply filled in by the caller).
-    fn remove_device(
-        &mut self,
-        vm: &mut Vm,
-        body: &serde_json::Value,
-    ) -> Result<Option<serde_json::Value>, ApiError> {
-        let req: RemoveDevice = serde_json::from_value(body.clone())
-            .map_err(|e| ApiError::bad_request(format!("remove-device: {e}")))?;
+    /// `vm.remove-device`: answers `reply` at once (surprise, or a bad
+    /// request), or keeps it in a [`PendingRemoval`] until the guest ejects
+    /// the device or the deadline passes.
+    fn remove_device(&mut self, vm: &mut Vm, body: &serde_json::Value, reply: Sender<ApiResponse>) {
+        let req: RemoveDevice = match serde_json::from_value(body.clone()) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = reply.send(Err(ApiError::bad_request(format!("remove-device: {e}"))));
+                return;
+            }
+        };
+        let refuse = |e: ApiError| {
+            let _ = reply.send(Err(e));
+        };
         if !(1..=RemoveDevice::MAX_TIMEOUT_MS).contains(&req.timeout_ms) {
-            return Err(ApiError::bad_request(format!(
+            return refuse(ApiError::bad_request(format!(
                 "timeout_ms must be 1..={}",
                 RemoveDevice::MAX_TIMEOUT_MS
             )));
         }
         let Some(slot) = vm.devices().slot_of(&req.id) else {
-            return Err(ApiError::not_found(format!(
+            return refuse(ApiError::not_found(format!(
                 "no device with id {:?}",
                 req.id
             )));
         };
         if self.pending.iter().any(|p| p.id == req.id) && !req.surprise {
-            return Err(ApiError::conflict(format!(
+            return refuse(ApiError::conflict(format!(
                 "the removal of {} is already under way",
                 req.id
             )));
         }
         let started = Instant::now();
         if req.surprise {
-            vm.remove_device(&req.id, true)
-                .map_err(|e| ApiError::internal(e.to_string()))?;
-            self.cfg.nets.retain(|n| n.net.id != req.id);
+            if let Err(e) = self.drop_net(vm, &req.id, true) {
+                return refuse(ApiError::internal(e.to_string()));
+            }
             // An orderly removal of the same device is over too.
             for p in self.take_pending(&req.id) {
                 p.answer("surprise");
             }
-            tracing::info!("device {} removed by surprise from slot {slot}", req.id);
-            let done = DeviceRemoved {
-                id: req.id,
-                slot,
-                how: "surprise".into(),
-                elapsed_ms: started.elapsed().as_millis() as u64,
-            };
-            return serde_json::to_value(done)
-                .map(Some)
-                .map_err(|e| ApiError::internal(e.to_string()));
+            let _ = reply.send(removed(&req.id, slot, "surprise", started));
+            return;
         }
-        vm.request_eject(&req.id)
-            .map_err(|e| ApiError::internal(e.to_string()))?;
+        if let Err(e) = vm.request_eject(&req.id) {
+            return refuse(ApiError::internal(e.to_string()));
+        }
         tracing::info!("device {}: eject requested (slot {slot})", req.id);
-        // The reply channel is a placeholder until the caller moves the real one in.
-        let (placeholder, _) = std::sync::mpsc::channel();
         self.pending.push(PendingRemoval {
             id: req.id,
             slot,
             started,
             deadline: started + Duration::from_millis(req.timeout_ms),
             on_timeout: req.on_timeout,
-            reply: placeholder,
+            reply,
         });
-        Ok(None)
+    }
+
+    /// Take NIC `id` off the machine and out of the configuration.
+    fn drop_net(&mut self, vm: &mut Vm, id: &str, surprise: bool) -> Result<usize, VmError> {
+        let slot = vm.remove_device(id, surprise)?;
+        self.cfg.nets.retain(|n| n.net.id != id);
+        Ok(slot)
     }
 
     fn take_pending(&mut self, id: &str) -> Vec<PendingRemoval> {
@@ -559,11 +554,10 @@ impl Vmm {
                 tracing::debug!("the guest ejected slot {slot}, which is empty");
                 continue;
             };
-            if let Err(e) = vm.remove_device(&id, false) {
+            if let Err(e) = self.drop_net(vm, &id, false) {
                 tracing::warn!("device {id}: {e}");
                 continue;
             }
-            self.cfg.nets.retain(|n| n.net.id != id);
             let waiting = self.take_pending(&id);
             if waiting.is_empty() {
                 tracing::info!("device {id} in slot {slot} released by the guest on its own");
@@ -584,11 +578,10 @@ impl Vmm {
         for p in expired {
             match p.on_timeout {
                 OnTimeout::Surprise => {
-                    if let Err(e) = vm.remove_device(&p.id, true) {
+                    if let Err(e) = self.drop_net(vm, &p.id, true) {
                         let _ = p.reply.send(Err(ApiError::internal(e.to_string())));
                         continue;
                     }
-                    self.cfg.nets.retain(|n| n.net.id != p.id);
                     p.answer("timeout-surprise");
                 }
                 OnTimeout::Error => {

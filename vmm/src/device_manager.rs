@@ -187,24 +187,18 @@ impl DeviceManager {
                 let standby = if n.cfg.standby { ", standby" } else { "" };
                 // Never wait for a device: a vCPU or worker stuck while holding
                 // it is exactly what vm.info must be able to show.
-                let driver = match n.device.try_lock() {
-                    Ok(d) => format!(
+                let device = match n.device.try_lock() {
+                    Ok(d) => Some(d),
+                    Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+                    Err(std::sync::TryLockError::WouldBlock) => None,
+                };
+                let driver = device.map_or("device busy: held by another thread".into(), |d| {
+                    format!(
                         "driver status {:#x}, features {:#x}",
                         d.status(),
                         d.driver_features()
-                    ),
-                    Err(std::sync::TryLockError::Poisoned(p)) => {
-                        let d = p.into_inner();
-                        format!(
-                            "driver status {:#x}, features {:#x}",
-                            d.status(),
-                            d.driver_features()
-                        )
-                    }
-                    Err(std::sync::TryLockError::WouldBlock) => {
-                        "device busy: held by another thread".to_string()
-                    }
-                };
+                    )
+                });
                 DeviceInfo {
                     id: n.cfg.id.clone(),
                     kind: "virtio-net".into(),

@@ -144,12 +144,12 @@ impl Vm {
         pio.insert(Arc::new(Mutex::new(Rtc::new())), RTC_PORT, RTC_LEN)?;
         let pci = Arc::new(Mutex::new(PciRoot::new(mmio.clone(), pio.clone())));
         pio.insert(
-            Arc::new(Mutex::new(PciConfigIo::new(pci.clone()))),
+            Arc::new(Mutex::new(PciConfigIo::new(&pci))),
             CONFIG_IO_PORT,
             CONFIG_IO_LEN,
         )?;
         mmio.insert(
-            Arc::new(Mutex::new(PciConfigMmio::new(pci.clone()))),
+            Arc::new(Mutex::new(PciConfigMmio::new(&pci))),
             PCI_ECAM_START,
             ECAM_BUS0_SIZE,
         )?;
@@ -291,7 +291,7 @@ impl Vm {
     /// Slots the guest ejected since the last call, with the device in each.
     pub fn take_ejected(&self) -> Vec<(usize, Option<String>)> {
         let bits = self.hotplug().take_ejected();
-        (1..32)
+        (1..devices::pci::PCI_SLOTS)
             .filter(|s| bits & (1 << s) != 0)
             .map(|s| (s, self.devices.id_in(s).map(str::to_string)))
             .collect()
@@ -314,9 +314,5 @@ impl Drop for Vm {
                 let _ = t.join();
             }
         }
-        // Break the PCI root <-> bus cycle so that every device is dropped
-        // now: a reboot reopens the same taps.
-        self.mmio.clear();
-        self.pio.clear();
     }
 }

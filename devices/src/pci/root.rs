@@ -1,6 +1,6 @@
 //! The root bus and its two configuration-access mechanisms.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use thiserror::Error;
 
@@ -304,15 +304,28 @@ fn read_part(value: u32, offset: usize, data: &mut [u8]) {
     }
 }
 
+/// Run `f` on the root a config-space window serves. The windows sit on the
+/// buses the root maps BARs on, so they hold the root weakly: a strong
+/// reference would make a cycle that keeps every device (and its tap) alive
+/// after the VM is gone. None once the root is gone.
+fn with_root<T>(root: &Weak<Mutex<PciRoot>>, f: impl FnOnce(&mut PciRoot) -> T) -> Option<T> {
+    let root = root.upgrade()?;
+    let mut r = root.lock().unwrap_or_else(|e| e.into_inner());
+    Some(f(&mut r))
+}
+
 /// The legacy mechanism: an address latch at 0xCF8 and data at 0xCFC..0xCFF.
 pub struct PciConfigIo {
-    root: Arc<Mutex<PciRoot>>,
+    root: Weak<Mutex<PciRoot>>,
     address: u32,
 }
 
 impl PciConfigIo {
-    pub fn new(root: Arc<Mutex<PciRoot>>) -> Self {
-        Self { root, address: 0 }
+    pub fn new(root: &Arc<Mutex<PciRoot>>) -> Self {
+        Self {
+            root: Arc::downgrade(root),
+            address: 0,
+        }
     }
 
     /// (device, function, register) the latch selects on bus 0, if enabled.
@@ -335,14 +348,10 @@ impl BusDevice for PciConfigIo {
         match offset {
             0..=3 => read_part(self.address, offset as usize, data),
             4..=7 => {
-                let v = match self.target() {
-                    Some((d, f, r)) => self
-                        .root
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .config_read(d, f, r),
-                    None => 0xffff_ffff,
-                };
+                let v = self
+                    .target()
+                    .and_then(|(d, f, r)| with_root(&self.root, |root| root.config_read(d, f, r)))
+                    .unwrap_or(0xffff_ffff);
                 read_part(v, (offset - 4) as usize, data);
             }
             _ => data.fill(0xff),
@@ -362,10 +371,7 @@ impl BusDevice for PciConfigIo {
                     return;
                 }
                 if let Some((d, f, r)) = self.target() {
-                    self.root
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .config_write(d, f, r, off, data);
+                    with_root(&self.root, |root| root.config_write(d, f, r, off, data));
                 }
             }
             _ => {}
@@ -375,12 +381,14 @@ impl BusDevice for PciConfigIo {
 
 /// ECAM over bus 0.
 pub struct PciConfigMmio {
-    root: Arc<Mutex<PciRoot>>,
+    root: Weak<Mutex<PciRoot>>,
 }
 
 impl PciConfigMmio {
-    pub fn new(root: Arc<Mutex<PciRoot>>) -> Self {
-        Self { root }
+    pub fn new(root: &Arc<Mutex<PciRoot>>) -> Self {
+        Self {
+            root: Arc::downgrade(root),
+        }
     }
 
     fn decode(offset: u64) -> (usize, usize, usize, usize) {
@@ -398,11 +406,7 @@ impl BusDevice for PciConfigMmio {
             data.fill(0xff);
             return;
         }
-        let v = self
-            .root
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .config_read(d, f, r);
+        let v = with_root(&self.root, |root| root.config_read(d, f, r)).unwrap_or(0xffff_ffff);
         read_part(v, off, data);
     }
 
@@ -411,10 +415,7 @@ impl BusDevice for PciConfigMmio {
         if off + data.len() > 4 || offset >= ECAM_BUS0_SIZE {
             return;
         }
-        self.root
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .config_write(d, f, r, off, data);
+        with_root(&self.root, |root| root.config_write(d, f, r, off, data));
     }
 }
 
@@ -445,12 +446,9 @@ mod tests {
         let mmio = Arc::new(Bus::new());
         let pio = Arc::new(Bus::new());
         let root = Arc::new(Mutex::new(PciRoot::new(mmio.clone(), pio)));
-        (
-            root.clone(),
-            mmio,
-            PciConfigIo::new(root.clone()),
-            PciConfigMmio::new(root),
-        )
+        let io = PciConfigIo::new(&root);
+        let ecam = PciConfigMmio::new(&root);
+        (root, mmio, io, ecam)
     }
 
     fn cf8(io: &mut PciConfigIo, dev: u32, reg: u32) -> u32 {
