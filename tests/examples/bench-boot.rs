@@ -162,7 +162,7 @@ fn measure(args: &Args, mode: Mode, why: &str) -> harness::Result<Report> {
         "qemu".into(),
         format!(
             "{}; -machine q35 -accel kvm -cpu host -nodefaults, SeaBIOS, -kernel/-initrd",
-            bench::cmd_line("qemu-system-x86_64", &["--version"])
+            bench::cmd_line(&harness::qemu::reference_qemu(), &["--version"])
         ),
     ));
 

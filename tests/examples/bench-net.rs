@@ -640,7 +640,7 @@ fn measure(args: &Args, mode: Mode, why: &str) -> harness::Result<Report> {
         "qemu".into(),
         format!(
             "{}; -machine q35 -accel kvm -cpu host; -netdev tap,ifname=T,script=no,downscript=no,vhost=off[,queues=2] -device virtio-net-pci,bus=pcie.0[,mq=on,vectors=6]",
-            bench::cmd_line("qemu-system-x86_64", &["--version"])
+            bench::cmd_line(&harness::qemu::reference_qemu(), &["--version"])
         ),
     ));
     env.push((

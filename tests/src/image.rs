@@ -341,7 +341,24 @@ impl FileLock {
     }
 }
 
+/// Images built or found by this process: a recipe resolves the same way for the life
+/// of a test run, and asking apt again costs a second or two per test host.
+static BUILT: std::sync::Mutex<BTreeMap<String, GuestImage>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
 fn build(recipe: &Recipe) -> Result<GuestImage> {
+    let memo = recipe.text();
+    if let Some(image) = BUILT.lock().ok().and_then(|b| b.get(&memo).cloned()) {
+        return Ok(image);
+    }
+    let image = build_uncached(recipe)?;
+    if let Ok(mut b) = BUILT.lock() {
+        b.insert(memo, image.clone());
+    }
+    Ok(image)
+}
+
+fn build_uncached(recipe: &Recipe) -> Result<GuestImage> {
     check_prerequisites()?;
     let cache = target_dir()?.join("tandem-images");
     let debdir = cache.join("debs");
@@ -672,6 +689,9 @@ mount -t proc proc /proc
 stage() { read up _ < /proc/uptime; echo "TANDEM-STAGE $1 $up"; }
 fail() { stage "failed: $1"; echo "TANDEM-FAIL $1"; poweroff -f; }
 stage init
+# A heartbeat on the console: the watchdog tells a frozen L1 (no beat) from a
+# job that merely takes long (beats go on).
+( while :; do read up _ < /proc/uptime; echo "TANDEM-BEAT $up"; sleep 5; done ) &
 echo "1 4 1 7" > /proc/sys/kernel/printk
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev

@@ -164,8 +164,11 @@ impl GuestEnv {
         Ok(tap)
     }
 
-    /// `target/<profile>/tandem`, next to the test binary's `deps` dir.
+    /// `TANDEM_BIN`, else `target/<profile>/tandem`, next to the test binary's `deps` dir.
     pub fn tandem_bin(&self) -> Result<PathBuf> {
+        if let Some(bin) = std::env::var_os("TANDEM_BIN").filter(|b| !b.is_empty()) {
+            return Ok(PathBuf::from(bin));
+        }
         let exe = std::env::current_exe().map_err(|e| err!("cannot find the test binary: {e}"))?;
         let profile = exe
             .parent()

@@ -8,6 +8,16 @@ use crate::agent::Agent;
 use crate::image::GuestImage;
 use crate::{err, Result};
 
+/// The reference QEMU binary: `TANDEM_REFERENCE_QEMU` (for example an unpacked QEMU 7.2, see
+/// `scripts/qemu-7.2`), else `qemu-system-x86_64` on the PATH (QEMU 10 from
+/// bookworm-backports after `scripts/setup`).
+pub fn reference_qemu() -> String {
+    std::env::var("TANDEM_REFERENCE_QEMU")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "qemu-system-x86_64".into())
+}
+
 /// A running QEMU; killed when dropped.
 pub struct QemuVm {
     child: Child,
@@ -150,7 +160,8 @@ impl QemuBuilder {
         let _ = fs::remove_file(&qmp);
         let logf =
             fs::File::create(&log).map_err(|e| err!("cannot create {}: {e}", log.display()))?;
-        let mut cmd = Command::new("qemu-system-x86_64");
+        let qemu = reference_qemu();
+        let mut cmd = Command::new(&qemu);
         cmd.args([
             "-machine",
             "q35",
@@ -191,7 +202,7 @@ impl QemuBuilder {
             .stderr(logf);
         let child = cmd
             .spawn()
-            .map_err(|e| err!("cannot start qemu-system-x86_64: {e} (run scripts/setup)"))?;
+            .map_err(|e| err!("cannot start {qemu}: {e} (run scripts/setup)"))?;
         Ok(QemuVm {
             child,
             serial,

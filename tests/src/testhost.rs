@@ -48,6 +48,8 @@ pub struct TestHost {
     pub boot_timeout: Duration,
     /// Longest time the job may run.
     pub job_timeout: Duration,
+    /// Longest time L1 may go without a heartbeat on its console before it counts as frozen.
+    pub freeze_timeout: Duration,
     /// Extra environment for the job.
     pub env: Vec<(String, String)>,
 }
@@ -97,6 +99,14 @@ fn l1_registers(monitor: &Path) -> String {
         .join("\n")
 }
 
+/// The QEMU that runs L1: `TANDEM_TESTHOST_QEMU`, else `qemu-system-x86_64` on the PATH.
+pub fn testhost_qemu() -> String {
+    std::env::var("TANDEM_TESTHOST_QEMU")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "qemu-system-x86_64".into())
+}
+
 fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
@@ -110,6 +120,7 @@ impl TestHost {
             ),
             boot_timeout: secs_from_env("TANDEM_TESTHOST_BOOT_TIMEOUT", 120),
             job_timeout: secs_from_env("TANDEM_TESTHOST_JOB_TIMEOUT", 900),
+            freeze_timeout: secs_from_env("TANDEM_TESTHOST_FREEZE_TIMEOUT", 60),
             env: Vec::new(),
         }
     }
@@ -117,7 +128,8 @@ impl TestHost {
     /// Boots L1, runs `argv` (inside the chroot, cwd = this process's cwd) and returns
     /// its outcome. Errors mean the test host itself failed (not the job).
     pub fn run(&self, argv: &[String]) -> Result<JobOutcome> {
-        let qemu = "qemu-system-x86_64";
+        let qemu = testhost_qemu();
+        let qemu = qemu.as_str();
         if Command::new(qemu)
             .arg("--version")
             .stdout(Stdio::null())
@@ -240,6 +252,8 @@ impl TestHost {
         let mut stage = String::from("qemu-start");
         let mut stage_since = Instant::now();
         let mut boot_time = None;
+        let mut beats = 0;
+        let mut beat_since = Instant::now();
         let status = loop {
             match child.try_wait() {
                 Ok(Some(st)) => break st,
@@ -247,6 +261,25 @@ impl TestHost {
                 Err(e) => return Err(err!("waiting for {qemu}: {e}")),
             }
             let text = fs::read_to_string(&console).unwrap_or_default();
+            let n = text.matches("TANDEM-BEAT ").count();
+            if n != beats {
+                beats = n;
+                beat_since = Instant::now();
+            }
+            if beats > 0 && beat_since.elapsed() > self.freeze_timeout {
+                let where_l1 = l1_registers(&monitor);
+                let _ = fs::write(workdir.join("l1-registers.txt"), &where_l1);
+                eprintln!("testhost: L1 froze (no heartbeat for {:.0} s); its CPU as the monitor shows it (L1 boots nokaslr: look RIP up in its /proc/kallsyms):\n{where_l1}", beat_since.elapsed().as_secs_f64());
+                let _ = child.kill();
+                let _ = child.wait();
+                let _ = relay.join();
+                return Err(err!(
+                    "test host froze: no heartbeat for {:.0} s in stage `{stage}`, {:.0} s after start; registers and console log kept: {}",
+                    beat_since.elapsed().as_secs_f64(),
+                    started.elapsed().as_secs_f64(),
+                    workdir.display()
+                ));
+            }
             if let Some(last) = text
                 .lines()
                 .filter_map(|l| l.strip_prefix("TANDEM-STAGE "))
@@ -396,6 +429,8 @@ impl TestHost {
             "CARGO_TARGET_DIR",
             "TANDEM_TEST_LOG",
             "TANDEM_SOAK_RUNS",
+            "TANDEM_REFERENCE_QEMU",
+            "TANDEM_BIN",
         ] {
             if let Ok(v) = std::env::var(pass) {
                 env.push((pass.into(), v));
