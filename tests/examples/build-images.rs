@@ -1,15 +1,25 @@
-//! Builds (or finds in the cache) both images and prints their paths.
+//! Builds (or finds in the cache) every image and prints its paths and kernel:
+//! the test guest on each guest kernel, and the test host.
+use harness::image::{self, GuestKernel};
+
 fn main() {
-    for (name, r) in [
-        ("test-guest", harness::image::test_guest()),
-        ("test-host", harness::image::test_host()),
-    ] {
+    let mut images: Vec<(String, harness::Result<harness::GuestImage>)> = GuestKernel::ALL
+        .iter()
+        .map(|k| {
+            (
+                format!("test-guest ({})", k.source()),
+                image::test_guest_with(*k),
+            )
+        })
+        .collect();
+    images.push(("test-host".into(), image::test_host()));
+    for (name, r) in images {
         match r {
             Ok(i) => println!(
-                "{name}: kernel={} initramfs={} version={}",
+                "{name}: kernel {} ({}), initramfs {}",
+                i.kernel_version,
                 i.kernel.display(),
-                i.initramfs.display(),
-                i.kernel_version
+                i.initramfs.display()
             ),
             Err(e) => {
                 eprintln!("{name}: {e}");

@@ -38,61 +38,147 @@ impl GuestImage {
     }
 }
 
-/// The test guest: busybox, iperf3, virtio-net/failover/e1000e modules, the serial agent.
-pub fn test_guest() -> Result<GuestImage> {
-    if let (Ok(k), Ok(i)) = (
-        std::env::var("TANDEM_GUEST_KERNEL"),
-        std::env::var("TANDEM_GUEST_INITRAMFS"),
-    ) {
-        let kernel_version = std::env::var("TANDEM_GUEST_KERNEL_VERSION").unwrap_or_default();
-        return Ok(GuestImage {
-            kernel: k.into(),
-            initramfs: i.into(),
-            kernel_version,
-        });
-    }
-    build(&Recipe {
-        name: "test-guest",
-        extra_packages: &["iperf3", "libiperf0", "libsctp1", "libssl3", "libc6"],
-        modules: &[
-            ("virtio_pci", ""),
-            ("virtio_net", ""),
-            ("failover", ""),
-            ("net_failover", ""),
-            // Throttling off: QEMU 7.2's emulated e1000e (the test host's NIC behind VFIO)
-            // can abort on its throttling timer while MSI-X is enabled.
-            ("e1000e", "InterruptThrottleRate=0,0,0,0"),
-        ],
-        binaries: &["usr/bin/iperf3"],
-        init: GUEST_INIT,
-        extra_files: &[("bin/tandem-agent", AGENT)],
-    })
+/// The kernels the test guest is built with: guest behaviour Tandem relies on (acpiphp
+/// bus checks, net_failover enslaving, virtio reset) differs between kernel versions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum GuestKernel {
+    /// What `linux-image-amd64` depends on in Debian 12 itself (6.1).
+    Stable,
+    /// What it depends on in `bookworm-backports` (6.12 today: Debian 13's kernel).
+    Backports,
 }
+
+impl GuestKernel {
+    pub const ALL: [GuestKernel; 2] = [GuestKernel::Stable, GuestKernel::Backports];
+
+    /// The suffix of `TANDEM_GUEST_IMAGE_<KEY>`.
+    fn key(self) -> &'static str {
+        match self {
+            GuestKernel::Stable => "STABLE",
+            GuestKernel::Backports => "BACKPORTS",
+        }
+    }
+
+    /// Where the kernel package comes from.
+    pub fn source(self) -> &'static str {
+        match self {
+            GuestKernel::Stable => "Debian 12 (bookworm)",
+            GuestKernel::Backports => "bookworm-backports",
+        }
+    }
+}
+
+/// The test guest on Debian 12's own kernel.
+pub fn test_guest() -> Result<GuestImage> {
+    test_guest_with(GuestKernel::Stable)
+}
+
+/// The test guest (busybox, iperf3, virtio-net/failover/e1000e modules, the serial
+/// agent) on `kernel`. `TANDEM_GUEST_IMAGE_<STABLE|BACKPORTS>=kernel|initramfs|version`
+/// (how the test host passes its images in) or, for the stable kernel,
+/// `TANDEM_GUEST_KERNEL` + `TANDEM_GUEST_INITRAMFS` name a ready image instead.
+pub fn test_guest_with(kernel: GuestKernel) -> Result<GuestImage> {
+    let var = format!("TANDEM_GUEST_IMAGE_{}", kernel.key());
+    if let Ok(spec) = std::env::var(&var) {
+        let mut f = spec.split('|');
+        return match (f.next(), f.next(), f.next()) {
+            (Some(k), Some(i), Some(v)) if !k.is_empty() && !i.is_empty() => Ok(GuestImage {
+                kernel: k.into(),
+                initramfs: i.into(),
+                kernel_version: v.into(),
+            }),
+            _ => Err(err!("{var}={spec:?} is not kernel|initramfs|version")),
+        };
+    }
+    if let Ok(e) = std::env::var(format!("{var}_ERROR")) {
+        return Err(err!("no {} guest image: {e}", kernel.source()));
+    }
+    if kernel == GuestKernel::Stable {
+        if let (Ok(k), Ok(i)) = (
+            std::env::var("TANDEM_GUEST_KERNEL"),
+            std::env::var("TANDEM_GUEST_INITRAMFS"),
+        ) {
+            let kernel_version = std::env::var("TANDEM_GUEST_KERNEL_VERSION").unwrap_or_default();
+            return Ok(GuestImage {
+                kernel: k.into(),
+                initramfs: i.into(),
+                kernel_version,
+            });
+        }
+    }
+    build(&GUEST_RECIPE, kernel)
+}
+
+/// The environment that hands every guest image to a process in the test host (which
+/// cannot build them: the outer root is read-only there). An image that cannot be built
+/// is passed as `..._ERROR`, so only the tests that need it fail, with the reason.
+pub fn guest_images_env() -> Result<Vec<(String, String)>> {
+    let mut env = Vec::new();
+    for k in GuestKernel::ALL {
+        match test_guest_with(k) {
+            Ok(i) => env.push((
+                format!("TANDEM_GUEST_IMAGE_{}", k.key()),
+                format!(
+                    "{}|{}|{}",
+                    i.kernel.display(),
+                    i.initramfs.display(),
+                    i.kernel_version
+                ),
+            )),
+            Err(e) if k != GuestKernel::Stable => env.push((
+                format!("TANDEM_GUEST_IMAGE_{}_ERROR", k.key()),
+                e.to_string(),
+            )),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(env)
+}
+
+const GUEST_RECIPE: Recipe = Recipe {
+    name: "test-guest",
+    extra_packages: &["iperf3", "libiperf0", "libsctp1", "libssl3", "libc6"],
+    modules: &[
+        ("virtio_pci", ""),
+        ("virtio_net", ""),
+        ("failover", ""),
+        ("net_failover", ""),
+        // Throttling off: QEMU 7.2's emulated e1000e (the test host's NIC behind VFIO)
+        // can abort on its throttling timer while MSI-X is enabled.
+        ("e1000e", "InterruptThrottleRate=0,0,0,0"),
+    ],
+    binaries: &["usr/bin/iperf3"],
+    init: GUEST_INIT,
+    extra_files: &[("bin/tandem-agent", AGENT)],
+};
 
 /// The test host (L1): kvm_amd, VFIO, 9p, bridge/tun/veth; its init runs a harness job.
 pub fn test_host() -> Result<GuestImage> {
-    build(&Recipe {
-        name: "test-host",
-        extra_packages: &[],
-        modules: &[
-            ("virtio_pci", ""),
-            ("virtio_net", ""),
-            ("9pnet_virtio", ""),
-            ("9p", ""),
-            ("kvm", ""),
-            ("kvm_amd", ""),
-            ("vfio", ""),
-            ("vfio_iommu_type1", ""),
-            ("vfio_pci", ""),
-            ("bridge", ""),
-            ("tun", ""),
-            ("veth", ""),
-            ("vhost_net", ""),
-        ],
-        binaries: &[],
-        init: HOST_INIT,
-        extra_files: &[],
-    })
+    build(
+        &Recipe {
+            name: "test-host",
+            extra_packages: &[],
+            modules: &[
+                ("virtio_pci", ""),
+                ("virtio_net", ""),
+                ("9pnet_virtio", ""),
+                ("9p", ""),
+                ("kvm", ""),
+                ("kvm_amd", ""),
+                ("vfio", ""),
+                ("vfio_iommu_type1", ""),
+                ("vfio_pci", ""),
+                ("bridge", ""),
+                ("tun", ""),
+                ("veth", ""),
+                ("vhost_net", ""),
+            ],
+            binaries: &[],
+            init: HOST_INIT,
+            extra_files: &[],
+        },
+        GuestKernel::Stable,
+    )
 }
 
 struct Recipe {
@@ -189,12 +275,28 @@ fn check_prerequisites() -> Result<()> {
     Ok(())
 }
 
-/// The package the meta-package `linux-image-amd64` depends on today, preferring its
+/// The package the meta-package `linux-image-amd64` (of `kernel`'s suite) depends on today, preferring its
 /// `-unsigned` twin (same kernel, no signature wrapper). Returns (package, ABI).
-fn kernel_package() -> Result<(String, String)> {
+fn kernel_package(kernel: GuestKernel) -> Result<(String, String)> {
+    let meta = match kernel {
+        GuestKernel::Stable => "linux-image-amd64".to_string(),
+        GuestKernel::Backports => {
+            let out = run(
+                Command::new("apt-cache").args(["madison", "linux-image-amd64"]),
+                "apt-cache madison linux-image-amd64",
+            )?;
+            let version = out
+                .lines()
+                .find(|l| l.contains("bookworm-backports"))
+                .and_then(|l| l.split('|').nth(1))
+                .map(str::trim)
+                .ok_or_else(|| err!("apt knows no linux-image-amd64 in bookworm-backports: run scripts/setup (it adds the suite)"))?;
+            format!("linux-image-amd64={version}")
+        }
+    };
     let out = run(
-        Command::new("apt-cache").args(["depends", "linux-image-amd64"]),
-        "apt-cache depends linux-image-amd64",
+        Command::new("apt-cache").args(["depends", &meta]),
+        &format!("apt-cache depends {meta}"),
     )?;
     let dep = out
         .lines()
@@ -346,26 +448,26 @@ impl FileLock {
 static BUILT: std::sync::Mutex<BTreeMap<String, GuestImage>> =
     std::sync::Mutex::new(BTreeMap::new());
 
-fn build(recipe: &Recipe) -> Result<GuestImage> {
-    let memo = recipe.text();
+fn build(recipe: &Recipe, kernel: GuestKernel) -> Result<GuestImage> {
+    let memo = format!("{kernel:?}\n{}", recipe.text());
     if let Some(image) = BUILT.lock().ok().and_then(|b| b.get(&memo).cloned()) {
         return Ok(image);
     }
-    let image = build_uncached(recipe)?;
+    let image = build_uncached(recipe, kernel)?;
     if let Ok(mut b) = BUILT.lock() {
         b.insert(memo, image.clone());
     }
     Ok(image)
 }
 
-fn build_uncached(recipe: &Recipe) -> Result<GuestImage> {
+fn build_uncached(recipe: &Recipe, kernel: GuestKernel) -> Result<GuestImage> {
     check_prerequisites()?;
     let cache = target_dir()?.join("tandem-images");
     let debdir = cache.join("debs");
     fs::create_dir_all(&debdir).map_err(|e| err!("cannot create {}: {e}", debdir.display()))?;
     let _lock = FileLock::exclusive(&cache.join(".lock"))?;
 
-    let (kpkg, abi) = kernel_package()?;
+    let (kpkg, abi) = kernel_package(kernel)?;
     let mut packages = vec![kpkg, "busybox-static".to_string()];
     packages.extend(recipe.extra_packages.iter().map(|s| s.to_string()));
     let debs = resolve_debs(&packages)?;
@@ -455,7 +557,12 @@ fn assemble(recipe: &Recipe, root: &Path, abi: &str) -> Result<Vec<u8>> {
             let builtin_hit = builtin.lines().any(|l| {
                 l.rsplit('/')
                     .next()
-                    .map(|f| f.trim_end_matches(".ko").replace('-', "_") == name)
+                    .map(|f| {
+                        uncompressed_name(f)
+                            .trim_end_matches(".ko")
+                            .replace('-', "_")
+                            == name
+                    })
                     .unwrap_or(false)
             });
             if builtin_hit {
@@ -474,8 +581,10 @@ fn assemble(recipe: &Recipe, root: &Path, abi: &str) -> Result<Vec<u8>> {
         .collect();
     let mut load = String::new();
     for name in &order {
-        let rel = &index[name];
-        c.file(rel, 0o644, &read(&root.join(rel))?);
+        let (rel, ko) = (&index[name], read_module(&root.join(&index[name]))?);
+        // Written uncompressed: busybox's insmod takes plain ELF.
+        let rel = uncompressed_name(rel);
+        c.file(rel, 0o644, &ko);
         let p = params.get(name).copied().unwrap_or("");
         load.push_str(&format!("/{rel} {p}\n"));
     }
@@ -541,7 +650,7 @@ fn module_index(moddir: &Path) -> Result<BTreeMap<String, String>> {
             } else if let Some(name) = p
                 .file_name()
                 .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".ko"))
+                .and_then(|n| uncompressed_name(n).strip_suffix(".ko"))
             {
                 let rel = p
                     .strip_prefix(&root)
@@ -553,12 +662,47 @@ fn module_index(moddir: &Path) -> Result<BTreeMap<String, String>> {
         }
     }
     if index.is_empty() {
-        return Err(err!(
-            "no kernel modules under {} (compressed modules are not supported)",
-            moddir.display()
-        ));
+        return Err(err!("no kernel modules under {}", moddir.display()));
     }
     Ok(index)
+}
+
+/// Compression suffixes of kernel modules (Debian's 6.12 ships `.ko.xz`) and the tool
+/// that undoes each.
+const MODULE_COMPRESSION: [(&str, &str); 3] = [(".xz", "xz"), (".zst", "zstd"), (".gz", "gzip")];
+
+/// `foo.ko.xz` → `foo.ko`.
+fn uncompressed_name(name: &str) -> &str {
+    MODULE_COMPRESSION
+        .iter()
+        .find_map(|(suffix, _)| name.strip_suffix(suffix))
+        .unwrap_or(name)
+}
+
+/// A module's ELF, decompressed if its name says it is compressed.
+fn read_module(path: &Path) -> Result<Vec<u8>> {
+    let name = path.to_string_lossy();
+    let Some((_, tool)) = MODULE_COMPRESSION
+        .iter()
+        .find(|(suffix, _)| name.ends_with(suffix))
+    else {
+        return read(path);
+    };
+    let out = Command::new(tool)
+        .arg("-dc")
+        .arg(path)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| {
+            err!("cannot run `{tool}` to decompress {name}: {e} (scripts/setup installs xz-utils)")
+        })?;
+    if !out.status.success() {
+        return Err(err!(
+            "`{tool} -dc {name}` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(out.stdout)
 }
 
 fn visit(
@@ -576,7 +720,7 @@ fn visit(
             "module dependency `{name}` not found in the kernel package"
         ));
     };
-    for dep in modinfo_depends(&read(&root.join(rel))?) {
+    for dep in modinfo_depends(&read_module(&root.join(rel))?) {
         visit(&dep.replace('-', "_"), index, root, seen, order)?;
     }
     order.push(name.to_string());
@@ -725,17 +869,13 @@ mount -t tmpfs tmpfs /dev/shm
 mount -t devpts devpts /dev/pts
 stage network
 ip link set lo up
-brctl addbr br0 || fail "create br0"
+# Each job builds its own bridge over this uplink, in a network namespace of its own.
 uplink=
 for n in /sys/class/net/*; do
     drv=$(readlink $n/device/driver)
     [ "${drv##*/}" = virtio_net ] && uplink=${n##*/}
 done
 [ -n "$uplink" ] || fail "no virtio-net uplink"
-brctl addif br0 $uplink || fail "enslave $uplink"
-ip link set $uplink up
-ip link set br0 up
-ip addr add 10.0.0.1/24 dev br0 || fail "address br0"
 stage vfio
 nics=
 for d in /sys/bus/pci/devices/*; do
@@ -748,11 +888,27 @@ for d in /sys/bus/pci/devices/*; do
     nics="$nics $bdf:$g"
 done
 echo "TANDEM-VFIO$nics"
-stage job
-chroot /host /bin/sh "$TANDEM_WORK/job.sh" </dev/null >/dev/ttyS1 2>&1
-echo $? > "/host$TANDEM_WORK/exit-status"
+W="/host$TANDEM_WORK"
+n=1
+stage ready
+while :; do
+    if [ -e "$W/jobs/$n/job.sh" ]; then
+        stage "job-$n"
+        echo "TANDEM-JOB-START $n" > /dev/ttyS1
+        chroot /host /bin/sh "$TANDEM_WORK/jobs/$n/job.sh" </dev/null >/dev/ttyS1 2>&1
+        st=$?
+        echo $st > "$W/jobs/$n/exit-status"
+        echo "TANDEM-JOB-END $n $st" > /dev/ttyS1
+        stage ready
+        n=$((n+1))
+    elif [ -e "$W/poweroff" ]; then
+        break
+    else
+        sleep 0.2
+    fi
+done
 stage done
 sync
-umount "/host$TANDEM_WORK"
+umount "$W"
 poweroff -f
 "#;

@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 pub use agent::{Agent, CmdOutput};
-pub use image::GuestImage;
+pub use image::{GuestImage, GuestKernel};
 pub use mode::Mode;
 pub use qemu::QemuVm;
 
@@ -56,7 +56,9 @@ pub struct VfioNic {
 /// Everything a guest test needs, in either mode.
 pub struct GuestEnv {
     pub mode: Mode,
-    /// The test guest image.
+    /// Which kernel the test guest runs.
+    pub kernel: GuestKernel,
+    /// The test guest image (on that kernel).
     pub guest: GuestImage,
     /// Passthrough NICs (in the test host: two e1000e with MAC [`FAILOVER_MAC`]).
     pub vfio_nics: Vec<VfioNic>,
@@ -100,8 +102,8 @@ fn sh(args: &[&str]) -> Result<()> {
 }
 
 impl GuestEnv {
-    fn new(mode: Mode, test: &str) -> Result<GuestEnv> {
-        let guest = image::test_guest()?;
+    fn new(mode: Mode, test: &str, kernel: GuestKernel) -> Result<GuestEnv> {
+        let guest = image::test_guest_with(kernel)?;
         let vfio_nics = parse_vfio_nics(&std::env::var("TANDEM_VFIO_NICS").unwrap_or_default())?;
         let (base, owns_bridge, bridge) = if mode::in_testhost() {
             let w = std::env::var("TANDEM_WORKDIR")
@@ -142,6 +144,7 @@ impl GuestEnv {
         }
         Ok(GuestEnv {
             mode,
+            kernel,
             guest,
             vfio_nics,
             bridge,
@@ -237,23 +240,40 @@ fn parse_vfio_nics(spec: &str) -> Result<Vec<VfioNic>> {
     Ok(nics)
 }
 
-/// Runs one guest test: re-executes it inside the test host, or runs `body` here.
-/// Used by [`guest_test!`]; panics with a one-line reason on failure.
+/// Runs one guest test on Debian 12's kernel; see [`run_guest_test_on`].
 pub fn run_guest_test(module_path: &str, name: &str, body: impl FnOnce(&GuestEnv) -> TestResult) {
-    let (mode, why) = match Mode::detect() {
-        Ok(m) => m,
-        Err(e) => panic!("{name}: {e}"),
-    };
-    eprintln!("tandem-test {name}: mode {mode} ({why})");
+    run_guest_test_on(module_path, name, GuestKernel::Stable, body)
+}
+
+/// Runs one guest test with the test guest on `kernel`: as a job in the test binary's
+/// shared test host, or `body` here (direct mode, or already inside the test host).
+/// Used by [`guest_test!`] and [`guest_test_kernels!`]; panics with a one-line reason
+/// on failure.
+pub fn run_guest_test_on(
+    module_path: &str,
+    name: &str,
+    kernel: GuestKernel,
+    body: impl FnOnce(&GuestEnv) -> TestResult,
+) {
     // The libtest name: the module path without the crate, then the function.
     let test_path = match module_path.split_once("::") {
         Some((_, rest)) => format!("{rest}::{name}"),
         None => name.to_string(),
     };
+    // One name per test for its log dir, unique across a kernel matrix.
+    let tag = test_path.replace("::", "-");
+    let (mode, why) = match Mode::detect() {
+        Ok(m) => m,
+        Err(e) => panic!("{test_path}: {e}"),
+    };
+    eprintln!(
+        "tandem-test {test_path}: mode {mode} ({why}); guest kernel from {}",
+        kernel.source()
+    );
     if mode == Mode::TestHost && !mode::in_testhost() {
         let exe = match std::env::current_exe() {
             Ok(e) => e,
-            Err(e) => panic!("{name}: cannot find the test binary: {e}"),
+            Err(e) => panic!("{test_path}: cannot find the test binary: {e}"),
         };
         let argv: Vec<String> = vec![
             exe.display().to_string(),
@@ -264,19 +284,19 @@ pub fn run_guest_test(module_path: &str, name: &str, body: impl FnOnce(&GuestEnv
             "--nocapture".into(),
             "--test-threads=1".into(),
         ];
-        let outcome = match testhost::TestHost::new(name).run(&argv) {
+        let outcome = match testhost::run_shared(&tag, &argv) {
             Ok(o) => o,
-            Err(e) => panic!("{name}: {e}"),
+            Err(e) => panic!("{test_path}: {e}"),
         };
         if outcome.status != 0 {
             panic!(
-                "{name}: failed inside the test host (exit {}); output above, work dir kept: {}",
+                "{test_path}: failed inside the test host (exit {}); output above, logs kept in {}",
                 outcome.status,
-                outcome.workdir.display()
+                outcome.workdir.join(&tag).display()
             );
         }
         if !outcome.output.contains("test result: ok. 1 passed") {
-            panic!("{name}: the test host did not run `{test_path}` (no `1 passed` in its output)");
+            panic!("{test_path}: the test host did not run `{test_path}` (no `1 passed` in its output)");
         }
         return;
     }
@@ -284,23 +304,29 @@ pub fn run_guest_test(module_path: &str, name: &str, body: impl FnOnce(&GuestEnv
     let _lock = if mode == Mode::Direct {
         match image::FileLock::exclusive(Path::new(testhost::LOCK_PATH)) {
             Ok(l) => Some(l),
-            Err(e) => panic!("{name}: {e}"),
+            Err(e) => panic!("{test_path}: {e}"),
         }
     } else {
         None
     };
-    let env = match GuestEnv::new(mode, name) {
+    let env = match GuestEnv::new(mode, &tag, kernel) {
         Ok(env) => env,
-        Err(e) => panic!("{name}: {e}"),
+        Err(e) => panic!("{test_path}: {e}"),
     };
+    if !env.guest.kernel_version.is_empty() {
+        eprintln!(
+            "tandem-test {test_path}: guest kernel {}",
+            env.guest.kernel_version
+        );
+    }
     if let Err(e) = body(&env) {
-        panic!("{name}: {e} (work dir: {})", env.workdir.display());
+        panic!("{test_path}: {e} (work dir: {})", env.workdir.display());
     }
 }
 
 /// Declares a guest-boot test that runs in either mode:
 /// `guest_test!(fn name(env) { ...; Ok(()) });` — the body sees `env: &GuestEnv` and
-/// returns [`TestResult`].
+/// returns [`TestResult`]. The guest runs Debian 12's kernel.
 #[macro_export]
 macro_rules! guest_test {
     ($(#[$meta:meta])* fn $name:ident($env:ident) $body:block) => {
@@ -310,6 +336,35 @@ macro_rules! guest_test {
             $crate::run_guest_test(module_path!(), stringify!($name), |$env: &$crate::GuestEnv| -> $crate::TestResult {
                 $body
             });
+        }
+    };
+}
+
+/// Like [`guest_test!`], once per guest kernel ([`GuestKernel::ALL`]): a module `name`
+/// with the tests `name::bookworm` (Debian 12's 6.1) and `name::bookworm_backports`
+/// (6.12), each failing by its own name. `env.kernel` says which one runs.
+#[macro_export]
+macro_rules! guest_test_kernels {
+    ($(#[$meta:meta])* fn $name:ident($env:ident) $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            $(#[$meta])*
+            #[test]
+            fn bookworm() {
+                $crate::run_guest_test_on(module_path!(), "bookworm", $crate::GuestKernel::Stable, |$env: &$crate::GuestEnv| -> $crate::TestResult {
+                    $body
+                });
+            }
+
+            $(#[$meta])*
+            #[test]
+            fn bookworm_backports() {
+                $crate::run_guest_test_on(module_path!(), "bookworm_backports", $crate::GuestKernel::Backports, |$env: &$crate::GuestEnv| -> $crate::TestResult {
+                    $body
+                });
+            }
         }
     };
 }

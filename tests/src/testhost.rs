@@ -1,14 +1,32 @@
 //! The test host: an L1 Linux under QEMU TCG (AMD CPU model with SVM) where kvm_amd gives
 //! real KVM and a vIOMMU lets emulated e1000e NICs be bound to vfio-pci.
 //!
-//! One run: take `/tmp/tandem-testhost.lock` (test hosts never run concurrently on the
-//! 2-core machines), write `job.sh` into a fresh work dir under `target/tandem-runs/`,
-//! boot L1. L1's init (see `image::test_host`) mounts the outer root read-only over 9p and
-//! the work dir read-write *at the same path*, binds the e1000e NICs to vfio-pci, builds
-//! bridge `br0` (10.0.0.1/24) over its uplink, chroots into the outer root, runs job.sh
-//! with its output on ttyS1 (relayed here live), writes `exit-status`, powers off.
-//! L1's console (stage markers) goes to `l1-console.log`; a watchdog kills a hung L1 and
-//! names the stage it hung in.
+//! A [`Session`] is one booted L1 that runs *jobs* one after another:
+//!
+//! 1. Take `/tmp/tandem-testhost.lock` (test hosts never run concurrently on the 2-core
+//!    machines; the session holds it for its whole life) and boot L1 with a fresh work
+//!    dir under `target/tandem-runs/`, which L1 mounts read-write over 9p *at the same
+//!    path*; the outer root is mounted read-only and chrooted into.
+//! 2. L1's init (see `image::test_host`) binds the e1000e NICs to vfio-pci, then waits
+//!    in stage `ready` for `jobs/<n>/job.sh` in the work dir, n = 1, 2, ...
+//! 3. The harness writes a job; L1 runs it in the chroot with its output on ttyS1
+//!    (relayed here live, prefixed `[testhost]`), between `TANDEM-JOB-START n` and
+//!    `TANDEM-JOB-END n <status>` lines. Each job script makes its own network namespace
+//!    with bridge `br0` (10.0.0.1/24) over L1's uplink, runs the command in it, then
+//!    kills whatever is left in the namespace and deletes it: no tap, bridge or process
+//!    outlives its job.
+//! 4. A `poweroff` file in the work dir ends the loop; L1 powers off.
+//!
+//! L1 writes `TANDEM-STAGE` markers and a `TANDEM-BEAT` heartbeat every 5 s to its
+//! console (`l1-console.log`). The watchdog fails a job, naming the stage, when L1's
+//! heartbeat stops (`test host froze`: L1's registers are read from QEMU's monitor and
+//! saved as `l1-registers.txt`), when it does not reach `ready` or a job overruns
+//! (`test host hung`), or when the outer QEMU dies. Such a session is dead: it is killed
+//! and its work dir kept; [`run_shared`] boots a fresh one for the next job.
+//!
+//! Guest tests use [`run_shared`]: the test binary's guest tests share one L1. One-off
+//! runs (benchmarks, `testhost-run`, the freeze soak) use [`TestHost::run`]: a fresh L1
+//! for one job.
 
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
@@ -17,8 +35,8 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::image::{self, FileLock, GuestImage};
-use crate::{err, Result, FAILOVER_MAC};
+use crate::image::{self, FileLock};
+use crate::{err, Error, Result, FAILOVER_MAC};
 
 /// The lock every test-host run (and every direct-mode guest test) holds.
 pub const LOCK_PATH: &str = "/tmp/tandem-testhost.lock";
@@ -33,20 +51,20 @@ pub struct JobOutcome {
     pub status: i32,
     /// Everything the job printed (ttyS1), `\r` removed.
     pub output: String,
-    /// L1 boot: QEMU start to the `job` stage marker.
+    /// L1 boot: QEMU start to the `ready` stage marker.
     pub boot_time: Duration,
-    /// Total wall time of the run.
+    /// Wall time of the job (for [`TestHost::run`]: of the whole run, boot included).
     pub total_time: Duration,
-    /// The work dir (kept when the job failed).
+    /// The session's work dir (kept when a job failed).
     pub workdir: PathBuf,
 }
 
 /// Settings of one test-host run.
 pub struct TestHost {
     pub name: String,
-    /// Longest time from QEMU start to the `job` stage.
+    /// Longest time from QEMU start to the `ready` stage.
     pub boot_timeout: Duration,
-    /// Longest time the job may run.
+    /// Longest time one job may run.
     pub job_timeout: Duration,
     /// Longest time L1 may go without a heartbeat on its console before it counts as frozen.
     pub freeze_timeout: Duration,
@@ -71,15 +89,16 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-/// Ask QEMU's monitor for L1's registers and the code at its RIP.
-fn l1_registers(monitor: &Path) -> String {
+/// Sends `commands` (newline-separated) to QEMU's human monitor at `monitor` and returns
+/// what it answered within a few seconds, without the monitor's echo.
+pub fn monitor_command(monitor: &Path, commands: &str) -> String {
     use std::os::unix::net::UnixStream;
     let mut s = match UnixStream::connect(monitor) {
         Ok(s) => s,
         Err(e) => return format!("(monitor {}: {e})", monitor.display()),
     };
     let _ = s.set_read_timeout(Some(Duration::from_millis(1500)));
-    let _ = s.write_all(b"info registers\nx/8i $pc\ninfo lapic\n");
+    let _ = s.write_all(format!("{commands}\n").as_bytes());
     let mut out = Vec::new();
     let mut buf = [0u8; 8192];
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -125,12 +144,66 @@ impl TestHost {
         }
     }
 
-    /// Boots L1, runs `argv` (inside the chroot, cwd = this process's cwd) and returns
-    /// its outcome. Errors mean the test host itself failed (not the job).
+    /// Boots a fresh L1, runs `argv` (inside the chroot, cwd = this process's cwd) as its
+    /// only job and powers it off. Errors mean the test host itself failed (not the job).
     pub fn run(&self, argv: &[String]) -> Result<JobOutcome> {
+        let started = Instant::now();
+        let mut session = Session::boot(self)?;
+        let mut outcome = session.run_job(&self.name, argv)?;
+        drop(session);
+        outcome.total_time = started.elapsed();
+        eprintln!(
+            "testhost: run finished in {:.1} s (job status {})",
+            outcome.total_time.as_secs_f64(),
+            outcome.status
+        );
+        Ok(outcome)
+    }
+}
+
+/// What the watchdog waits for.
+enum Wait {
+    /// L1 reaching the `ready` stage.
+    Ready,
+    /// The end marker of job `n`.
+    Job(u32),
+}
+
+/// One booted L1 running jobs one after another (see the module docs). Dropping it
+/// powers L1 off (or kills it) and removes its work dir unless a job failed.
+pub struct Session {
+    settings: TestHost,
+    child: std::process::Child,
+    /// Dropping it ends the thread that forked QEMU, whose death kills QEMU (PDEATHSIG).
+    anchor: Option<std::sync::mpsc::Sender<()>>,
+    _lock: FileLock,
+    _monitor_guard: RemoveOnDrop,
+    relay: Option<std::thread::JoinHandle<()>>,
+    /// Everything L1 wrote on ttyS1.
+    output: Arc<Mutex<String>>,
+    qemu: String,
+    workdir: PathBuf,
+    console: PathBuf,
+    stderr_log: PathBuf,
+    monitor: PathBuf,
+    started: Instant,
+    boot_time: Duration,
+    stage: String,
+    stage_since: Instant,
+    beats: usize,
+    beat_since: Instant,
+    next_job: u32,
+    /// A job failed or L1 broke: keep the work dir.
+    keep: bool,
+    /// L1 is gone or was killed: no more jobs.
+    dead: bool,
+}
+
+impl Session {
+    /// Boots L1 and waits until it is ready for jobs.
+    pub fn boot(settings: &TestHost) -> Result<Session> {
         let qemu = testhost_qemu();
-        let qemu = qemu.as_str();
-        if Command::new(qemu)
+        if Command::new(&qemu)
             .arg("--version")
             .stdout(Stdio::null())
             .status()
@@ -141,38 +214,30 @@ impl TestHost {
             ));
         }
         let host = image::test_host()?;
-        let guest = image::test_guest()?;
-        let _lock = FileLock::exclusive(Path::new(LOCK_PATH))?;
+        let lock = FileLock::exclusive(Path::new(LOCK_PATH))?;
         let started = Instant::now();
-
         let stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis())
             .unwrap_or(0);
         let workdir = image::target_dir()?
             .join("tandem-runs")
-            .join(format!("{}-{stamp}", self.name));
-        fs::create_dir_all(&workdir)
+            .join(format!("{}-{stamp}", settings.name));
+        fs::create_dir_all(workdir.join("jobs"))
             .map_err(|e| err!("cannot create {}: {e}", workdir.display()))?;
         let workdir = workdir
             .canonicalize()
             .map_err(|e| err!("{}: {e}", workdir.display()))?;
-        fs::write(
-            workdir.join("job.sh"),
-            self.job_script(argv, &workdir, &guest)?,
-        )
-        .map_err(|e| err!("cannot write job.sh: {e}"))?;
         let console = workdir.join("l1-console.log");
         let stderr_log = workdir.join("qemu-stderr.log");
         let stderr_file = fs::File::create(&stderr_log)
             .map_err(|e| err!("cannot create {}: {e}", stderr_log.display()))?;
-
         let monitor = PathBuf::from(format!(
             "/tmp/tandem-l1-{}-{stamp}.monitor",
             std::process::id()
         ));
-        let _monitor_guard = RemoveOnDrop(monitor.clone());
-        let mut cmd = Command::new(qemu);
+
+        let mut cmd = Command::new(&qemu);
         cmd.args([
             "-accel", "tcg", "-cpu", "EPYC", "-machine", "q35", "-smp", "1", "-m", "4G",
         ])
@@ -220,7 +285,33 @@ impl TestHost {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr_file);
-        let mut child = cmd.spawn().map_err(|e| err!("cannot start {qemu}: {e}"))?;
+        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of
+        // the parent; it runs in the child between fork and exec.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        // QEMU is forked by a thread that lives as long as this session: its death
+        // (the session dropped, or this process exiting in any way) kills QEMU, so
+        // no L1 outlives the test binary that booted it.
+        let (child_tx, child_rx) = std::sync::mpsc::channel();
+        let (anchor_tx, anchor_rx) = std::sync::mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name("testhost-anchor".into())
+            .spawn(move || {
+                let _ = child_tx.send(cmd.spawn());
+                let _ = anchor_rx.recv();
+            })
+            .map_err(|e| err!("cannot start the test host's anchor thread: {e}"))?;
+        let mut child = child_rx
+            .recv()
+            .map_err(|_| err!("the test host's anchor thread ended"))?
+            .map_err(|e| err!("cannot start {qemu}: {e}"))?;
         let stdout = child
             .stdout
             .take()
@@ -248,153 +339,268 @@ impl TestHost {
             }
         });
 
-        // Watchdog: follow the stage markers on L1's console.
-        let mut stage = String::from("qemu-start");
-        let mut stage_since = Instant::now();
-        let mut boot_time = None;
-        let mut beats = 0;
-        let mut beat_since = Instant::now();
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(st)) => break st,
-                Ok(None) => {}
-                Err(e) => return Err(err!("waiting for {qemu}: {e}")),
+        let mut session = Session {
+            settings: TestHost {
+                name: settings.name.clone(),
+                env: settings.env.clone(),
+                ..*settings
+            },
+            child,
+            anchor: Some(anchor_tx),
+            _lock: lock,
+            _monitor_guard: RemoveOnDrop(monitor.clone()),
+            relay: Some(relay),
+            output,
+            qemu,
+            workdir,
+            console,
+            stderr_log,
+            monitor,
+            started,
+            boot_time: Duration::ZERO,
+            stage: "qemu-start".into(),
+            stage_since: Instant::now(),
+            beats: 0,
+            beat_since: Instant::now(),
+            next_job: 1,
+            keep: false,
+            dead: false,
+        };
+        session.wait_for(Wait::Ready)?;
+        session.boot_time = started.elapsed();
+        eprintln!(
+            "testhost: L1 ready for jobs in {:.1} s ({})",
+            session.boot_time.as_secs_f64(),
+            session.workdir.display()
+        );
+        Ok(session)
+    }
+
+    /// False once L1 broke or was killed.
+    pub fn is_alive(&self) -> bool {
+        !self.dead
+    }
+
+    /// QEMU's human monitor socket (see [`monitor_command`]).
+    pub fn monitor_path(&self) -> &Path {
+        &self.monitor
+    }
+
+    /// The session's work dir: L1's console log, QEMU's stderr, each job's logs.
+    pub fn workdir(&self) -> &Path {
+        &self.workdir
+    }
+
+    /// Runs `argv` in L1 as the next job. `name` names the job's own log dir in the work
+    /// dir (a guest test's `GuestEnv::workdir`), removed when the job passes. An error
+    /// means L1 itself failed; the session is then dead.
+    pub fn run_job(&mut self, name: &str, argv: &[String]) -> Result<JobOutcome> {
+        if self.dead {
+            return Err(err!("the test host is gone (an earlier job broke it)"));
+        }
+        let n = self.next_job;
+        self.next_job += 1;
+        let dir = self.workdir.join("jobs").join(n.to_string());
+        fs::create_dir_all(&dir).map_err(|e| err!("cannot create {}: {e}", dir.display()))?;
+        let script = self.job_script(n, name, argv)?;
+        let tmp = dir.join("job.sh.tmp");
+        fs::write(&tmp, script).map_err(|e| err!("cannot write {}: {e}", tmp.display()))?;
+        // Renamed into place: L1 never sees a half-written job.
+        fs::rename(&tmp, dir.join("job.sh")).map_err(|e| err!("cannot place job.sh: {e}"))?;
+        let from = self.output.lock().map(|o| o.len()).unwrap_or(0);
+        let t0 = Instant::now();
+        let status = match self.wait_for(Wait::Job(n)) {
+            Ok(st) => st,
+            Err(e) => {
+                self.keep = true;
+                return Err(err!("{e} (job `{name}`)"));
             }
-            let text = fs::read_to_string(&console).unwrap_or_default();
-            let n = text.matches("TANDEM-BEAT ").count();
-            if n != beats {
-                beats = n;
-                beat_since = Instant::now();
-            }
-            if beats > 0 && beat_since.elapsed() > self.freeze_timeout {
-                let where_l1 = l1_registers(&monitor);
-                let _ = fs::write(workdir.join("l1-registers.txt"), &where_l1);
-                eprintln!("testhost: L1 froze (no heartbeat for {:.0} s); its CPU as the monitor shows it (L1 boots nokaslr: look RIP up in its /proc/kallsyms):\n{where_l1}", beat_since.elapsed().as_secs_f64());
-                let _ = child.kill();
-                let _ = child.wait();
-                let _ = relay.join();
-                return Err(err!(
-                    "test host froze: no heartbeat for {:.0} s in stage `{stage}`, {:.0} s after start; registers and console log kept: {}",
-                    beat_since.elapsed().as_secs_f64(),
-                    started.elapsed().as_secs_f64(),
-                    workdir.display()
-                ));
-            }
-            if let Some(last) = text
-                .lines()
-                .filter_map(|l| l.strip_prefix("TANDEM-STAGE "))
-                .next_back()
-            {
-                let name = last.split_whitespace().next().unwrap_or("").to_string();
-                if name != stage {
-                    stage = name;
-                    stage_since = Instant::now();
-                    if stage == "job" {
-                        boot_time = Some(started.elapsed());
-                        eprintln!(
-                            "testhost: L1 booted to its job in {:.1} s",
-                            started.elapsed().as_secs_f64()
-                        );
-                    }
+        };
+        let text = self
+            .output
+            .lock()
+            .map(|o| o.get(from..).unwrap_or("").to_string())
+            .unwrap_or_default();
+        let begin = format!("TANDEM-JOB-START {n}\n");
+        let output = match text.find(&begin) {
+            Some(i) => text[i + begin.len()..].to_string(),
+            None => text,
+        };
+        let end = format!("TANDEM-JOB-END {n} ");
+        let output = match output.find(&end) {
+            Some(i) => output[..i].to_string(),
+            None => output,
+        };
+        if status == 0 {
+            let _ = fs::remove_dir_all(&dir);
+            let _ = fs::remove_dir_all(self.workdir.join(name));
+        } else {
+            self.keep = true;
+            eprintln!(
+                "testhost: job `{name}` failed (status {status}); work dir kept: {}",
+                self.workdir.display()
+            );
+        }
+        Ok(JobOutcome {
+            status,
+            output,
+            boot_time: self.boot_time,
+            total_time: t0.elapsed(),
+            workdir: self.workdir.clone(),
+        })
+    }
+
+    /// Follows L1 until `what` happens; for a job, returns its exit status. Any error
+    /// leaves the session dead (L1 killed, work dir kept).
+    fn wait_for(&mut self, what: Wait) -> Result<i32> {
+        let since = Instant::now();
+        loop {
+            match self.step(&what, since) {
+                Ok(Some(st)) => return Ok(st),
+                Ok(None) => std::thread::sleep(Duration::from_millis(100)),
+                Err(e) => {
+                    self.keep = true;
+                    self.kill();
+                    return Err(e);
                 }
             }
-            let (limit, what) = if boot_time.is_none() {
-                (
-                    self.boot_timeout
-                        .saturating_sub(started.elapsed().min(self.boot_timeout)),
-                    "boot",
-                )
-            } else {
-                (
-                    self.job_timeout
-                        .saturating_sub(stage_since.elapsed().min(self.job_timeout)),
-                    "job",
-                )
-            };
-            if limit.is_zero() {
-                let where_l1 = l1_registers(&monitor);
-                let _ = fs::write(workdir.join("l1-registers.txt"), &where_l1);
-                eprintln!("testhost: L1 hung; its CPU as the monitor shows it (L1 boots nokaslr: look RIP up in its /proc/kallsyms; the package System.map is a stub):\n{where_l1}");
-                let _ = child.kill();
-                let _ = child.wait();
-                let _ = relay.join();
-                return Err(err!(
-                    "test host hung: {what} timeout, stuck in stage `{stage}` after {:.0} s; console log kept: {}",
-                    started.elapsed().as_secs_f64(),
-                    console.display()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        };
-        let _ = relay.join();
-        let total_time = started.elapsed();
-        let output = output.lock().map(|o| o.clone()).unwrap_or_default();
+        }
+    }
 
-        let qemu_err = fs::read_to_string(&stderr_log).unwrap_or_default();
+    /// One look at L1: Some(status) when `what` happened, None to look again.
+    fn step(&mut self, what: &Wait, since: Instant) -> Result<Option<i32>> {
+        match self.child.try_wait() {
+            Ok(Some(st)) => return Err(self.death(st)),
+            Ok(None) => {}
+            Err(e) => return Err(err!("waiting for {}: {e}", self.qemu)),
+        }
+        let text = fs::read_to_string(&self.console).unwrap_or_default();
+        let beats = text.matches("TANDEM-BEAT ").count();
+        if beats != self.beats {
+            self.beats = beats;
+            self.beat_since = Instant::now();
+        }
+        if let Some(last) = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("TANDEM-STAGE "))
+            .next_back()
+        {
+            let name = last.split_whitespace().next().unwrap_or("");
+            if name != self.stage {
+                self.stage = name.to_string();
+                self.stage_since = Instant::now();
+            }
+        }
+        if let Some(f) = text.lines().find_map(|l| l.strip_prefix("TANDEM-FAIL ")) {
+            return Err(err!(
+                "test host init failed: {f}; console log kept: {}",
+                self.console.display()
+            ));
+        }
+        if self.beats > 0 && self.beat_since.elapsed() > self.settings.freeze_timeout {
+            self.dump_registers();
+            return Err(err!(
+                "test host froze: no heartbeat for {:.0} s in stage `{}`, {:.0} s after L1 started; L1's registers in {}",
+                self.beat_since.elapsed().as_secs_f64(),
+                self.stage,
+                self.started.elapsed().as_secs_f64(),
+                self.workdir.join("l1-registers.txt").display(),
+            ));
+        }
+        match what {
+            Wait::Ready => {
+                if self.stage == "ready" {
+                    return Ok(Some(0));
+                }
+                if since.elapsed() > self.settings.boot_timeout {
+                    self.dump_registers();
+                    return Err(err!(
+                        "test host hung: not ready for jobs after {:.0} s, stuck in stage `{}`; console log kept: {}",
+                        since.elapsed().as_secs_f64(),
+                        self.stage,
+                        self.console.display()
+                    ));
+                }
+            }
+            Wait::Job(n) => {
+                let end = format!("TANDEM-JOB-END {n} ");
+                let status = self.output.lock().ok().and_then(|o| {
+                    let i = o.rfind(&end)?;
+                    let rest = &o[i + end.len()..];
+                    let line = rest.lines().next()?;
+                    // Only a whole line: the relay may have pushed part of it.
+                    rest.contains('\n')
+                        .then(|| line.trim().parse::<i32>().ok())?
+                });
+                if let Some(st) = status {
+                    return Ok(Some(st));
+                }
+                if since.elapsed() > self.settings.job_timeout {
+                    self.dump_registers();
+                    return Err(err!(
+                        "test host hung: job {n} still running after {:.0} s in stage `{}` (L1 itself alive: its heartbeat goes on); work dir kept: {}",
+                        since.elapsed().as_secs_f64(),
+                        self.stage,
+                        self.workdir.display()
+                    ));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Saves L1's registers (from QEMU's monitor) as `l1-registers.txt` and prints them.
+    fn dump_registers(&self) {
+        let regs = monitor_command(&self.monitor, "info registers\nx/8i $pc\ninfo lapic");
+        let _ = fs::write(self.workdir.join("l1-registers.txt"), &regs);
+        eprintln!("testhost: L1's CPU as the monitor shows it (L1 boots nokaslr: look RIP up in its /proc/kallsyms; the package System.map is a stub):\n{regs}");
+    }
+
+    /// Why the outer QEMU is gone.
+    fn death(&mut self, st: std::process::ExitStatus) -> Error {
+        use std::os::unix::process::ExitStatusExt;
+        self.dead = true;
+        let qemu_err = fs::read_to_string(&self.stderr_log).unwrap_or_default();
+        let console = self.console.display();
+        let stage = &self.stage;
         if let Some(line) = qemu_err
             .lines()
             .find(|l| l.contains("Assertion") || l.contains("abort"))
         {
-            return Err(err!(
-                "test host died: outer QEMU aborted in stage `{stage}`: {}; console log kept: {}",
-                line.trim(),
-                console.display()
-            ));
-        }
-        use std::os::unix::process::ExitStatusExt;
-        if let Some(sig) = status.signal() {
-            return Err(err!(
-                "test host died: outer QEMU killed by signal {sig} in stage `{stage}`; console log kept: {}",
-                console.display()
-            ));
-        }
-        let console_text = fs::read_to_string(&console).unwrap_or_default();
-        if let Some(f) = console_text
-            .lines()
-            .find_map(|l| l.strip_prefix("TANDEM-FAIL "))
-        {
-            return Err(err!(
-                "test host init failed: {f}; console log kept: {}",
-                console.display()
-            ));
-        }
-        let status_text = fs::read_to_string(workdir.join("exit-status")).map_err(|_| {
-            let last = qemu_err.lines().rfind(|l| !l.contains("warning:")).unwrap_or("").trim().to_string();
-            err!(
-                "test host stopped without a job status in stage `{stage}` (QEMU {status}{}{last}); console log kept: {}",
-                if last.is_empty() { "" } else { ": " },
-                console.display()
-            )
-        })?;
-        let job_status: i32 = status_text.trim().parse().map_err(|_| {
-            err!(
-                "bad exit-status {:?} in {}",
-                status_text.trim(),
-                workdir.display()
-            )
-        })?;
-        eprintln!(
-            "testhost: run finished in {:.1} s (job status {job_status})",
-            total_time.as_secs_f64()
-        );
-        if job_status == 0 {
-            let _ = fs::remove_dir_all(&workdir);
-        } else {
-            eprintln!(
-                "testhost: job failed; work dir and console log kept: {}",
-                workdir.display()
+            return err!(
+                "test host died: outer QEMU aborted in stage `{stage}`: {}; console log kept: {console}",
+                line.trim()
             );
         }
-        Ok(JobOutcome {
-            status: job_status,
-            output,
-            boot_time: boot_time.unwrap_or(total_time),
-            total_time,
-            workdir,
-        })
+        if let Some(sig) = st.signal() {
+            return err!(
+                "test host died: outer QEMU killed by signal {sig} in stage `{stage}`; console log kept: {console}"
+            );
+        }
+        let text = fs::read_to_string(&self.console).unwrap_or_default();
+        if let Some(f) = text.lines().find_map(|l| l.strip_prefix("TANDEM-FAIL ")) {
+            return err!("test host init failed: {f}; console log kept: {console}");
+        }
+        let last = qemu_err
+            .lines()
+            .rfind(|l| !l.contains("warning:"))
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        err!(
+            "test host stopped in stage `{stage}` (QEMU {st}{}{last}); console log kept: {console}",
+            if last.is_empty() { "" } else { ": " },
+        )
     }
 
-    fn job_script(&self, argv: &[String], workdir: &Path, guest: &GuestImage) -> Result<String> {
+    /// Kills L1 at once.
+    fn kill(&mut self) {
+        self.dead = true;
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn job_script(&self, n: u32, name: &str, argv: &[String]) -> Result<String> {
         let cwd = std::env::current_dir().map_err(|e| err!("no current dir: {e}"))?;
         let nics: Vec<String> = VFIO_SLOTS
             .iter()
@@ -407,22 +613,11 @@ impl TestHost {
             ),
             ("HOME".into(), "/root".into()),
             ("TANDEM_IN_TESTHOST".into(), "1".into()),
-            ("TANDEM_WORKDIR".into(), workdir.display().to_string()),
-            (
-                "TANDEM_GUEST_KERNEL".into(),
-                guest.kernel.display().to_string(),
-            ),
-            (
-                "TANDEM_GUEST_INITRAMFS".into(),
-                guest.initramfs.display().to_string(),
-            ),
-            (
-                "TANDEM_GUEST_KERNEL_VERSION".into(),
-                guest.kernel_version.clone(),
-            ),
+            ("TANDEM_WORKDIR".into(), self.workdir.display().to_string()),
             ("TANDEM_VFIO_NICS".into(), nics.join(",")),
             ("TANDEM_BRIDGE".into(), "br0".into()),
         ];
+        env.extend(image::guest_images_env()?);
         for pass in [
             "RUST_BACKTRACE",
             "RUST_LOG",
@@ -436,8 +631,8 @@ impl TestHost {
                 env.push((pass.into(), v));
             }
         }
-        env.extend(self.env.iter().cloned());
-        let mut s = String::from("# written by the tandem test harness\n");
+        env.extend(self.settings.env.iter().cloned());
+        let mut s = format!("# written by the tandem test harness: job {n} ({name})\n");
         for (k, v) in env {
             s.push_str(&format!("export {k}={}\n", sh_quote(&v)));
         }
@@ -446,7 +641,111 @@ impl TestHost {
             sh_quote(&cwd.display().to_string())
         ));
         let args: Vec<String> = argv.iter().map(|a| sh_quote(a)).collect();
-        s.push_str(&format!("exec {}\n", args.join(" ")));
+        s.push_str(
+            &JOB_NETNS
+                .replace("@NS@", &format!("tandem-job-{n}"))
+                .replace("@ARGV@", &args.join(" ")),
+        );
         Ok(s)
+    }
+}
+
+/// The rest of every job script: the job's own network namespace with bridge `br0`
+/// (the peer address) over L1's uplink, the command in it, then everything left in
+/// the namespace killed and the namespace deleted (the uplink returns to L1's own).
+const JOB_NETNS: &str = r#"uplink=
+for n in /sys/class/net/*; do
+    drv=$(readlink -f "$n/device/driver" 2>/dev/null)
+    [ "${drv##*/}" = virtio_net ] && uplink=${n##*/}
+done
+[ -n "$uplink" ] || { echo "job: no virtio-net uplink in the test host"; exit 125; }
+ns=@NS@
+ip netns add $ns || exit 125
+ip link set "$uplink" netns $ns || exit 125
+ip -n $ns link set lo up &&
+ip -n $ns link add br0 type bridge &&
+ip -n $ns link set "$uplink" master br0 &&
+ip -n $ns link set "$uplink" up &&
+ip -n $ns link set br0 up &&
+ip -n $ns addr add 10.0.0.1/24 dev br0 || { echo "job: cannot build br0 in $ns"; exit 125; }
+ip netns exec $ns @ARGV@
+st=$?
+for p in $(ip netns pids $ns); do kill -9 $p 2>/dev/null; done
+ip netns del $ns
+i=0
+while [ ! -e "/sys/class/net/$uplink" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+[ -e "/sys/class/net/$uplink" ] || echo "job: the uplink $uplink did not come back from $ns"
+exit $st
+"#;
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if !self.dead {
+            // Ask L1 to power off; kill it if it does not within a few seconds.
+            let _ = fs::write(self.workdir.join("poweroff"), b"");
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            self.kill();
+        }
+        self.anchor.take();
+        if let Some(r) = self.relay.take() {
+            let _ = r.join();
+        }
+        if !self.keep {
+            let _ = fs::remove_dir_all(&self.workdir);
+        }
+    }
+}
+
+/// The test binary's shared test host: booted by the first guest test that needs it,
+/// replaced when a job broke it, stopped when the process exits.
+static SHARED: Mutex<Option<Session>> = Mutex::new(None);
+
+/// Powers the shared test host off now (the next [`run_shared`] boots a new one).
+pub fn stop_shared() {
+    let mut slot = SHARED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    drop(slot.take());
+}
+
+extern "C" fn stop_shared_at_exit() {
+    // At exit: power the shared L1 off and tidy its work dir. A test thread still
+    // holding the lock (a test timed out by an outer tool) leaves it to PDEATHSIG.
+    if let Ok(mut slot) = SHARED.try_lock() {
+        drop(slot.take());
+    }
+}
+
+/// Runs `argv` as job `name` in this process's shared test host, booting one first if
+/// there is none or the last one broke. Jobs run one at a time, in call order.
+pub fn run_shared(name: &str, argv: &[String]) -> Result<JobOutcome> {
+    static AT_EXIT: std::sync::Once = std::sync::Once::new();
+    AT_EXIT.call_once(|| {
+        // SAFETY: registers a plain `extern "C"` function that takes no arguments and
+        // does not unwind (Session::drop only ignores errors).
+        unsafe { libc::atexit(stop_shared_at_exit) };
+    });
+    let mut slot = SHARED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !slot.as_ref().is_some_and(Session::is_alive) {
+        // Drop a dead session first: it still holds the test-host lock.
+        *slot = None;
+        let binary = std::env::current_exe()
+            .ok()
+            .and_then(|e| e.file_stem().map(|s| s.to_string_lossy().into_owned()))
+            .map(|s| s.rsplit_once('-').map_or(s.clone(), |(b, _)| b.to_string()))
+            .unwrap_or_else(|| "tests".into());
+        *slot = Some(Session::boot(&TestHost::new(&format!("l1-{binary}")))?);
+    }
+    match slot.as_mut() {
+        Some(s) => s.run_job(name, argv),
+        None => Err(err!("no test host")),
     }
 }

@@ -15,7 +15,7 @@ fn mem_total_kib(agent: &mut Agent) -> harness::Result<u64> {
         .ok_or_else(|| err!("odd meminfo line {line:?}"))
 }
 
-harness::guest_test!(fn tandem_boots_linux_with_one_vcpu(env) {
+harness::guest_test_kernels!(fn tandem_boots_linux_with_one_vcpu(env) {
     let cmdline = format!("{} tandem.test=marker42", env.guest.cmdline());
     let mut vm = Tandem::spawn(env, "one", &["--cmdline", &cmdline, "--memory", "size=384M"])?;
     let mut agent = vm.agent(env, "one")?;

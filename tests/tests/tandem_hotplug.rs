@@ -20,7 +20,7 @@ fn field(json: &str, key: &str) -> String {
         .unwrap_or_default()
 }
 
-harness::guest_test!(fn tandem_hotplug_add_and_remove_net(env) {
+harness::guest_test_kernels!(fn tandem_hotplug_add_and_remove_net(env) {
     let _a = env.tap("tdhp0")?;
     let _b = env.tap("tdhp1")?;
     let mut vm = Tandem::spawn(env, "hp", &[])?;

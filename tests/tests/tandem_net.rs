@@ -23,7 +23,7 @@ fn boot_with(env: &GuestEnv, name: &str, extra: &[&str]) -> harness::Result<(Tan
     Ok((vm, agent))
 }
 
-harness::guest_test!(fn tandem_virtio_net_pings_peer(env) {
+harness::guest_test_kernels!(fn tandem_virtio_net_pings_peer(env) {
     let _tap = env.tap("tdtap0")?;
     let (vm, mut agent) = boot_with(env, "net", &["--net", &format!("id=net0,tap=tdtap0,mac={MAC_A}")])?;
     let dev = netdev_by_mac(&mut agent, MAC_A)?;
@@ -65,7 +65,7 @@ harness::guest_test!(fn tandem_virtio_net_pings_peer(env) {
     Ok(())
 });
 
-harness::guest_test!(fn tandem_standby_builds_failover_master(env) {
+harness::guest_test_kernels!(fn tandem_standby_builds_failover_master(env) {
     let _tap = env.tap("tdtap0")?;
     let (_vm, mut agent) = boot_with(env, "sby", &["--net", &format!("id=net0,tap=tdtap0,mac={MAC_A},standby=on")])?;
     let sby = netdev_by_mac(&mut agent, MAC_A)?;

@@ -1,0 +1,120 @@
+//! The test host's own failure handling, on a real L1: jobs run one after another in one
+//! L1 and report their status and output; a job that kills L1, an L1 that freezes and a
+//! job that overruns each fail that job by name with the logs kept; the shared test host
+//! boots a fresh L1 for the job after a broken one.
+
+use std::time::Duration;
+
+use harness::testhost::{self, monitor_command, Session, TestHost};
+
+fn sh(cmd: &str) -> Vec<String> {
+    vec!["/bin/sh".into(), "-c".into(), cmd.into()]
+}
+
+#[test]
+fn testhost_survives_broken_jobs() {
+    // Jobs in one L1: status, output, each in its own network namespace.
+    let host = TestHost::new("harness-jobs");
+    let mut s = Session::boot(&host).expect("boot L1");
+    let o = s
+        .run_job("first", &sh("echo hello-$((6*7)); ip -br link show br0"))
+        .expect("first job");
+    assert_eq!(o.status, 0, "{}", o.output);
+    assert!(o.output.contains("hello-42"), "{}", o.output);
+    assert!(
+        o.output.contains("br0"),
+        "the job's namespace has br0: {}",
+        o.output
+    );
+    // A tap left behind by a job goes with the job's namespace.
+    let o = s
+        .run_job(
+            "leaves-a-tap",
+            &sh("ip tuntap add dev tdleft mode tap && exit 3"),
+        )
+        .expect("second job");
+    assert_eq!(o.status, 3, "a job's exit status comes back: {}", o.output);
+    assert!(s.is_alive(), "a failing job leaves L1 alive");
+    let o = s
+        .run_job(
+            "after",
+            &sh("ip link show tdleft && echo LEAKED; ls /sys/class/net"),
+        )
+        .expect("third job");
+    assert!(
+        !o.output.contains("LEAKED"),
+        "the last job's tap leaked: {}",
+        o.output
+    );
+    // A job that kills L1 (kernel crash; L1 boots panic=-1 and QEMU -no-reboot).
+    let e = s
+        .run_job("crasher", &sh("echo c > /proc/sysrq-trigger; sleep 30"))
+        .expect_err("a job that crashes L1 is an error")
+        .to_string();
+    assert!(e.contains("crasher") && e.contains("test host"), "{e}");
+    assert!(!s.is_alive());
+    let workdir = s.workdir().to_path_buf();
+    drop(s);
+    assert!(
+        workdir.join("l1-console.log").exists(),
+        "logs kept after L1 died: {e}"
+    );
+    let _ = std::fs::remove_dir_all(&workdir);
+
+    // L1 freezes (its CPU stopped through QEMU's monitor): no heartbeat, registers saved.
+    let mut host = TestHost::new("harness-freeze");
+    host.freeze_timeout = Duration::from_secs(15);
+    let mut s = Session::boot(&host).expect("boot L1");
+    let monitor = s.monitor_path().to_path_buf();
+    let stopper = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(3));
+        monitor_command(&monitor, "stop")
+    });
+    let e = s
+        .run_job("frozen", &sh("sleep 300"))
+        .expect_err("a frozen L1 is an error")
+        .to_string();
+    let _ = stopper.join();
+    assert!(e.contains("froze") && e.contains("frozen"), "{e}");
+    let regs = std::fs::read_to_string(s.workdir().join("l1-registers.txt")).unwrap_or_default();
+    assert!(regs.contains("RIP="), "L1's registers are saved: {regs:?}");
+    let workdir = s.workdir().to_path_buf();
+    drop(s);
+    let _ = std::fs::remove_dir_all(&workdir);
+
+    // A job that overruns while L1 is fine: a hang, not a freeze.
+    let mut host = TestHost::new("harness-overrun");
+    host.job_timeout = Duration::from_secs(20);
+    let mut s = Session::boot(&host).expect("boot L1");
+    let e = s
+        .run_job("sleeper", &sh("sleep 300"))
+        .expect_err("an overrun is an error")
+        .to_string();
+    assert!(
+        e.contains("hung") && e.contains("heartbeat goes on") && e.contains("sleeper"),
+        "{e}"
+    );
+    let workdir = s.workdir().to_path_buf();
+    drop(s);
+    let _ = std::fs::remove_dir_all(&workdir);
+
+    // The shared test host: a job that breaks it, then a fresh L1 for the next one.
+    let e = testhost::run_shared("breaks-l1", &sh("echo c > /proc/sysrq-trigger; sleep 30"))
+        .expect_err("the job that crashed the shared L1 fails")
+        .to_string();
+    assert!(e.contains("breaks-l1"), "{e}");
+    let o =
+        testhost::run_shared("next", &sh("cat /proc/uptime")).expect("a fresh L1 for the next job");
+    assert_eq!(o.status, 0, "{}", o.output);
+    let uptime: f64 = o
+        .output
+        .split_whitespace()
+        .next()
+        .and_then(|u| u.parse().ok())
+        .unwrap_or(f64::MAX);
+    assert!(
+        uptime < 120.0,
+        "the next job ran in a fresh L1 (uptime {uptime} s)"
+    );
+    testhost::stop_shared();
+}
