@@ -507,7 +507,8 @@ impl Bench {
             (
                 "L1 (test host)".into(),
                 format!(
-                    "qemu-system-x86_64 -accel tcg -cpu EPYC -machine q35 -smp 1 -m 4G (booted to its job in {:.1} s)",
+                    "{} -accel tcg -cpu EPYC -machine q35 -smp 1 -m 4G (ready for its job in {:.1} s)",
+                    cmd_line(&testhost::testhost_qemu(), &["--version"]),
                     outcome.boot_time.as_secs_f64()
                 ),
             ),

@@ -328,9 +328,12 @@ impl Session {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {
                         let text = String::from_utf8_lossy(&line).replace('\r', "");
-                        // Written to the real stderr, not libtest's capture: live output.
-                        let _ =
-                            std::io::stderr().write_all(format!("[testhost] {text}").as_bytes());
+                        // Written to the real stderr, not libtest's capture: live output
+                        // (the job markers are for the watchdog, not for people).
+                        if !text.starts_with("TANDEM-JOB-") {
+                            let _ = std::io::stderr()
+                                .write_all(format!("[testhost] {text}").as_bytes());
+                        }
                         if let Ok(mut o) = out2.lock() {
                             o.push_str(&text);
                         }
