@@ -165,8 +165,8 @@ impl TestHost {
 enum Wait {
     /// L1 reaching the `ready` stage.
     Ready,
-    /// The end marker of job `n`.
-    Job(u32),
+    /// The end marker of job `n`, in the output from byte `from` on.
+    Job { n: u32, from: usize },
 }
 
 /// One booted L1 running jobs one after another (see the module docs). Dropping it
@@ -189,7 +189,6 @@ pub struct Session {
     started: Instant,
     boot_time: Duration,
     stage: String,
-    stage_since: Instant,
     beats: usize,
     beat_since: Instant,
     next_job: u32,
@@ -362,7 +361,6 @@ impl Session {
             started,
             boot_time: Duration::ZERO,
             stage: "qemu-start".into(),
-            stage_since: Instant::now(),
             beats: 0,
             beat_since: Instant::now(),
             next_job: 1,
@@ -408,11 +406,12 @@ impl Session {
         let script = self.job_script(n, name, argv)?;
         let tmp = dir.join("job.sh.tmp");
         fs::write(&tmp, script).map_err(|e| err!("cannot write {}: {e}", tmp.display()))?;
+        // Where this job's output starts: taken before L1 can see the job.
+        let from = self.output.lock().map(|o| o.len()).unwrap_or(0);
         // Renamed into place: L1 never sees a half-written job.
         fs::rename(&tmp, dir.join("job.sh")).map_err(|e| err!("cannot place job.sh: {e}"))?;
-        let from = self.output.lock().map(|o| o.len()).unwrap_or(0);
         let t0 = Instant::now();
-        let status = match self.wait_for(Wait::Job(n)) {
+        let status = match self.wait_for(Wait::Job { n, from }) {
             Ok(st) => st,
             Err(e) => {
                 self.keep = true;
@@ -470,8 +469,9 @@ impl Session {
         }
     }
 
-    /// One look at L1: Some(status) when `what` happened, None to look again.
-    fn step(&mut self, what: &Wait, since: Instant) -> Result<Option<i32>> {
+    /// L1 as a whole: an error when its QEMU is gone, its init failed or its heartbeat
+    /// stopped.
+    fn check_l1(&mut self) -> Result<()> {
         match self.child.try_wait() {
             Ok(Some(st)) => return Err(self.death(st)),
             Ok(None) => {}
@@ -491,7 +491,6 @@ impl Session {
             let name = last.split_whitespace().next().unwrap_or("");
             if name != self.stage {
                 self.stage = name.to_string();
-                self.stage_since = Instant::now();
             }
         }
         if let Some(f) = text.lines().find_map(|l| l.strip_prefix("TANDEM-FAIL ")) {
@@ -510,6 +509,12 @@ impl Session {
                 self.workdir.join("l1-registers.txt").display(),
             ));
         }
+        Ok(())
+    }
+
+    /// One look at L1: Some(status) when `what` happened, None to look again.
+    fn step(&mut self, what: &Wait, since: Instant) -> Result<Option<i32>> {
+        self.check_l1()?;
         match what {
             Wait::Ready => {
                 if self.stage == "ready" {
@@ -525,10 +530,11 @@ impl Session {
                     ));
                 }
             }
-            Wait::Job(n) => {
+            Wait::Job { n, from } => {
                 let end = format!("TANDEM-JOB-END {n} ");
                 let status = self.output.lock().ok().and_then(|o| {
-                    let i = o.rfind(&end)?;
+                    let o = o.get(*from..)?;
+                    let i = o.find(&end)?;
                     let rest = &o[i + end.len()..];
                     let line = rest.lines().next()?;
                     // Only a whole line: the relay may have pushed part of it.
@@ -737,6 +743,14 @@ pub fn run_shared(name: &str, argv: &[String]) -> Result<JobOutcome> {
     let mut slot = SHARED
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(s) = slot.as_mut().filter(|s| s.is_alive()) {
+        // Broken while idle between jobs: not the next job's fault.
+        if let Err(e) = s.check_l1() {
+            eprintln!("testhost: the shared L1 broke between jobs ({e}); booting a fresh one");
+            s.keep = true;
+            s.kill();
+        }
+    }
     if !slot.as_ref().is_some_and(Session::is_alive) {
         // Drop a dead session first: it still holds the test-host lock.
         *slot = None;
