@@ -382,6 +382,11 @@ impl Session {
         !self.dead
     }
 
+    /// Everything L1 wrote on its job console so far (every job's output and markers).
+    pub fn output(&self) -> String {
+        self.output.lock().map(|o| o.clone()).unwrap_or_default()
+    }
+
     /// QEMU's human monitor socket (see [`monitor_command`]).
     pub fn monitor_path(&self) -> &Path {
         &self.monitor
