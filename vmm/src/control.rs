@@ -149,8 +149,28 @@ impl Drop for TtyGuard {
 
 /// Remove a socket path left by a previous run, refusing one still in use.
 fn claim_socket_path(path: &Path, what: &str) -> io::Result<()> {
-    if !path.exists() {
-        return Ok(());
+    use std::os::unix::fs::FileTypeExt;
+    // Not followed: a link is not ours to replace, whatever it points to.
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(io::Error::new(
+                e.kind(),
+                format!("{what} {}: {e}", path.display()),
+            ))
+        }
+    };
+    // Tandem runs as root: only ever remove a stale *socket*, never a file someone
+    // named by mistake (`--serial socket=disk.img`).
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!(
+                "{what} {}: exists and is not a socket; refusing to replace it (choose another path)",
+                path.display()
+            ),
+        ));
     }
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
         return Err(io::Error::new(
@@ -670,5 +690,50 @@ impl Drop for Vmm {
         for p in &self.sockets {
             let _ = std::fs::remove_file(p);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claim_socket_path_removes_only_stale_sockets() {
+        let dir = std::env::temp_dir().join(format!("tandem-claim-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+
+        // Nothing there: fine.
+        claim_socket_path(&dir.join("none"), "--api-socket").unwrap();
+
+        // A regular file (a disk image named by mistake) is refused and kept.
+        let file = dir.join("disk.img");
+        std::fs::write(&file, b"precious").unwrap();
+        let e = claim_socket_path(&file, "--serial socket").unwrap_err();
+        assert!(e.to_string().contains("not a socket"), "{e}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"precious");
+
+        // So is a directory, and a symlink (even one to a stale socket).
+        let sub = dir.join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        assert!(claim_socket_path(&sub, "--api-socket").is_err());
+        assert!(sub.is_dir());
+        let stale = dir.join("stale.sock");
+        drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+        let link = dir.join("link.sock");
+        std::os::unix::fs::symlink(&stale, &link).unwrap();
+        assert!(claim_socket_path(&link, "--api-socket").is_err());
+        assert!(std::fs::symlink_metadata(&link).is_ok());
+
+        // A live socket is refused; a stale one is removed.
+        let live = dir.join("live.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&live).unwrap();
+        let e = claim_socket_path(&live, "--api-socket").unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+        drop(listener);
+        claim_socket_path(&stale, "--api-socket").unwrap();
+        assert!(!stale.exists());
+
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
