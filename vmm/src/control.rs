@@ -376,6 +376,7 @@ impl Vmm {
                         let _ = self.events.reset_evt.read();
                         tracing::info!("the guest reset; booting again");
                         vm.stop();
+                        self.forget_old_resets();
                         vm = self.boot()?;
                     }
                     Token::Error => {
@@ -407,11 +408,22 @@ impl Vmm {
                             tracing::info!("reboot requested through the API");
                             // Stop first: the new boot reopens the same taps.
                             vm.stop();
+                            self.forget_old_resets();
                             vm = self.boot()?;
                         }
                     },
                 }
             }
+        }
+    }
+
+    /// Drops reset requests the stopped VM made after the one being acted on: Linux
+    /// writes the ACPI reset register and then tries the i8042 too, and that second
+    /// request, made while the vCPUs were being stopped, must not reset the new boot.
+    /// Only called once every vCPU of the old VM has stopped.
+    fn forget_old_resets(&self) {
+        if let Ok(n) = self.events.reset_evt.read() {
+            tracing::debug!("dropped {n} further reset request(s) of the old boot");
         }
     }
 

@@ -372,6 +372,75 @@ fn reset_boots_again() {
     }
 }
 
+/// Linux resets through the ACPI reset register and then tries the i8042 as well: the
+/// requests the old boot made while it was being stopped must not reset the new one.
+/// The guest prints `boot`, waits for a byte on COM1 and, given `r`, writes the ACPI
+/// reset register and then the i8042 reset command over and over; given nothing, it
+/// halts. One `r` must make exactly one more boot.
+#[test]
+fn a_double_reset_request_resets_once() {
+    let dir = Scratch::new("double-reset");
+    let a = Asm::default().print("boot\n");
+    let wait = a.here();
+    let a = a.mov_dx(0x3fd).in_al().raw(&[0xa8, 0x01]); // test al, 1
+    let a = a.raw(&[0x74, 0x00]); // jz wait (patched below)
+    let jz_at = a.here() - 1;
+    let a = a.mov_dx(0x3f8).in_al().raw(&[0x3c, b'r']); // cmp al, 'r'
+    let a = a.raw(&[0x74, 0x01]).hlt(); // je +1 over the hlt
+    let a = a.mov_dx(0x604).mov_al(1).out(); // the ACPI reset register
+    let a = a.raw(&[0xb9]).raw(&1_000_000u32.to_le_bytes()); // mov ecx, 1000000
+    let again = a.here();
+    let a = a.mov_dx(0x64).mov_al(0xfe).out().raw(&[0xff, 0xc9]); // i8042 reset; dec ecx
+    let rel = again as i64 - (a.here() as i64 + 2);
+    let mut a = a.raw(&[0x75, rel as i8 as u8]).hlt(); // jnz again
+    a.0[jz_at] = (wait as i64 - (jz_at as i64 + 1)) as i8 as u8;
+    let k = dir.kernel(&a.0);
+    let serial = dir.path("serial.sock");
+    let sock = dir.path("api.sock");
+    let child = tandem(&[
+        "run",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--serial",
+        &format!("socket={}", serial.display()),
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ])
+    .stdout(Stdio::null())
+    .spawn()
+    .unwrap();
+    let mut child = Running(child);
+    wait_for(&serial);
+    wait_for(&sock);
+    let mut s = UnixStream::connect(&serial).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut out = Vec::new();
+    let mut read_until = |s: &mut UnixStream, boots: usize, limit: Duration| {
+        let deadline = Instant::now() + limit;
+        let mut buf = [0u8; 256];
+        while Instant::now() < deadline {
+            if String::from_utf8_lossy(&out).matches("boot\n").count() >= boots {
+                return;
+            }
+            if let Ok(n) = s.read(&mut buf) {
+                out.extend_from_slice(&buf[..n]);
+            }
+        }
+    };
+    read_until(&mut s, 1, Duration::from_secs(20));
+    s.write_all(b"r").unwrap();
+    read_until(&mut s, 2, Duration::from_secs(20));
+    // Long enough for a leftover request to reset the new boot.
+    read_until(&mut s, 3, Duration::from_secs(2));
+    let (_, body) = api(&sock, "GET", "/api/v1/vm.info", "");
+    let info: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(info["boots"], 2, "one reset sequence, one reboot: {info}");
+    assert_eq!(String::from_utf8_lossy(&out).matches("boot\n").count(), 2);
+    assert_eq!(api(&sock, "PUT", "/api/v1/vm.shutdown", "").0, 204);
+    assert!(child.0.wait().unwrap().success());
+}
+
 /// A guest printing forever: paused, its output stops; resumed, it goes on.
 #[test]
 fn api_pause_resume_info_and_errors() {
