@@ -68,9 +68,12 @@ impl PciHotplug {
         }
     }
 
-    /// Ask the guest to rescan `slot` (a device arrived or vanished).
+    /// Ask the guest to rescan `slot` (a device arrived or vanished). An eject request
+    /// for the slot's old occupant that the guest has not read yet is void: the guest
+    /// must not eject a device that arrives in the slot later because of it.
     pub fn notify_changed(&mut self, slot: usize) {
         self.up |= Self::bit(slot);
+        self.down &= !Self::bit(slot);
         self.ejected &= !Self::bit(slot);
         self.raise();
     }
@@ -151,6 +154,21 @@ mod tests {
         assert_eq!(ej.read().unwrap(), 1);
         assert_eq!(h.take_ejected(), 1 << 5);
         assert_eq!(h.take_ejected(), 0);
+    }
+
+    #[test]
+    fn a_changed_slot_drops_the_unread_eject_request_of_its_old_device() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let ej = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut h = PciHotplug::new(irq, ej);
+        // Eject requested for the device in slot 5 and in slot 6; slot 5's device is
+        // then removed by surprise (or a new one is added there) before the guest read
+        // DOWN: only slot 6's request is left for the guest to see.
+        h.request_eject(5);
+        h.request_eject(6);
+        h.notify_changed(5);
+        assert_eq!(h.pending(), (1 << 5, 1 << 6));
+        assert_eq!(read32(&mut h, DOWN_OFFSET), 1 << 6);
     }
 
     #[test]
