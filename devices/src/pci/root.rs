@@ -34,10 +34,21 @@ pub enum PciRootError {
     },
 }
 
+/// One BAR of a device in a slot: where the guest placed it and whether it is on the bus.
+#[derive(Clone, Copy)]
+struct PlacedBar {
+    bar: usize,
+    kind: BarKind,
+    base: u64,
+    len: u64,
+    /// False when the guest placed it over something else: it is not on the bus, and
+    /// removing the device must not unmap what is at `base` (another device's BAR).
+    on_bus: bool,
+}
+
 struct Slot {
     device: SharedPciDevice,
-    /// BARs currently placed on a bus: (bar index, kind, base).
-    mapped: Vec<(usize, BarKind, u64, u64)>,
+    bars: Vec<PlacedBar>,
 }
 
 /// Bus 0: slot 0 holds the host bridge; devices go in 1..32.
@@ -60,7 +71,7 @@ impl PciRoot {
         };
         root.slots[0] = Some(Slot {
             device: Arc::new(Mutex::new(HostBridge::new())),
-            mapped: vec![],
+            bars: vec![],
         });
         root
     }
@@ -84,18 +95,27 @@ impl PciRoot {
         if entry.is_some() {
             return Err(PciRootError::SlotBusy(slot));
         }
-        let mut mapped = Vec::new();
+        let mut placed: Vec<PlacedBar> = Vec::new();
         for &(bar, kind, base, len) in bars {
             self.clear_tombstones(kind, base, len);
             if let Err(source) = self.map_bar(&device, bar, kind, base, len) {
-                for &(_, k, b, _) in &mapped {
-                    let _ = self.bus(k).remove(b);
+                for p in &placed {
+                    let _ = self.bus(p.kind).remove(p.base);
                 }
                 return Err(PciRootError::MapBar { slot, bar, source });
             }
-            mapped.push((bar, kind, base, len));
+            placed.push(PlacedBar {
+                bar,
+                kind,
+                base,
+                len,
+                on_bus: true,
+            });
         }
-        self.slots[slot] = Some(Slot { device, mapped });
+        self.slots[slot] = Some(Slot {
+            device,
+            bars: placed,
+        });
         Ok(())
     }
 
@@ -110,8 +130,8 @@ impl PciRoot {
             .ok_or(PciRootError::BadSlot(slot))?
             .take()
             .ok_or(PciRootError::SlotEmpty(slot))?;
-        for (_, kind, base, _) in s.mapped {
-            let _ = self.bus(kind).remove(base);
+        for p in s.bars.iter().filter(|p| p.on_bus) {
+            let _ = self.bus(p.kind).remove(p.base);
         }
         Ok(s.device)
     }
@@ -124,12 +144,15 @@ impl PciRoot {
     /// answers on real hardware, keeps Linux 6.1's virtio-pci in that loop
     /// forever). A device mapped over the range later replaces the tombstone.
     pub fn surprise_remove(&mut self, slot: usize) -> Result<SharedPciDevice, PciRootError> {
-        let mapped = match self.slots.get(slot) {
-            Some(Some(s)) if slot != 0 => s.mapped.clone(),
+        let placed: Vec<PlacedBar> = match self.slots.get(slot) {
+            Some(Some(s)) if slot != 0 => s.bars.iter().filter(|p| p.on_bus).copied().collect(),
             _ => vec![],
         };
         let device = self.remove(slot)?;
-        for (_, kind, base, len) in mapped {
+        for PlacedBar {
+            kind, base, len, ..
+        } in placed
+        {
             if self
                 .bus(kind)
                 .insert(Arc::new(Mutex::new(Tombstone)), base, len)
@@ -213,23 +236,29 @@ impl PciRoot {
             return;
         };
         let device = slot.device.clone();
-        let Some(pos) = slot.mapped.iter().position(|m| m.0 == mv.bar) else {
+        let Some(pos) = slot.bars.iter().position(|p| p.bar == mv.bar) else {
             return;
         };
-        let (bar, kind, old, len) = slot.mapped[pos];
-        let _ = self.bus(kind).remove(old);
-        self.clear_tombstones(kind, mv.new, len);
-        let new_base = match self.map_bar(&device, bar, kind, mv.new, len) {
-            Ok(()) => mv.new,
+        let old = slot.bars[pos];
+        if old.on_bus {
+            let _ = self.bus(old.kind).remove(old.base);
+        }
+        self.clear_tombstones(old.kind, mv.new, old.len);
+        let on_bus = match self.map_bar(&device, old.bar, old.kind, mv.new, old.len) {
+            Ok(()) => true,
             Err(e) => {
                 // An overlapping placement: the BAR stays unreachable until
                 // the guest moves it somewhere sane.
-                tracing::warn!("slot {dev} BAR {bar} -> {:#x}: {e}", mv.new);
-                mv.new
+                tracing::warn!("slot {dev} BAR {} -> {:#x}: {e}", old.bar, mv.new);
+                false
             }
         };
         if let Some(Some(slot)) = self.slots.get_mut(dev) {
-            slot.mapped[pos] = (bar, kind, new_base, len);
+            slot.bars[pos] = PlacedBar {
+                base: mv.new,
+                on_bus,
+                ..old
+            };
         }
     }
 }
@@ -517,6 +546,44 @@ mod tests {
             Err(PciRootError::BadSlot(0))
         ));
         assert_eq!(root.lock().unwrap().free_slot().unwrap(), 1);
+    }
+
+    #[test]
+    fn a_bar_moved_onto_another_device_does_not_unmap_it_on_removal() {
+        let (root, mmio, mut io, _ecam) = setup();
+        let mk = |base: u64| {
+            let mut config = PciConfig::new(0x1af4, 0x1041, PciClass::ETHERNET, 0);
+            config.add_bar(0, BarKind::Mem32, 0x1000, base, false);
+            Arc::new(Mutex::new(BarDev {
+                config,
+                last_write: None,
+            }))
+        };
+        let (a, b) = (mk(0xc000_0000), mk(0xc001_0000));
+        root.lock()
+            .unwrap()
+            .add(3, a, &[(0, BarKind::Mem32, 0xc000_0000, 0x1000)])
+            .unwrap();
+        root.lock()
+            .unwrap()
+            .add(4, b.clone(), &[(0, BarKind::Mem32, 0xc001_0000, 0x1000)])
+            .unwrap();
+        // The guest moves slot 3's BAR exactly onto slot 4's: the move fails.
+        io.write(0, 0, &(0x8000_0000u32 | (3 << 11) | (4 << 2)).to_le_bytes());
+        io.write(0, 4, &0xc001_0000u32.to_le_bytes());
+        let mut v = [0u8; 1];
+        assert!(mmio.read(0xc001_0003, &mut v));
+        assert_eq!(v[0], 0x03, "slot 4's BAR still answers");
+        // Removing (or surprise-removing) slot 3 leaves slot 4's BAR in place.
+        root.lock().unwrap().surprise_remove(3).unwrap();
+        assert!(mmio.write(0xc001_0002, &[7]));
+        assert_eq!(b.lock().unwrap().last_write, Some((0, 2, vec![7])));
+        // A later move of slot 4's BAR to a free place works as usual.
+        io.write(0, 0, &(0x8000_0000u32 | (4 << 11) | (4 << 2)).to_le_bytes());
+        io.write(0, 4, &0xc002_0000u32.to_le_bytes());
+        assert!(mmio.read(0xc002_0001, &mut v));
+        root.lock().unwrap().remove(4).unwrap();
+        assert!(!mmio.read(0xc002_0001, &mut v));
     }
 
     #[test]
