@@ -2,18 +2,23 @@
 //! a unix socket and the client behind `tandem remote`.
 //!
 //! How a request travels:
-//! 1. The API thread accepts a connection and parses one HTTP/1.1 request.
-//! 2. [`Endpoint::route`] maps (method, path) to an [`Endpoint`]; the body,
-//!    if the endpoint takes one, is parsed into its typed request.
+//! 1. The API thread (hyper on a tokio runtime of its own, see [`server`]) accepts a
+//!    connection and reads one HTTP/1.1 request, its body bounded in size and time.
+//! 2. [`Endpoint::route`] maps (method, path) to an [`Endpoint`]; the body must be
+//!    JSON (or empty).
 //! 3. The thread sends an [`ApiMessage`] (the request plus a reply channel)
 //!    to the VMM's control loop and wakes it through the notifier.
 //! 4. The control loop, the only place that changes the VM, acts and replies.
 //! 5. The API thread writes the reply as JSON (2xx) or an [`ErrorBody`] (4xx/5xx).
 //!
+//! `GET /api/v1/events` never reaches the control loop: the server subscribes the
+//! connection to the [`events::EventHub`] the control loop publishes to, and streams.
+//!
 //! [`ENDPOINTS`] is the single table the router, the client and the OpenAPI
 //! document are checked against.
 
 pub mod client;
+pub mod events;
 pub mod server;
 
 use std::sync::mpsc::Sender;
@@ -49,6 +54,8 @@ pub enum Endpoint {
     VmReboot,
     VmAddNet,
     VmRemoveDevice,
+    /// The event stream (served by the API thread itself).
+    Events,
 }
 
 /// (method, path below [`API_PREFIX`], endpoint, CLI command name).
@@ -66,6 +73,7 @@ pub const ENDPOINTS: &[(Method, &str, Endpoint, &str)] = &[
         Endpoint::VmRemoveDevice,
         "remove-device",
     ),
+    (Method::Get, "events", Endpoint::Events, "events"),
 ];
 
 /// The OpenAPI document served at `GET /api/v1/openapi.json`.

@@ -1,95 +1,209 @@
-//! A small HTTP/1.1 server on a unix socket: one request per connection, each
-//! connection on its own short-lived thread (at most [`MAX_CONNECTIONS`] at
-//! once), so that a request the control loop answers late — an orderly device
-//! removal waits for the guest — does not hold up the others.
+//! The API server: HTTP/1.1 on a unix socket, served by hyper on a single-threaded tokio
+//! runtime that lives on the API thread alone (the VMM's other threads never see it).
+//!
+//! Requests are routed by [`Endpoint::route`] (the endpoint table), their JSON bodies
+//! read with a size limit and a deadline, and handed to the control loop as an
+//! [`ApiMessage`]; the answer comes back on the message's channel. Connections are
+//! served concurrently, so a request the control loop answers late (an orderly removal
+//! waits for the guest) holds up nothing else. `GET /api/v1/events` keeps its connection
+//! open and streams [`crate::events`] as newline-delimited JSON.
+//!
+//! Limits: [`MAX_CONNECTIONS`] connections at once (one more is answered 503), request
+//! headers within [`HEADER_TIMEOUT`], a body of at most [`MAX_BODY`] bytes within
+//! [`BODY_TIMEOUT`], and the control loop's answer within [`ANSWER_TIMEOUT`].
 
-use std::io::{self, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::convert::Infallible;
+use std::io;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::pin::Pin;
 use std::sync::mpsc::{channel, Sender};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body, Frame, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::sync::Semaphore;
+
+use crate::events::{EventHub, Subscription};
 use crate::{ApiError, ApiMessage, ApiRequest, Endpoint, ErrorBody, RouteError, OPENAPI};
 
-const MAX_HEADERS: usize = 32;
-const MAX_REQUEST: usize = 64 * 1024;
-/// Connections served at once; more are answered 503 at once.
-pub const MAX_CONNECTIONS: usize = 16;
+/// Largest request body.
+pub const MAX_BODY: usize = 64 * 1024;
+/// Connections served at once, event streams included; more are answered 503.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Time a client has to send its request headers.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a client has to send its request body.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time the control loop has to answer (an orderly removal waits at most 60 s).
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Wakes the control loop after a message was queued.
 pub type Notifier = Arc<dyn Fn() + Send + Sync>;
 
-/// Bind `path` and serve requests on a thread until the process exits.
+type Reply = Response<BoxBody<Bytes, Infallible>>;
+
+struct Ctx {
+    to_vmm: std::sync::Mutex<Sender<ApiMessage>>,
+    notify: Notifier,
+    events: Arc<EventHub>,
+}
+
+/// Bind `path` and serve requests on the API thread until the process exits.
 pub fn start(
     path: &Path,
     to_vmm: Sender<ApiMessage>,
     notify: Notifier,
+    events: Arc<EventHub>,
 ) -> io::Result<JoinHandle<()>> {
-    let listener = UnixListener::bind(path)
+    let listener = std::os::unix::net::UnixListener::bind(path)
         .map_err(|e| io::Error::new(e.kind(), format!("api socket {}: {e}", path.display())))?;
-    let active = Arc::new(AtomicUsize::new(0));
+    listener.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let ctx = Arc::new(Ctx {
+        to_vmm: std::sync::Mutex::new(to_vmm),
+        notify,
+        events,
+    });
     thread::Builder::new().name("api".into()).spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-            let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
-            if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-                active.fetch_sub(1, Ordering::SeqCst);
-                let (status, body) = error(503, "too many API connections at once".into());
-                let _ = write_response(&mut stream, status, &body);
-                continue;
-            }
-            let (to_vmm, notify, done) = (to_vmm.clone(), notify.clone(), active.clone());
-            let served = thread::Builder::new()
-                .name("api-conn".into())
-                .spawn(move || {
-                    let (status, body) = match read_request(&mut stream) {
-                        Ok((method, path, body)) => {
-                            dispatch(&method, &path, &body, &to_vmm, &notify)
+        runtime.block_on(async move {
+            let listener = match tokio::net::UnixListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!("api: cannot serve the socket: {e}");
+                    return;
+                }
+            };
+            let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+            loop {
+                let stream = match listener.accept().await {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        tracing::warn!("api: accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let permit = slots.clone().try_acquire_owned().ok();
+                let ctx = ctx.clone();
+                tokio::spawn(async move {
+                    let busy = permit.is_none();
+                    // Set when this connection became an event stream.
+                    let streamed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                    let (hub, was_stream) = (ctx.events.clone(), streamed.clone());
+                    let service = service_fn(move |req| {
+                        let (ctx, streamed) = (ctx.clone(), streamed.clone());
+                        async move {
+                            Ok::<_, Infallible>(if busy {
+                                error(
+                                    StatusCode::SERVICE_UNAVAILABLE,
+                                    "too many API connections at once".into(),
+                                )
+                            } else {
+                                handle(req, &ctx, &streamed).await
+                            })
                         }
-                        Err(e) => error(400, format!("bad request: {e}")),
-                    };
-                    let _ = write_response(&mut stream, status, &body);
-                    done.fetch_sub(1, Ordering::SeqCst);
+                    });
+                    let conn = http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(HEADER_TIMEOUT)
+                        .keep_alive(false)
+                        .serve_connection(TokioIo::new(stream), service);
+                    if let Err(e) = conn.await {
+                        tracing::debug!("api: connection: {e}");
+                    }
+                    if was_stream.load(std::sync::atomic::Ordering::SeqCst) {
+                        hub.stream_ended();
+                    }
+                    drop(permit);
                 });
-            if served.is_err() {
-                active.fetch_sub(1, Ordering::SeqCst);
             }
-        }
+        })
     })
 }
 
-fn error(status: u16, message: String) -> (u16, String) {
-    let body = serde_json::to_string(&ErrorBody { error: message }).unwrap_or_default();
-    (status, body)
+fn json(status: StatusCode, body: String) -> Reply {
+    let mut r = Response::new(Full::new(Bytes::from(body)).boxed());
+    *r.status_mut() = status;
+    if let Ok(v) = "application/json".parse() {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
 }
 
-fn dispatch(
-    method: &str,
-    path: &str,
-    body: &[u8],
-    to_vmm: &Sender<ApiMessage>,
-    notify: &Notifier,
-) -> (u16, String) {
+fn error(status: StatusCode, message: String) -> Reply {
+    json(
+        status,
+        serde_json::to_string(&ErrorBody { error: message }).unwrap_or_default(),
+    )
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    ctx: &Ctx,
+    streamed: &std::sync::atomic::AtomicBool,
+) -> Reply {
+    let method = req.method().as_str().to_string();
+    let path = req.uri().path().to_string();
     if method == "GET" && path == "/api/v1/openapi.json" {
-        return (200, OPENAPI.to_string());
+        return json(StatusCode::OK, OPENAPI.to_string());
     }
-    let endpoint = match Endpoint::route(method, path) {
+    let endpoint = match Endpoint::route(&method, &path) {
         Ok(e) => e,
-        Err(RouteError::NotFound) => return error(404, format!("no such endpoint: {path}")),
-        Err(RouteError::MethodNotAllowed) => {
-            return error(405, format!("{method} is not allowed on {path}"))
+        Err(RouteError::NotFound) => {
+            return error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}"))
         }
+        Err(RouteError::MethodNotAllowed) => {
+            return error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{method} is not allowed on {path}"),
+            )
+        }
+    };
+    if endpoint == Endpoint::Events {
+        return match ctx.events.subscribe() {
+            Some(sub) => {
+                streamed.store(true, std::sync::atomic::Ordering::SeqCst);
+                let mut r = Response::new(EventBody(sub).boxed());
+                if let Ok(v) = "application/x-ndjson".parse() {
+                    r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+                }
+                r
+            }
+            None => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "{} event subscribers already",
+                    crate::events::MAX_SUBSCRIBERS
+                ),
+            ),
+        };
+    }
+    let body = match read_body(req.into_body()).await {
+        Ok(b) => b,
+        Err(reply) => return reply,
     };
     let body = if body.iter().all(|b| b.is_ascii_whitespace()) {
         serde_json::Value::Null
     } else {
-        match serde_json::from_slice(body) {
+        match serde_json::from_slice(&body) {
             Ok(v) => v,
-            Err(e) => return error(400, format!("request body is not valid JSON: {e}")),
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("request body is not valid JSON: {e}"),
+                )
+            }
         }
     };
     let (reply, answer) = channel();
@@ -97,101 +211,120 @@ fn dispatch(
         request: ApiRequest { endpoint, body },
         reply,
     };
-    if to_vmm.send(msg).is_err() {
-        return error(503, "the VMM is shutting down".into());
+    let sent = ctx
+        .to_vmm
+        .lock()
+        .map(|tx| tx.send(msg).is_ok())
+        .unwrap_or(false);
+    if !sent {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the VMM is shutting down".into(),
+        );
     }
-    notify();
-    match answer.recv_timeout(Duration::from_secs(120)) {
-        Ok(Ok(serde_json::Value::Null)) => (204, String::new()),
-        Ok(Ok(v)) => (200, v.to_string()),
-        Ok(Err(ApiError { status, message })) => error(status, message),
-        Err(_) => error(503, "the VMM did not answer".into()),
-    }
-}
-
-/// Read one request: (method, path, body).
-fn read_request(stream: &mut UnixStream) -> Result<(String, String, Vec<u8>), String> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 4096];
-    loop {
-        let n = stream.read(&mut chunk).map_err(|e| e.to_string())?;
-        if n == 0 {
-            return Err("connection closed before the request was complete".into());
+    (ctx.notify)();
+    // The control loop answers on a std channel: wait for it off the runtime's thread.
+    let answer = tokio::task::spawn_blocking(move || answer.recv_timeout(ANSWER_TIMEOUT)).await;
+    match answer {
+        Ok(Ok(Ok(serde_json::Value::Null))) => {
+            let mut r = Response::new(Full::new(Bytes::new()).boxed());
+            *r.status_mut() = StatusCode::NO_CONTENT;
+            r
         }
-        buf.extend_from_slice(&chunk[..n]);
-        if buf.len() > MAX_REQUEST {
-            return Err(format!("request larger than {MAX_REQUEST} bytes"));
-        }
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut headers);
-        let head_len = match req.parse(&buf).map_err(|e| e.to_string())? {
-            httparse::Status::Partial => continue,
-            httparse::Status::Complete(n) => n,
-        };
-        let mut content_length = 0usize;
-        for h in req.headers.iter() {
-            if h.name.eq_ignore_ascii_case("content-length") {
-                content_length = std::str::from_utf8(h.value)
-                    .ok()
-                    .and_then(|v| v.trim().parse().ok())
-                    .ok_or("bad Content-Length")?;
-            }
-            if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                return Err("chunked bodies are not supported; send Content-Length".into());
-            }
-        }
-        if head_len + content_length > MAX_REQUEST {
-            return Err(format!("request larger than {MAX_REQUEST} bytes"));
-        }
-        let method = req.method.unwrap_or_default().to_string();
-        let path = req.path.unwrap_or_default().to_string();
-        while buf.len() < head_len + content_length {
-            let n = stream.read(&mut chunk).map_err(|e| e.to_string())?;
-            if n == 0 {
-                return Err("connection closed in the middle of the body".into());
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
-        let body = buf[head_len..head_len + content_length].to_vec();
-        return Ok((method, path, body));
+        Ok(Ok(Ok(v))) => json(StatusCode::OK, v.to_string()),
+        Ok(Ok(Err(ApiError { status, message }))) => error(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            message,
+        ),
+        Ok(Err(_)) | Err(_) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the VMM did not answer".into(),
+        ),
     }
 }
 
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        204 => "No Content",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        409 => "Conflict",
-        500 => "Internal Server Error",
-        503 => "Service Unavailable",
-        _ => "",
+/// The request body, at most [`MAX_BODY`] bytes within [`BODY_TIMEOUT`].
+async fn read_body(body: Incoming) -> Result<Bytes, Reply> {
+    if body.size_hint().lower() > MAX_BODY as u64 {
+        return Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body larger than {MAX_BODY} bytes"),
+        ));
+    }
+    match tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, MAX_BODY).collect()).await {
+        Err(_) => Err(error(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("the request body did not arrive within {BODY_TIMEOUT:?}"),
+        )),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body larger than {MAX_BODY} bytes"),
+        )),
+        Ok(Err(e)) => Err(error(
+            StatusCode::BAD_REQUEST,
+            format!("bad request body: {e}"),
+        )),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
     }
 }
 
-fn write_response(stream: &mut UnixStream, status: u16, body: &str) -> io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        reason(status),
-        body.len()
-    );
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(body.as_bytes())
+/// The body of `GET /api/v1/events`: one JSON line per event, for as long as the
+/// client stays.
+struct EventBody(Subscription);
+
+impl Body for EventBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0
+            .rx
+            .poll_recv(cx)
+            .map(|line| line.map(|l| Ok(Frame::data(l))))
+    }
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use super::*;
-    use crate::client::{request, Response};
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::time::Instant;
 
-    fn serve() -> (tempdir::Dir, std::sync::mpsc::Receiver<ApiMessage>) {
+    use super::*;
+    use crate::client::{request, stream_lines, Response};
+    use crate::events::EventKind;
+
+    fn serve_with(hub: Arc<EventHub>) -> (tempdir::Dir, std::sync::mpsc::Receiver<ApiMessage>) {
         let dir = tempdir::Dir::new();
         let (tx, rx) = channel();
-        start(&dir.path.join("api.sock"), tx, Arc::new(|| {})).unwrap();
+        start(&dir.path.join("api.sock"), tx, Arc::new(|| {}), hub).unwrap();
         (dir, rx)
+    }
+
+    fn serve() -> (tempdir::Dir, std::sync::mpsc::Receiver<ApiMessage>) {
+        serve_with(EventHub::new())
+    }
+
+    /// A VMM that answers every request with 204.
+    fn answer_all(rx: std::sync::mpsc::Receiver<ApiMessage>) {
+        thread::spawn(move || {
+            while let Ok(m) = rx.recv() {
+                let _ = m.reply.send(Ok(serde_json::Value::Null));
+            }
+        });
+    }
+
+    fn raw(sock: &Path, bytes: &[u8]) -> String {
+        let mut s = UnixStream::connect(sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(bytes).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
     }
 
     mod tempdir {
@@ -264,5 +397,130 @@ mod tests {
         assert!(out.starts_with("HTTP/1.1 400"), "{out}");
         let r = request(&sock, "GET", "/api/v1/openapi.json", None).unwrap();
         assert_eq!(r.status, 200);
+    }
+
+    #[test]
+    fn an_overflowing_or_huge_content_length_is_refused_and_leaks_nothing() {
+        let (dir, rx) = serve();
+        answer_all(rx);
+        let sock = dir.path.join("api.sock");
+        for _ in 0..(MAX_CONNECTIONS + 8) {
+            let out = raw(
+                &sock,
+                b"PUT /api/v1/vm.pause HTTP/1.1\r\nHost: x\r\nContent-Length: 18446744073709551615\r\n\r\n",
+            );
+            // hyper itself refuses lengths past its own limit (431), ours is 413.
+            assert!(out.starts_with("HTTP/1.1 4"), "a client error: {out}");
+        }
+        let out = raw(
+            &sock,
+            b"PUT /api/v1/vm.pause HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n",
+        );
+        assert!(out.starts_with("HTTP/1.1 413"), "{out}");
+        let out = raw(
+            &sock,
+            b"PUT /api/v1/vm.pause HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+        );
+        assert!(out.starts_with("HTTP/1.1 4"), "a client error: {out}");
+        let big = format!(
+            "PUT /api/v1/vm.pause HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{}\r\n0\r\n\r\n",
+            MAX_BODY + 1,
+            "x".repeat(MAX_BODY + 1)
+        );
+        assert!(raw(&sock, big.as_bytes()).starts_with("HTTP/1.1 413"));
+        // Every slot came back: a normal request is served.
+        assert_eq!(
+            request(&sock, "PUT", "/api/v1/vm.pause", None)
+                .unwrap()
+                .status,
+            204
+        );
+    }
+
+    #[test]
+    fn clients_that_trickle_hold_a_slot_only_until_the_header_timeout() {
+        let (dir, rx) = serve();
+        answer_all(rx);
+        let sock = dir.path.join("api.sock");
+        // Every slot taken by a client that sends one byte and then nothing.
+        let tricklers: Vec<UnixStream> = (0..MAX_CONNECTIONS)
+            .map(|_| {
+                let mut s = UnixStream::connect(&sock).unwrap();
+                s.write_all(b"G").unwrap();
+                s
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        let r = request(&sock, "GET", "/api/v1/vm.info", None).unwrap();
+        assert_eq!(r.status, 503, "{}", r.body);
+        // After the header timeout the slots are free again, the tricklers still open.
+        let t0 = Instant::now();
+        loop {
+            let r = request(&sock, "GET", "/api/v1/vm.info", None).unwrap();
+            if r.status == 204 {
+                break;
+            }
+            assert!(
+                t0.elapsed() < HEADER_TIMEOUT + Duration::from_secs(5),
+                "still locked out: {}",
+                r.body
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        drop(tricklers);
+    }
+
+    #[test]
+    fn the_event_stream_reaches_every_subscriber() {
+        let hub = EventHub::new();
+        let (dir, _rx) = serve_with(hub.clone());
+        let sock = dir.path.join("api.sock");
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let sock = sock.clone();
+                thread::spawn(move || {
+                    let mut got = Vec::new();
+                    stream_lines(&sock, "/api/v1/events", |l| {
+                        got.push(l.to_string());
+                        got.len() < 3
+                    })
+                    .unwrap()
+                    .map_err(|r| r.body)
+                    .unwrap();
+                    got
+                })
+            })
+            .collect();
+        let t0 = Instant::now();
+        while hub.subscribers() < 2 {
+            assert!(t0.elapsed() < Duration::from_secs(10), "no subscribers");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        hub.publish(None, EventKind::VmPaused);
+        hub.publish(Some("n1"), EventKind::EjectRequested { slot: 3 });
+        hub.publish(None, EventKind::VmResumed);
+        for r in readers {
+            let got = r.join().unwrap();
+            let types: Vec<String> = got
+                .iter()
+                .map(|l| {
+                    serde_json::from_str::<serde_json::Value>(l).unwrap()["type"]
+                        .as_str()
+                        .unwrap()
+                        .to_string()
+                })
+                .collect();
+            assert_eq!(types, ["vm-paused", "eject-requested", "vm-resumed"]);
+        }
+        // The readers hung up: their subscriptions go.
+        let t0 = Instant::now();
+        while hub.subscribers() > 0 {
+            hub.publish(None, EventKind::VmPaused);
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "subscriptions outlive their clients"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }

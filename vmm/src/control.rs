@@ -16,6 +16,7 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use api::events::{EventHub, EventKind};
 use api::{
     ApiError, ApiMessage, ApiResponse, DeviceAdded, DeviceInfo, DeviceRemoved, Endpoint, OnTimeout,
     RemoveDevice, VmInfo, VmState,
@@ -228,6 +229,8 @@ pub struct Vmm {
     events: Arc<VmEvents>,
     serial: Arc<Mutex<Serial>>,
     api: Option<(Receiver<ApiMessage>, EventFd)>,
+    /// The event stream (`GET /api/v1/events`); published to whether or not anyone listens.
+    hub: Arc<EventHub>,
     signals: OwnedFd,
     boots: u32,
     sockets: Vec<PathBuf>,
@@ -272,6 +275,7 @@ impl Vmm {
                 .name("serial-stdin".into())
                 .spawn(move || serial::pump_input(s, io::stdin()))?;
         }
+        let hub = EventHub::new();
         let api = match &cfg.api_socket {
             Some(path) => {
                 claim_socket_path(path, "--api-socket")?;
@@ -284,6 +288,7 @@ impl Vmm {
                     std::sync::Arc::new(move || {
                         let _ = wake.write(1);
                     }),
+                    hub.clone(),
                 )?;
                 sockets.push(path.clone());
                 Some((rx, evt))
@@ -296,6 +301,7 @@ impl Vmm {
             events,
             serial,
             api,
+            hub,
             signals,
             boots: 0,
             sockets,
@@ -309,6 +315,13 @@ impl Vmm {
         // boots without those devices.
         for p in std::mem::take(&mut self.pending) {
             self.cfg.nets.retain(|n| n.net.id != p.id);
+            self.hub.publish(
+                Some(&p.id),
+                EventKind::SurpriseRemoved {
+                    slot: p.slot,
+                    cause: "reboot".into(),
+                },
+            );
             p.answer("reboot");
         }
         let mut vm = Vm::create(&self.kvm, &self.cfg, &self.serial, &self.events)?;
@@ -320,6 +333,8 @@ impl Vmm {
         vm.start()?;
         self.boots += 1;
         tracing::info!("boot {} started with {} vCPUs", self.boots, vm.vcpus());
+        self.hub
+            .publish(None, EventKind::VmBooted { boot: self.boots });
         Ok(vm)
     }
 
@@ -369,6 +384,7 @@ impl Vmm {
                     Token::Shutdown => {
                         let _ = self.events.shutdown_evt.read();
                         tracing::info!("the guest powered off");
+                        self.shutdown_event("the guest powered off");
                         vm.stop();
                         return Ok(Exit::Shutdown);
                     }
@@ -385,12 +401,14 @@ impl Vmm {
                             .events
                             .take_error()
                             .unwrap_or_else(|| "unknown vCPU error".into());
+                        self.shutdown_event(&format!("error: {msg}"));
                         vm.stop();
                         return Err(VmmError::Guest(msg));
                     }
                     Token::Signal => {
                         let sig = read_signal(self.signals.as_raw_fd()).unwrap_or(libc::SIGTERM);
                         tracing::info!("signal {sig}: stopping");
+                        self.shutdown_event(&format!("signal {sig}"));
                         vm.stop();
                         return Ok(Exit::Signal(sig));
                     }
@@ -401,6 +419,7 @@ impl Vmm {
                     Token::Api => match self.handle_api(&mut vm) {
                         None => {}
                         Some(ApiAction::Exit(exit)) => {
+                            self.shutdown_event("vm.shutdown");
                             vm.stop();
                             return Ok(exit);
                         }
@@ -415,6 +434,18 @@ impl Vmm {
                 }
             }
         }
+    }
+
+    /// The last event: subscribers get it and the end of their stream before the VMM
+    /// exits.
+    fn shutdown_event(&self, reason: &str) {
+        self.hub.publish(
+            None,
+            EventKind::VmShutdown {
+                reason: reason.into(),
+            },
+        );
+        self.hub.close(Duration::from_secs(1));
     }
 
     /// Drops reset requests the stopped VM made after the one being acted on: Linux
@@ -450,18 +481,27 @@ impl Vmm {
                     "pid": std::process::id(),
                 })),
                 Endpoint::VmInfo => self.info(vm),
-                Endpoint::VmPause => {
-                    vm.pause()
-                        .map(|_| serde_json::Value::Null)
-                        .map_err(|e| match e {
-                            VmError::Control(c) => ApiError::conflict(c.to_string()),
-                            other => ApiError::internal(other.to_string()),
-                        })
-                }
+                Endpoint::VmPause => vm
+                    .pause()
+                    .map(|_| {
+                        self.hub.publish(None, EventKind::VmPaused);
+                        serde_json::Value::Null
+                    })
+                    .map_err(|e| match e {
+                        VmError::Control(c) => ApiError::conflict(c.to_string()),
+                        other => ApiError::internal(other.to_string()),
+                    }),
                 Endpoint::VmResume => vm
                     .resume()
-                    .map(|_| serde_json::Value::Null)
+                    .map(|_| {
+                        self.hub.publish(None, EventKind::VmResumed);
+                        serde_json::Value::Null
+                    })
                     .map_err(|e| ApiError::conflict(e.to_string())),
+                // Served by the API thread itself; never sent here.
+                Endpoint::Events => Err(ApiError::internal(
+                    "the event stream is served by the API thread",
+                )),
                 Endpoint::VmShutdown => {
                     exit = Some(Exit::Shutdown);
                     Ok(serde_json::Value::Null)
@@ -493,6 +533,13 @@ impl Vmm {
             .hot_add_net(&spec)
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
         tracing::info!("device {} hot-added in slot {slot}", spec.net.id);
+        self.hub.publish(
+            Some(&spec.net.id),
+            EventKind::DeviceAdded {
+                slot,
+                kind: "virtio-net".into(),
+            },
+        );
         let id = spec.net.id.clone();
         self.cfg.nets.push(config::NetSpec {
             slot: Some(slot),
@@ -543,6 +590,13 @@ impl Vmm {
             if let Err(e) = self.drop_net(vm, &req.id, true) {
                 return refuse(ApiError::internal(e.to_string()));
             }
+            self.hub.publish(
+                Some(&req.id),
+                EventKind::SurpriseRemoved {
+                    slot,
+                    cause: "api".into(),
+                },
+            );
             // An orderly removal of the same device is over too.
             for p in self.take_pending(&req.id) {
                 p.answer("surprise");
@@ -554,6 +608,8 @@ impl Vmm {
             return refuse(ApiError::internal(e.to_string()));
         }
         tracing::info!("device {}: eject requested (slot {slot})", req.id);
+        self.hub
+            .publish(Some(&req.id), EventKind::EjectRequested { slot });
         self.pending.push(PendingRemoval {
             id: req.id,
             slot,
@@ -591,6 +647,13 @@ impl Vmm {
                 continue;
             }
             let waiting = self.take_pending(&id);
+            self.hub.publish(
+                Some(&id),
+                EventKind::DeviceReleased {
+                    slot,
+                    asked: !waiting.is_empty(),
+                },
+            );
             if waiting.is_empty() {
                 tracing::info!("device {id} in slot {slot} released by the guest on its own");
             }
@@ -614,9 +677,18 @@ impl Vmm {
                         let _ = p.reply.send(Err(ApiError::internal(e.to_string())));
                         continue;
                     }
+                    self.hub.publish(
+                        Some(&p.id),
+                        EventKind::SurpriseRemoved {
+                            slot: p.slot,
+                            cause: "timeout".into(),
+                        },
+                    );
                     p.answer("timeout-surprise");
                 }
                 OnTimeout::Error => {
+                    self.hub
+                        .publish(Some(&p.id), EventKind::RemovalTimedOut { slot: p.slot });
                     tracing::warn!(
                         "device {}: the guest did not release it within {} ms",
                         p.id,

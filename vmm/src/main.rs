@@ -203,6 +203,9 @@ fn remote(a: RemoteArgs) -> ExitCode {
         );
         return ExitCode::from(2);
     };
+    if endpoint == api::Endpoint::Events {
+        return remote_events(&a.api_socket, &endpoint.path());
+    }
     let body = match remote_body(&a.command, &a.args) {
         Ok(b) => b,
         Err(e) => {
@@ -226,6 +229,27 @@ fn remote(a: RemoteArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Ok(r) => {
+            let msg = serde_json::from_str::<api::ErrorBody>(&r.body)
+                .map(|e| e.error)
+                .unwrap_or(r.body);
+            eprintln!("tandem remote: {} (HTTP {})", msg, r.status);
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("tandem remote: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `tandem remote events`: print each event line as it comes, until the VMM goes.
+fn remote_events(socket: &std::path::Path, path: &str) -> ExitCode {
+    match api::client::stream_lines(socket, path, |line| {
+        println!("{line}");
+        true
+    }) {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(r)) => {
             let msg = serde_json::from_str::<api::ErrorBody>(&r.body)
                 .map(|e| e.error)
                 .unwrap_or(r.body);

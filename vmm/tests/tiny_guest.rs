@@ -809,6 +809,36 @@ fn hotplug_api_without_guest_cooperation() {
     let mut child = Running(child);
     wait_for(&sock);
     let put = |path: &str, body: &str| api(&sock, "PUT", &format!("/api/v1/{path}"), body);
+    // The event stream, through the CLI, for the whole test.
+    let mut events = Running(
+        tandem(&["remote", "--api-socket", &sock_s, "events"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let events_out = events.0.stdout.take().unwrap();
+    let (line_tx, line_rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(events_out).lines() {
+            let Ok(line) = line else { break };
+            if line_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Subscribed once a pause/resume shows up on the stream.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    'subscribed: loop {
+        assert_eq!(put("vm.pause", "").0, 204);
+        assert_eq!(put("vm.resume", "").0, 204);
+        while let Ok(l) = line_rx.recv_timeout(Duration::from_millis(200)) {
+            if l.contains(r#""type":"vm-resumed""#) {
+                break 'subscribed;
+            }
+        }
+        assert!(Instant::now() < deadline, "the event stream shows nothing");
+    }
 
     // Bad requests: each a 4xx with a reason, nothing changes.
     for (body, status, needle) in [
@@ -957,4 +987,48 @@ fn hotplug_api_without_guest_cooperation() {
     assert_eq!(api(&sock, "GET", "/api/v1/vmm.ping", "").0, 200);
     assert_eq!(put("vm.shutdown", "").0, 204);
     assert!(child.0.wait().unwrap().success());
+
+    // The events, in order: the stream ends when the VMM goes, and so does the CLI.
+    assert!(events.0.wait().unwrap().success());
+    let text: Vec<String> = line_rx.iter().collect();
+    let lines: Vec<serde_json::Value> = text
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let seqs: Vec<u64> = lines.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] + 1 == w[1]), "{text:?}");
+    assert!(lines
+        .iter()
+        .all(|e| e["time"].as_str().unwrap().ends_with('Z')));
+    let got: Vec<String> = lines
+        .iter()
+        .map(|e| {
+            let mut s = format!(
+                "{} {}",
+                e["type"].as_str().unwrap(),
+                e["device"].as_str().unwrap_or("-")
+            );
+            for k in ["slot", "cause", "boot", "asked"] {
+                if !e[k].is_null() {
+                    s.push_str(&format!(" {k}={}", e[k]));
+                }
+            }
+            s
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            "device-added hp1 slot=2",
+            "eject-requested hp1 slot=2",
+            "removal-timed-out hp1 slot=2",
+            "eject-requested hp1 slot=2",
+            "surprise-removed hp1 slot=2 cause=\"timeout\"",
+            "device-added hp1 slot=2",
+            "vm-booted - boot=2",
+            "surprise-removed hp1 slot=2 cause=\"api\"",
+            "vm-shutdown -",
+        ],
+        "{text:?}"
+    );
 }
