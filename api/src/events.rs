@@ -58,6 +58,19 @@ pub enum EventKind {
     RemovalTimedOut {
         slot: usize,
     },
+    /// The guest's driver started the device (virtio DRIVER_OK).
+    DriverReady {
+        slot: usize,
+    },
+    /// The guest's driver reset a device it had negotiated (unbound, module unloaded).
+    DriverReset {
+        slot: usize,
+    },
+    /// The guest's virtio-net driver acked STANDBY on this standby (FEATURES_OK with
+    /// bit 62).
+    FailoverNegotiated {
+        slot: usize,
+    },
     /// This subscriber could not keep up and lost `count` events before this line.
     EventsLost {
         count: u64,

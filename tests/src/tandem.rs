@@ -109,6 +109,58 @@ impl Tandem {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Subscribes to the event stream (`tandem remote events`) and collects its lines.
+    pub fn events(&self) -> crate::Result<EventLog> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.api.exists() {
+            if Instant::now() > deadline {
+                return Err(err!("no API socket {}", self.api.display()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut child = Command::new(&self.bin)
+            .args(["remote", "--api-socket"])
+            .arg(&self.api)
+            .arg("events")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| err!("tandem remote events: {e}"))?;
+        let out = child
+            .stdout
+            .take()
+            .ok_or_else(|| err!("tandem remote events: no stdout"))?;
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if let Ok(mut l) = sink.lock() {
+                        l.push(v);
+                    }
+                }
+            }
+        });
+        let log = EventLog { child, lines };
+        // Subscribed once a pause/resume shows on the stream.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            self.remote("pause")?;
+            self.remote("resume")?;
+            if log
+                .wait_for(|e| e["type"] == "vm-resumed", Duration::from_secs(1))
+                .is_ok()
+            {
+                return Ok(log);
+            }
+            if Instant::now() > deadline {
+                return Err(err!("the event stream shows nothing"));
+            }
+        }
+    }
+
     /// Wait for tandem to exit on its own; its exit code.
     pub fn wait_exit(&mut self, limit: Duration) -> crate::Result<i32> {
         let deadline = Instant::now() + limit;
@@ -201,4 +253,68 @@ fn vcpu_dump(bin: &Path, api: &Path, pid: u32) -> String {
     remote("resume");
     out.push_str(&format!("pause: {paused}\ninfo while paused:\n{info}"));
     out
+}
+
+/// The events a `tandem remote events` subscriber has received so far.
+pub struct EventLog {
+    child: Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+}
+
+impl EventLog {
+    /// Every event so far.
+    pub fn all(&self) -> Vec<serde_json::Value> {
+        self.lines.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// The first event (so far, or within `limit`) that `pred` accepts.
+    pub fn wait_for(
+        &self,
+        pred: impl Fn(&serde_json::Value) -> bool,
+        limit: Duration,
+    ) -> crate::Result<serde_json::Value> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(e) = self.all().into_iter().find(|e| pred(e)) {
+                return Ok(e);
+            }
+            if Instant::now() > deadline {
+                return Err(err!(
+                    "no such event within {limit:?}; events: {}",
+                    self.all()
+                        .iter()
+                        .map(|e| e.to_string())
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `(type, device)` of every event from the first one `pred` accepts on, skipping
+    /// the subscription's own pause/resume probes.
+    pub fn sequence_from(
+        &self,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Vec<(String, String)> {
+        self.all()
+            .into_iter()
+            .skip_while(|e| !pred(e))
+            .filter(|e| e["type"] != "vm-paused" && e["type"] != "vm-resumed")
+            .map(|e| {
+                (
+                    e["type"].as_str().unwrap_or("").to_string(),
+                    e["device"].as_str().unwrap_or("-").to_string(),
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for EventLog {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

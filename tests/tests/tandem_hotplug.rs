@@ -24,6 +24,7 @@ harness::guest_test_kernels!(fn tandem_hotplug_add_and_remove_net(env) {
     let _a = env.tap("tdhp0")?;
     let _b = env.tap("tdhp1")?;
     let mut vm = Tandem::spawn(env, "hp", &[])?;
+    let events = vm.events()?;
     let mut agent = vm.agent(env, "hp")?;
 
     // acpiphp found the hotplug slots: one per _SUN, 1..31.
@@ -54,9 +55,17 @@ harness::guest_test_kernels!(fn tandem_hotplug_add_and_remove_net(env) {
     assert!(e.contains("no device") && e.contains("404"), "{e}");
     assert!(vm.remote("info")?.contains("hp0"));
 
-    // Orderly removal: the answer comes once the guest has released it.
+    // Orderly removal: the answer comes once the guest has released it; the event
+    // stream shows each step.
     let out = vm.remote_args(&["remove-device", "hp0"])?;
     assert_eq!(field(&out, "how"), "released", "{out}");
+    let steps = events.sequence_from(|e| e["type"] == "device-added" && e["device"] == "hp0");
+    let hp0: Vec<&str> = steps.iter().filter(|(_, d)| d == "hp0").map(|(t, _)| t.as_str()).collect();
+    assert_eq!(
+        hp0,
+        ["device-added", "driver-ready", "eject-requested", "driver-reset", "device-released"],
+        "{steps:?}"
+    );
     wait_guest(&mut agent, "[ ! -e /sys/bus/pci/devices/0000:00:05.0 ]", 10)?;
     let left = agent.run_ok(&format!("grep -l {MAC_A} /sys/class/net/*/address; true"))?;
     assert!(left.trim().is_empty(), "a netdev with the removed MAC is left: {left}");

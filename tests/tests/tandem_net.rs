@@ -67,7 +67,13 @@ harness::guest_test_kernels!(fn tandem_virtio_net_pings_peer(env) {
 
 harness::guest_test_kernels!(fn tandem_standby_builds_failover_master(env) {
     let _tap = env.tap("tdtap0")?;
-    let (_vm, mut agent) = boot_with(env, "sby", &["--net", &format!("id=net0,tap=tdtap0,mac={MAC_A},standby=on")])?;
+    let mut vm = Tandem::spawn(env, "sby", &["--net", &format!("id=net0,tap=tdtap0,mac={MAC_A},standby=on")])?;
+    let events = vm.events()?;
+    let mut agent = vm.agent(env, "sby")?;
+    // The event stream saw the guest's driver ack STANDBY, then start the device.
+    let ev = |t: &'static str| move |e: &serde_json::Value| e["type"] == t && e["device"] == "net0";
+    events.wait_for(ev("failover-negotiated"), Duration::from_secs(30))?;
+    events.wait_for(ev("driver-ready"), Duration::from_secs(30))?;
     let sby = netdev_by_mac(&mut agent, MAC_A)?;
     assert!(feature_bit(&mut agent, &sby, 62)?, "the guest sees VIRTIO_NET_F_STANDBY (bit 62)");
     assert_eq!(agent.run_ok(&format!("cat /sys/class/net/{sby}/phys_port_name"))?.trim(), "sby");
@@ -85,6 +91,26 @@ harness::guest_test_kernels!(fn tandem_standby_builds_failover_master(env) {
     assert_eq!(agent.run_ok("basename $(readlink /sys/class/net/ens3nsby/master)")?.trim(), master);
     let out = up_and_ping(&mut agent, &master, "10.0.0.2")?;
     assert!(out.contains("0% packet loss"), "{out}");
+    // The driver unbound and bound again: the stream shows the reset and a fresh ack
+    // (what the failover pair hides and re-plugs its primary on).
+    agent.run_ok(
+        "v=$(basename $(readlink -f /sys/class/net/ens3nsby/device)); \
+         echo $v > /sys/bus/virtio/drivers/virtio_net/unbind; echo $v > /sys/bus/virtio/drivers/virtio_net/bind",
+    )?;
+    let want: Vec<(String, String)> = ["driver-reset", "failover-negotiated", "driver-ready"]
+        .iter()
+        .map(|t| (t.to_string(), "net0".to_string()))
+        .collect();
+    let t0 = std::time::Instant::now();
+    loop {
+        let got = events.sequence_from(ev("driver-reset"));
+        if got.len() >= want.len() {
+            assert_eq!(got[..want.len()], want[..], "{got:?}");
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "after the rebind: {got:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     Ok(())
 });
 

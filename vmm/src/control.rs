@@ -22,6 +22,8 @@ use api::{
     RemoveDevice, VmInfo, VmState,
 };
 use devices::serial::{self, Serial, SerialSink, SocketConsole};
+use devices::virtio::net::acks_standby;
+use devices::virtio::DriverStatus;
 use kvm_ioctls::Kvm;
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
@@ -59,6 +61,7 @@ enum Token {
     Api,
     Signal,
     Eject,
+    DriverStatus,
 }
 
 impl Token {
@@ -70,6 +73,7 @@ impl Token {
             Token::Api,
             Token::Signal,
             Token::Eject,
+            Token::DriverStatus,
         ]
         .into_iter()
         .find(|t| *t as u64 == v)
@@ -357,6 +361,7 @@ impl Vmm {
         watch(self.events.error_evt.as_raw_fd(), Token::Error)?;
         watch(self.signals.as_raw_fd(), Token::Signal)?;
         watch(self.events.eject_evt.as_raw_fd(), Token::Eject)?;
+        watch(self.events.status_evt.as_raw_fd(), Token::DriverStatus)?;
         if let Some((_, evt)) = &self.api {
             watch(evt.as_raw_fd(), Token::Api)?;
         }
@@ -415,6 +420,10 @@ impl Vmm {
                     Token::Eject => {
                         let _ = self.events.eject_evt.read();
                         self.handle_ejects(&mut vm);
+                    }
+                    Token::DriverStatus => {
+                        let _ = self.events.status_evt.read();
+                        self.handle_driver_status(&vm);
                     }
                     Token::Api => match self.handle_api(&mut vm) {
                         None => {}
@@ -633,6 +642,32 @@ impl Vmm {
             .partition(|p| p.id == id);
         self.pending = keep;
         done
+    }
+
+    /// Virtio drivers started, negotiated STANDBY, or reset their devices: tell the
+    /// event stream.
+    fn handle_driver_status(&self, vm: &Vm) {
+        for (id, st) in self.events.take_driver_status() {
+            // A device already gone (its status raced its removal) has no slot.
+            let Some(slot) = vm.devices().slot_of(&id) else {
+                continue;
+            };
+            let standby = self
+                .cfg
+                .nets
+                .iter()
+                .any(|n| n.net.id == id && n.net.standby);
+            let kind = match st {
+                DriverStatus::FeaturesOk(f) if standby && acks_standby(f) => {
+                    tracing::info!("device {id}: the guest acked STANDBY");
+                    EventKind::FailoverNegotiated { slot }
+                }
+                DriverStatus::FeaturesOk(_) => continue,
+                DriverStatus::DriverOk => EventKind::DriverReady { slot },
+                DriverStatus::Reset => EventKind::DriverReset { slot },
+            };
+            self.hub.publish(Some(&id), kind);
+        }
     }
 
     /// The guest ejected slots: tear their devices down, answer whoever waits.

@@ -12,6 +12,7 @@ use devices::virtio::pci::{VirtioPciDevice, BAR0_SIZE};
 use devices::virtio::GuestMemoryMmap;
 use thiserror::Error;
 
+use crate::events::VmEvents;
 use crate::layout::{PCI_MMIO32_SIZE, PCI_MMIO32_START};
 
 #[derive(Debug, Error)]
@@ -81,6 +82,7 @@ pub struct DeviceManager {
     mem: GuestMemoryMmap,
     bars: BarAllocator,
     nets: Vec<NetEntry>,
+    events: Arc<VmEvents>,
 }
 
 impl DeviceManager {
@@ -88,6 +90,7 @@ impl DeviceManager {
         pci: Arc<Mutex<PciRoot>>,
         routes: Arc<dyn InterruptRoutes>,
         mem: GuestMemoryMmap,
+        events: Arc<VmEvents>,
     ) -> Self {
         Self {
             pci,
@@ -95,6 +98,7 @@ impl DeviceManager {
             mem,
             bars: BarAllocator::new(),
             nets: vec![],
+            events,
         }
     }
 
@@ -117,11 +121,14 @@ impl DeviceManager {
             .bars
             .allocate(BAR0_SIZE)
             .ok_or(DeviceError::NoBarSpace(BAR0_SIZE))?;
-        let dev = VirtioPciDevice::new(Box::new(net), self.mem.clone(), self.routes.clone(), bar0)
-            .map_err(|source| DeviceError::Io {
-                id: id.clone(),
-                source,
-            })?;
+        let mut dev =
+            VirtioPciDevice::new(Box::new(net), self.mem.clone(), self.routes.clone(), bar0)
+                .map_err(|source| DeviceError::Io {
+                    id: id.clone(),
+                    source,
+                })?;
+        let (events, who) = (self.events.clone(), id.clone());
+        dev.set_status_observer(Arc::new(move |st| events.driver_status(&who, st)));
         let dev = Arc::new(Mutex::new(dev));
         if let Err(source) = pci.add(
             slot,

@@ -1,7 +1,10 @@
 //! Events that devices and vCPUs raise for the control loop: the guest asked
-//! to power off or reset, ejected a hotplug slot, or something failed fatally.
+//! to power off or reset, ejected a hotplug slot, changed a virtio device's
+//! driver status, or something failed fatally.
 
 use std::sync::Mutex;
+
+use devices::virtio::DriverStatus;
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -11,7 +14,10 @@ pub struct VmEvents {
     pub error_evt: EventFd,
     /// The guest ejected a hotplug slot (the PCI hotplug controller says which).
     pub eject_evt: EventFd,
+    /// A virtio driver's status changed ([`VmEvents::take_driver_status`] says how).
+    pub status_evt: EventFd,
     error: Mutex<Option<String>>,
+    driver_status: Mutex<Vec<(String, DriverStatus)>>,
 }
 
 impl VmEvents {
@@ -21,8 +27,24 @@ impl VmEvents {
             reset_evt: EventFd::new(libc::EFD_NONBLOCK)?,
             error_evt: EventFd::new(libc::EFD_NONBLOCK)?,
             eject_evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            status_evt: EventFd::new(libc::EFD_NONBLOCK)?,
             error: Mutex::new(None),
+            driver_status: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Device `id`'s driver status changed (called on a vCPU thread: queue and wake).
+    pub fn driver_status(&self, id: &str, status: DriverStatus) {
+        self.driver_status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((id.to_string(), status));
+        Self::signal(&self.status_evt, "driver status");
+    }
+
+    /// The driver status changes since the last call, in order.
+    pub fn take_driver_status(&self) -> Vec<(String, DriverStatus)> {
+        std::mem::take(&mut *self.driver_status.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     fn signal(evt: &EventFd, what: &str) {

@@ -166,7 +166,7 @@ impl Vm {
         pio.insert(hotplug.clone(), HOTPLUG_BASE, HOTPLUG_LEN)?;
 
         let routes = Arc::new(KvmRoutes::new(vm_fd.clone()).map_err(VmError::EventFd)?);
-        let mut devices = DeviceManager::new(pci.clone(), routes, mem.clone());
+        let mut devices = DeviceManager::new(pci.clone(), routes, mem.clone(), events.clone());
         for n in &cfg.nets {
             devices.add_net(&n.net, n.slot)?;
         }

@@ -31,6 +31,23 @@ pub const STATUS_FEATURES_OK: u8 = 8;
 pub const STATUS_NEEDS_RESET: u8 = 0x40;
 pub const STATUS_FAILED: u8 = 0x80;
 
+/// What the guest's driver did with a device's status: for whoever watches (the VMM's
+/// control loop: the event stream, and the failover pair, which waits for the STANDBY
+/// ack on FEATURES_OK).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DriverStatus {
+    /// The device accepted these features (FEATURES_OK).
+    FeaturesOk(u64),
+    /// DRIVER_OK: the device is running.
+    DriverOk,
+    /// The driver reset a device whose features it had negotiated (status 0).
+    Reset,
+}
+
+/// Told of every [`DriverStatus`] change. Called on a vCPU thread with the device's
+/// lock held: it must only post the news elsewhere, never act on the device.
+pub type StatusObserver = Arc<dyn Fn(DriverStatus) + Send + Sync>;
+
 /// How a device raises its interrupts: per-queue vectors and the
 /// configuration-change vector, resolved by the transport.
 pub trait VirtioInterrupt: Send + Sync {

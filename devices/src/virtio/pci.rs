@@ -105,6 +105,7 @@ pub struct VirtioPciDevice {
     config_generation: u8,
     isr: Arc<AtomicU8>,
     interrupt: Option<Arc<MsixInterrupt>>,
+    observer: Option<StatusObserver>,
 }
 
 impl VirtioPciDevice {
@@ -181,6 +182,7 @@ impl VirtioPciDevice {
             config_generation: 0,
             isr: Arc::new(AtomicU8::new(0)),
             interrupt: None,
+            observer: None,
         };
         dev.register_ioevents(bar0)?;
         Ok(dev)
@@ -252,22 +254,46 @@ impl VirtioPciDevice {
         }
     }
 
+    /// Who is told of the driver's status changes (see [`StatusObserver`]).
+    pub fn set_status_observer(&mut self, observer: StatusObserver) {
+        self.observer = Some(observer);
+    }
+
+    fn observe(&self, status: DriverStatus) {
+        if let Some(o) = &self.observer {
+            o(status);
+        }
+    }
+
     fn set_status(&mut self, v: u8) {
         if v == 0 {
+            let was = self.status;
             self.reset();
+            // The driver writes 0 first when it binds, and after a refused feature set:
+            // only a reset that undoes a negotiation is news.
+            if was & STATUS_FEATURES_OK != 0 {
+                self.observe(DriverStatus::Reset);
+            }
             return;
         }
         let newly = v & !self.status;
         let mut v = v;
-        if newly & STATUS_FEATURES_OK != 0 && !self.device.ack_features(self.driver_features) {
-            v &= !STATUS_FEATURES_OK;
+        if newly & STATUS_FEATURES_OK != 0 {
+            if self.device.ack_features(self.driver_features) {
+                self.observe(DriverStatus::FeaturesOk(self.driver_features));
+            } else {
+                v &= !STATUS_FEATURES_OK;
+            }
         }
         self.status = v;
         if newly & STATUS_DRIVER_OK != 0 && v & STATUS_FEATURES_OK != 0 {
-            if let Err(e) = self.activate() {
-                tracing::warn!("virtio device type {}: {e}", self.device.device_type());
-                self.status |= STATUS_NEEDS_RESET;
-                self.config_changed();
+            match self.activate() {
+                Ok(()) => self.observe(DriverStatus::DriverOk),
+                Err(e) => {
+                    tracing::warn!("virtio device type {}: {e}", self.device.device_type());
+                    self.status |= STATUS_NEEDS_RESET;
+                    self.config_changed();
+                }
             }
         }
     }
@@ -548,5 +574,104 @@ impl Drop for VirtioPciDevice {
     fn drop(&mut self) {
         self.device.reset();
         self.unregister_ioevents(self.bar0);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use vm_memory::GuestAddress;
+
+    use super::*;
+    use crate::pci::msix::tests::FakeRoutes;
+
+    /// A device with one queue that takes any feature set but bit 3.
+    struct Fake;
+    impl VirtioDevice for Fake {
+        fn device_type(&self) -> u16 {
+            1
+        }
+        fn queue_max_sizes(&self) -> Vec<u16> {
+            vec![16]
+        }
+        fn features(&self) -> u64 {
+            (1 << 62) | (1 << 32) | (1 << 3)
+        }
+        fn ack_features(&mut self, features: u64) -> bool {
+            features & (1 << 3) == 0
+        }
+        fn read_config(&self, _: u64, _: &mut [u8]) {}
+        fn write_config(&mut self, _: u64, _: &[u8]) {}
+        fn activate(&mut self, _: ActivateArgs) -> Result<(), ActivateError> {
+            Ok(())
+        }
+        fn reset(&mut self) {}
+    }
+
+    fn device() -> (VirtioPciDevice, Arc<Mutex<Vec<DriverStatus>>>) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mut dev = VirtioPciDevice::new(
+            Box::new(Fake),
+            mem,
+            Arc::new(FakeRoutes::default()),
+            0xc000_0000,
+        )
+        .unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        dev.set_status_observer(Arc::new(move |st| s.lock().unwrap().push(st)));
+        (dev, seen)
+    }
+
+    fn write32(dev: &mut VirtioPciDevice, off: u64, v: u32) {
+        dev.bar_write(0, off, &v.to_le_bytes());
+    }
+
+    fn features(dev: &mut VirtioPciDevice, f: u64) {
+        write32(dev, 0x08, 0);
+        write32(dev, 0x0c, f as u32);
+        write32(dev, 0x08, 1);
+        write32(dev, 0x0c, (f >> 32) as u32);
+    }
+
+    fn status(dev: &mut VirtioPciDevice, v: u8) {
+        dev.bar_write(0, 0x14, &[v]);
+    }
+
+    #[test]
+    fn the_observer_hears_features_ok_driver_ok_and_reset() {
+        let (mut dev, seen) = device();
+        // A driver binding writes 0 first: not a reset of a started device.
+        status(&mut dev, 0);
+        status(&mut dev, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        // Refused features: FEATURES_OK stays clear and nobody hears of it.
+        features(&mut dev, (1 << 32) | (1 << 3));
+        status(
+            &mut dev,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        assert_eq!(dev.status() & STATUS_FEATURES_OK, 0);
+        assert!(seen.lock().unwrap().is_empty());
+        // STANDBY (bit 62) acked.
+        status(&mut dev, 0);
+        status(&mut dev, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        features(&mut dev, (1 << 62) | (1 << 32));
+        status(
+            &mut dev,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        status(
+            &mut dev,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+        status(&mut dev, 0);
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [
+                DriverStatus::FeaturesOk((1 << 62) | (1 << 32)),
+                DriverStatus::DriverOk,
+                DriverStatus::Reset,
+            ]
+        );
     }
 }

@@ -25,6 +25,11 @@ use super::{
 pub use tap::TapError;
 
 pub const VIRTIO_ID_NET: u16 = 1;
+
+/// Did the driver ack `VIRTIO_NET_F_STANDBY` (bit 62) in `features`?
+pub fn acks_standby(features: u64) -> bool {
+    features & (1 << VIRTIO_NET_F_STANDBY) != 0
+}
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 pub const MAX_QUEUE_SIZE: u16 = 32768;
 pub const CTRL_QUEUE_SIZE: u16 = 64;
