@@ -1,7 +1,9 @@
-//! The demo behind `scripts/demo`: boots the Debian test guest in Tandem (2 vCPUs, 512M),
-//! waits for the guest agent, and prints a transcript of guest commands and their real
-//! output, then the control API's `vm.info`, then powers the guest off and checks that
-//! tandem exits 0.
+//! The demo behind `scripts/demo`: the failover story as far as it exists. Boots the
+//! Debian test guest in Tandem (2 vCPUs, 512M) with a virtio-net NIC offering STANDBY,
+//! prints the event stream as it goes, shows the guest's net_failover master over the
+//! standby, renames the standby while UP and pings the peer through the master, hot-adds
+//! a second NIC and removes it in order through the API, prints `vm.info`, powers the
+//! guest off and checks that tandem exits 0. Every line is real output.
 //!
 //! When /dev/kvm cannot boot Linux (software KVM, as on the development machines) the
 //! demo runs inside a test host (see tests/README.md); its transcript is relayed here
@@ -20,11 +22,12 @@ const GUEST_COMMANDS: &[&str] = &[
     "uname -a",
     "nproc",
     "free -m",
+    "ls /sys/bus/pci/devices",
     // busybox's `ip` has no `-br`; `-o` is its one-line form.
     "ip -o link",
-    "ls /sys/bus/pci/devices",
-    "cat /proc/cmdline",
 ];
+const MAC0: &str = "52:54:00:de:00:01";
+const MAC1: &str = "52:54:00:de:00:02";
 
 /// tandem, killed when dropped (unless it already exited).
 struct Tandem(Child);
@@ -63,21 +66,53 @@ fn shell_word(s: &str) -> String {
     }
 }
 
+/// Prints each event of `tandem remote events` as it arrives, one short line each.
+fn print_events(tandem: &Path, api: &Path) -> harness::Result<Child> {
+    let mut child = Command::new(tandem)
+        .args(["remote", "--api-socket"])
+        .arg(api)
+        .arg("events")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| err!("tandem remote events: {e}"))?;
+    let out = child
+        .stdout
+        .take()
+        .ok_or_else(|| err!("tandem remote events: no stdout"))?;
+    std::thread::spawn(move || {
+        let mut first = None;
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let Ok(e) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            let ns = e["mono_ns"].as_u64().unwrap_or(0);
+            let t0 = *first.get_or_insert(ns);
+            let mut text = format!(
+                "event> +{:.3} s {}",
+                ns.saturating_sub(t0) as f64 / 1e9,
+                e["type"].as_str().unwrap_or("?")
+            );
+            if let Some(d) = e["device"].as_str() {
+                text.push_str(&format!(" {d}"));
+            }
+            for k in ["slot", "asked", "cause", "boot", "reason"] {
+                if !e[k].is_null() {
+                    text.push_str(&format!(" {k}={}", e[k]));
+                }
+            }
+            println!("{text}");
+        }
+    });
+    Ok(child)
+}
+
 /// Boots the guest here and prints the transcript.
 fn demo(mode: Mode, why: &str) -> harness::Result<()> {
     let tandem = tandem_bin()?;
-    let guest = harness::image::test_guest()?;
-    let pid = std::process::id();
-    let run = PathBuf::from(format!("/tmp/tandem-demo-{pid}"));
-    let logs = match std::env::var("TANDEM_WORKDIR") {
-        Ok(w) => PathBuf::from(w).join("demo"),
-        Err(_) => harness::image::target_dir()?
-            .join("tandem-runs")
-            .join(format!("demo-{pid}")),
-    };
-    for d in [&run, &logs] {
-        std::fs::create_dir_all(d).map_err(|e| err!("cannot create {}: {e}", d.display()))?;
-    }
+    let env = harness::GuestEnv::new(mode, "demo", harness::GuestKernel::Stable)?;
+    let guest = &env.guest;
+    let (run, logs) = (env.rundir.clone(), env.workdir.clone());
     let serial = run.join("serial.sock");
     let api = run.join("api.sock");
     let console = logs.join("guest-console.log");
@@ -96,6 +131,14 @@ fn demo(mode: Mode, why: &str) -> harness::Result<()> {
         "# guest: Debian kernel {}, busybox initramfs with the serial agent",
         guest.kernel_version
     );
+    let _tap0 = env.tap("tdemo0")?;
+    let _tap1 = env.tap("tdemo1")?;
+    println!(
+        "# taps tdemo0 and tdemo1 on bridge {} ({}, the guest's peer)",
+        env.bridge, env.peer_ip
+    );
+    println!("# the guest gets a virtio-net NIC with STANDBY (standby=on): its kernel builds a");
+    println!("# net_failover master over it, the pair a passthrough primary will join");
     let args: Vec<String> = vec![
         "run".into(),
         "--kernel".into(),
@@ -112,12 +155,15 @@ fn demo(mode: Mode, why: &str) -> harness::Result<()> {
         format!("socket={}", serial.display()),
         "--api-socket".into(),
         api.display().to_string(),
+        "--net".into(),
+        format!("id=net0,tap=tdemo0,mac={MAC0},standby=on,slot=3"),
     ];
     let words: Vec<String> = args.iter().map(|a| shell_word(a)).collect();
     println!("$ {} {} &", tandem.display(), words.join(" "));
     let t0 = Instant::now();
     let child = Command::new(&tandem)
         .args(&args)
+        .env("TANDEM_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(
@@ -132,6 +178,19 @@ fn demo(mode: Mode, why: &str) -> harness::Result<()> {
         let v: Vec<&str> = t.lines().collect();
         v[v.len().saturating_sub(5)..].join(" | ")
     };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !api.exists() {
+        if Instant::now() > deadline {
+            return Err(err!("no API socket; tandem log: {}", log_tail()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!(
+        "$ {} remote --api-socket {} events &   # printed as event> lines",
+        tandem.display(),
+        api.display()
+    );
+    let mut events = Tandem(print_events(&tandem, &api)?);
     let mut agent = Agent::connect_unix(&serial, console.clone())?;
     let init = agent
         .wait_for_line("TANDEM-INIT ", BOOT_TIMEOUT)
@@ -151,27 +210,55 @@ fn demo(mode: Mode, why: &str) -> harness::Result<()> {
         "# boot: the guest's /init ran {init_s:.2} s after tandem started (guest uptime {uptime} s); agent ready after {ready_s:.2} s"
     );
     println!("# guest commands below go through the agent on the guest's COM1 (tandem --serial socket=...)");
-    for cmd in GUEST_COMMANDS {
+    let guest_cmd = |agent: &mut Agent, cmd: &str| -> harness::Result<String> {
         println!("guest# {cmd}");
-        let out = agent.run(cmd, Duration::from_secs(30))?;
+        let out = agent.run(cmd, Duration::from_secs(60))?;
         if !out.stdout.is_empty() {
             println!("{}", out.stdout);
         }
         if out.status != 0 {
             println!("# (exit status {})", out.status);
         }
+        Ok(out.stdout)
+    };
+    for cmd in GUEST_COMMANDS {
+        guest_cmd(&mut agent, cmd)?;
     }
+    let sby = harness::guestnet::netdev_by_mac(&mut agent, MAC0)?;
+    let master = guest_cmd(
+        &mut agent,
+        &format!("basename $(readlink /sys/class/net/{sby}/master)"),
+    )?;
+    let master = master.trim().to_string();
+    println!("# {master} is the failover master, {sby} its standby slave (phys_port_name sby):");
+    guest_cmd(
+        &mut agent,
+        &format!("cat /sys/class/net/{sby}/phys_port_name; ls -d /sys/class/net/{master}/lower_*"),
+    )?;
+    println!("# slaves may be renamed while UP (Linux 8065a779): the standby becomes {master}nsby");
+    guest_cmd(
+        &mut agent,
+        &format!("ip link set {master} up; ip link set {sby} up; ip link set {sby} name {master}nsby; ip -o link show {master}nsby"),
+    )?;
+    guest_cmd(
+        &mut agent,
+        &format!(
+            "ip addr add 10.0.0.2/24 dev {master}; i=0; while ! ping -c 1 -W 1 {p} >/dev/null 2>&1 && [ $i -lt 20 ]; do i=$((i+1)); done; ping -c 3 -W 2 {p}",
+            p = env.peer_ip
+        ),
+    )?;
 
-    for cmd in ["ping", "info"] {
+    let remote = |args: &[&str]| -> harness::Result<()> {
         println!(
-            "$ {} remote --api-socket {} {cmd}",
+            "$ {} remote --api-socket {} {}",
             tandem.display(),
-            api.display()
+            api.display(),
+            args.join(" ")
         );
         let out = Command::new(&tandem)
             .args(["remote", "--api-socket"])
             .arg(&api)
-            .arg(cmd)
+            .args(args)
             .output()
             .map_err(|e| err!("tandem remote: {e}"))?;
         print!("{}", String::from_utf8_lossy(&out.stdout));
@@ -180,9 +267,24 @@ fn demo(mode: Mode, why: &str) -> harness::Result<()> {
             println!("{}", stderr.trim_end());
         }
         if !out.status.success() {
-            return Err(err!("tandem remote {cmd} failed ({})", out.status));
+            return Err(err!(
+                "tandem remote {} failed ({})",
+                args.join(" "),
+                out.status
+            ));
         }
-    }
+        Ok(())
+    };
+    println!("# ACPI PCI hotplug: a second NIC into slot 5, then an orderly removal (the guest");
+    println!("# is asked to eject it; the answer comes once it has released the device)");
+    remote(&["add-net", &format!("id=net1,tap=tdemo1,mac={MAC1},slot=5")])?;
+    guest_cmd(
+        &mut agent,
+        "i=0; until ls /sys/bus/pci/devices/0000:00:05.0/virtio*/net >/dev/null 2>&1 || [ $i -ge 100 ]; do i=$((i+1)); usleep 100000; done; ls /sys/bus/pci/devices/0000:00:05.0/virtio*/net",
+    )?;
+    remote(&["remove-device", "net1"])?;
+    guest_cmd(&mut agent, "ls /sys/bus/pci/devices")?;
+    remote(&["info"])?;
 
     println!("guest# poweroff -f");
     let t_off = Instant::now();
@@ -200,6 +302,8 @@ fn demo(mode: Mode, why: &str) -> harness::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
+    // The event stream ends with the VMM (vm-shutdown is its last line).
+    let _ = events.0.wait();
     println!(
         "# tandem exited ({status}) {:.2} s after poweroff -f",
         t_off.elapsed().as_secs_f64()
@@ -210,8 +314,8 @@ fn demo(mode: Mode, why: &str) -> harness::Result<()> {
             log_tail()
         ));
     }
+    println!("# not yet: the passthrough primary that joins this pair, and migration");
     drop(agent);
-    let _ = std::fs::remove_dir_all(&run);
     if !harness::mode::in_testhost() {
         let _ = std::fs::remove_dir_all(&logs);
     }

@@ -102,7 +102,10 @@ fn sh(args: &[&str]) -> Result<()> {
 }
 
 impl GuestEnv {
-    fn new(mode: Mode, test: &str, kernel: GuestKernel) -> Result<GuestEnv> {
+    /// The environment of guest test (or tool) `test` in `mode`, with the test guest on
+    /// `kernel`: its image, the bridge and peer, a work dir and a run dir. In direct
+    /// mode it creates the bridge (removed on drop); the caller holds the guest-test lock.
+    pub fn new(mode: Mode, test: &str, kernel: GuestKernel) -> Result<GuestEnv> {
         let guest = image::test_guest_with(kernel)?;
         let vfio_nics = parse_vfio_nics(&std::env::var("TANDEM_VFIO_NICS").unwrap_or_default())?;
         let (base, owns_bridge, bridge) = if mode::in_testhost() {

@@ -914,6 +914,10 @@ fn hotplug_api_without_guest_cooperation() {
         info.contains("hp1") && info.contains("pci 00:02.0"),
         "{info}"
     );
+    assert!(
+        info.contains(r#""mac":"52:54:00:00:01:02""#),
+        "MACs as written: {info}"
+    );
 
     // This guest never ejects: an orderly removal times out and keeps the device...
     let t0 = Instant::now();

@@ -53,6 +53,8 @@ pub enum NetError {
 pub struct NetConfig {
     pub id: String,
     pub tap: String,
+    /// Shown as `52:54:00:12:34:56`, as the user wrote it.
+    #[serde(serialize_with = "serialize_mac")]
     pub mac: [u8; 6],
     pub standby: bool,
     pub num_queues: u16,
@@ -366,6 +368,10 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
         *b = u8::from_str_radix(p, 16).ok()?;
     }
     parts.next().is_none().then_some(mac)
+}
+
+fn serialize_mac<S: serde::Serializer>(m: &[u8; 6], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_mac(m))
 }
 
 pub fn format_mac(m: &[u8; 6]) -> String {
