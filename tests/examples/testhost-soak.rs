@@ -17,9 +17,11 @@
 //!   35 such probes (`e1000e_intrmgr_on_throttling_timer: Assertion '!msix_enabled'`),
 //!   killing L1; this counts probes and aborts for the QEMU that runs L1.
 //!
-//! A run ends as `ok`, `guest-failed` (the scenario failed inside a live L1: Tandem's or
-//! the guest's problem, not the test host's), `froze` (L1's console heartbeat stopped:
-//! the L1 freeze this soak hunts; L1's registers are saved as `l1-registers.txt`), `hung`
+//! A run ends as `ok`, `woken` (L1's heartbeat stopped, the watchdog's wake-up brought it
+//! back and the scenario passed: see `stall_kick`), `guest-failed` (the scenario failed
+//! inside a live L1: Tandem's or the guest's problem, not the test host's), `froze` (L1's
+//! heartbeat stopped for good: the L1 freeze this soak hunts; L1's registers are saved as
+//! `l1-registers-stall-1.txt` when it stalled and `l1-registers.txt` at the end), `hung`
 //! (L1 alive but past its boot or job timeout), or `died` (the outer QEMU aborted or was
 //! killed). The binaries are copied first, so rebuilding the tree during a soak changes
 //! nothing. Work dirs of runs that did not end `ok` are kept under `target/tandem-runs/`.
@@ -179,10 +181,18 @@ fn main() {
     };
     let mut probes_ok = 0usize;
     let started = Instant::now();
-    let mut counts: Vec<(&str, u32)> = ["ok", "guest-failed", "froze", "hung", "died", "other"]
-        .iter()
-        .map(|k| (*k, 0))
-        .collect();
+    let mut counts: Vec<(&str, u32)> = [
+        "ok",
+        "woken",
+        "guest-failed",
+        "froze",
+        "hung",
+        "died",
+        "other",
+    ]
+    .iter()
+    .map(|k| (*k, 0))
+    .collect();
     let mut kept = Vec::new();
     let mut boot_secs = Vec::new();
     for i in 1..=runs {
@@ -191,16 +201,20 @@ fn main() {
         host.env
             .push(("TANDEM_BIN".into(), tandem_bin.display().to_string()));
         let t0 = Instant::now();
-        let (result, text) = match Session::boot(&host) {
+        let (result, text, stalls) = match Session::boot(&host) {
             Ok(mut s) => {
                 let r = s.run_job("soak", &inner);
-                (r, s.output())
+                (r, s.output(), s.stalls().to_vec())
             }
-            Err(e) => (Err(e), String::new()),
+            Err(e) => (Err(e), String::new(), Vec::new()),
         };
         // Probes that passed, also in a run that ended with L1's death.
         probes_ok += text.matches("PROBE-OK ").count();
         let (kind, detail) = match result {
+            Ok(o) if o.status == 0 && o.output.contains("SOAK-RUN-OK") && !stalls.is_empty() => {
+                kept.push(format!("{}: {}", o.workdir.display(), stalls.join("; ")));
+                ("woken", stalls.join("; "))
+            }
             Ok(o) if o.status == 0 && o.output.contains("SOAK-RUN-OK") => {
                 boot_secs.push(o.boot_time.as_secs_f64());
                 (

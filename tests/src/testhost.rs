@@ -68,6 +68,10 @@ pub struct TestHost {
     pub job_timeout: Duration,
     /// Longest time L1 may go without a heartbeat on its console before it counts as frozen.
     pub freeze_timeout: Duration,
+    /// After this long without a heartbeat the watchdog saves L1's registers and tries to
+    /// wake it (QEMU's `stop` + `cont`, then an NMI); None: never (see
+    /// [`Session::stalls`]).
+    pub stall_kick: Option<Duration>,
     /// Extra environment for the job.
     pub env: Vec<(String, String)>,
 }
@@ -140,6 +144,8 @@ impl TestHost {
             boot_timeout: secs_from_env("TANDEM_TESTHOST_BOOT_TIMEOUT", 120),
             job_timeout: secs_from_env("TANDEM_TESTHOST_JOB_TIMEOUT", 900),
             freeze_timeout: secs_from_env("TANDEM_TESTHOST_FREEZE_TIMEOUT", 60),
+            stall_kick: Some(secs_from_env("TANDEM_TESTHOST_STALL_KICK", 20))
+                .filter(|d| !d.is_zero()),
             env: Vec::new(),
         }
     }
@@ -191,6 +197,10 @@ pub struct Session {
     stage: String,
     beats: usize,
     beat_since: Instant,
+    /// The heartbeat stopped: when the last kick was sent and which ones.
+    stall: Option<(Instant, Vec<&'static str>)>,
+    /// Stalls L1 came out of, one line each.
+    stalls: Vec<String>,
     next_job: u32,
     /// A job failed or L1 broke: keep the work dir.
     keep: bool,
@@ -363,6 +373,8 @@ impl Session {
             stage: "qemu-start".into(),
             beats: 0,
             beat_since: Instant::now(),
+            stall: None,
+            stalls: Vec::new(),
             next_job: 1,
             keep: false,
             dead: false,
@@ -485,8 +497,27 @@ impl Session {
         let text = fs::read_to_string(&self.console).unwrap_or_default();
         let beats = text.matches("TANDEM-BEAT ").count();
         if beats != self.beats {
+            if let Some((_, kicks)) = self.stall.take() {
+                let line = format!(
+                    "L1 stalled {:.0} s in stage `{}` and woke after {} (registers at the stall: l1-registers-stall-{}.txt)",
+                    self.beat_since.elapsed().as_secs_f64(),
+                    self.stage,
+                    kicks.join(", then "),
+                    self.stalls.len() + 1
+                );
+                eprintln!("testhost: {line}");
+                self.stalls.push(line);
+                // Keep the registers and console of the stall.
+                self.keep = true;
+            }
             self.beats = beats;
             self.beat_since = Instant::now();
+        }
+        if let Some(kick_after) = self.settings.stall_kick {
+            let gap = self.beat_since.elapsed();
+            if self.beats > 0 && gap > kick_after {
+                self.kick(gap);
+            }
         }
         if let Some(last) = text
             .lines()
@@ -505,9 +536,17 @@ impl Session {
             ));
         }
         if self.beats > 0 && self.beat_since.elapsed() > self.settings.freeze_timeout {
-            self.dump_registers();
+            self.dump_registers("l1-registers.txt");
+            let kicks = match &self.stall {
+                Some((_, k)) => format!(
+                    " (tried to wake it: {}; registers before: l1-registers-stall-{}.txt)",
+                    k.join(", "),
+                    self.stalls.len() + 1
+                ),
+                None => String::new(),
+            };
             return Err(err!(
-                "test host froze: no heartbeat for {:.0} s in stage `{}`, {:.0} s after L1 started; L1's registers in {}",
+                "test host froze: no heartbeat for {:.0} s in stage `{}`, {:.0} s after L1 started{kicks}; L1's registers in {}",
                 self.beat_since.elapsed().as_secs_f64(),
                 self.stage,
                 self.started.elapsed().as_secs_f64(),
@@ -526,7 +565,7 @@ impl Session {
                     return Ok(Some(0));
                 }
                 if since.elapsed() > self.settings.boot_timeout {
-                    self.dump_registers();
+                    self.dump_registers("l1-registers.txt");
                     return Err(err!(
                         "test host hung: not ready for jobs after {:.0} s, stuck in stage `{}`; console log kept: {}",
                         since.elapsed().as_secs_f64(),
@@ -550,7 +589,7 @@ impl Session {
                     return Ok(Some(st));
                 }
                 if since.elapsed() > self.settings.job_timeout {
-                    self.dump_registers();
+                    self.dump_registers("l1-registers.txt");
                     return Err(err!(
                         "test host hung: job {n} still running after {:.0} s in stage `{}` (L1 itself alive: its heartbeat goes on); work dir kept: {}",
                         since.elapsed().as_secs_f64(),
@@ -563,11 +602,47 @@ impl Session {
         Ok(None)
     }
 
-    /// Saves L1's registers (from QEMU's monitor) as `l1-registers.txt` and prints them.
-    fn dump_registers(&self) {
+    /// Saves L1's registers (from QEMU's monitor) as `file` in the work dir and prints them.
+    fn dump_registers(&self, file: &str) {
         let regs = monitor_command(&self.monitor, "info registers\nx/8i $pc\ninfo lapic");
-        let _ = fs::write(self.workdir.join("l1-registers.txt"), &regs);
+        let _ = fs::write(self.workdir.join(file), &regs);
         eprintln!("testhost: L1's CPU as the monitor shows it (L1 boots nokaslr: look RIP up in its /proc/kallsyms; the package System.map is a stub):\n{regs}");
+    }
+
+    /// L1's heartbeat stopped `gap` ago: the first time, save its registers and stop and
+    /// continue its CPU through QEMU's monitor (which makes QEMU look at the CPU's pending
+    /// interrupts again); 10 s later, if it still sleeps, send it an NMI.
+    fn kick(&mut self, gap: Duration) {
+        if self.stall.is_none() {
+            eprintln!(
+                "testhost: no heartbeat from L1 for {:.0} s in stage `{}`: saving its registers and waking it",
+                gap.as_secs_f64(),
+                self.stage
+            );
+            self.dump_registers(&format!("l1-registers-stall-{}.txt", self.stalls.len() + 1));
+        }
+        let (last, kicks) = self
+            .stall
+            .get_or_insert_with(|| (Instant::now(), Vec::new()));
+        let next = match kicks.len() {
+            0 => "stop/cont",
+            1 if last.elapsed() > Duration::from_secs(10) => "an NMI",
+            _ => return,
+        };
+        let cmd = if next == "an NMI" {
+            "nmi"
+        } else {
+            "stop\ncont"
+        };
+        let _ = monitor_command(&self.monitor, cmd);
+        eprintln!("testhost: sent L1 {next}");
+        *last = Instant::now();
+        kicks.push(next);
+    }
+
+    /// The stalls L1 came out of (after a kick or by itself), one line each.
+    pub fn stalls(&self) -> &[String] {
+        &self.stalls
     }
 
     /// Why the outer QEMU is gone.

@@ -1,7 +1,7 @@
 //! The test host's own failure handling, on a real L1: jobs run one after another in one
-//! L1 and report their status and output; a job that kills L1, an L1 that freezes and a
-//! job that overruns each fail that job by name with the logs kept; the shared test host
-//! boots a fresh L1 for the job after a broken one.
+//! L1 and report their status and output; a stalled L1 is woken; a job that kills L1, an
+//! L1 that freezes and a job that overruns each fail that job by name with the logs kept;
+//! the shared test host boots a fresh L1 for the job after a broken one.
 
 use std::time::Duration;
 
@@ -61,9 +61,37 @@ fn testhost_survives_broken_jobs() {
     );
     let _ = std::fs::remove_dir_all(&workdir);
 
-    // L1 freezes (its CPU stopped through QEMU's monitor): no heartbeat, registers saved.
+    // L1 stalls (its CPU stopped through QEMU's monitor, as a lost wakeup would leave
+    // it): the watchdog saves its registers and wakes it, and the job goes on.
+    let mut host = TestHost::new("harness-stall");
+    host.stall_kick = Some(Duration::from_secs(12));
+    let mut s = Session::boot(&host).expect("boot L1");
+    let monitor = s.monitor_path().to_path_buf();
+    let stopper = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(3));
+        monitor_command(&monitor, "stop")
+    });
+    let o = s
+        .run_job("stalled", &sh("sleep 20; echo still-here"))
+        .expect("a stalled L1 that wakes is no error");
+    let _ = stopper.join();
+    assert!(o.output.contains("still-here"), "{}", o.output);
+    assert_eq!(s.stalls().len(), 1, "{:?}", s.stalls());
+    assert!(s.stalls()[0].contains("stop/cont"), "{:?}", s.stalls());
+    let regs =
+        std::fs::read_to_string(s.workdir().join("l1-registers-stall-1.txt")).unwrap_or_default();
+    assert!(
+        regs.contains("RIP="),
+        "L1's registers at the stall are saved: {regs:?}"
+    );
+    let workdir = s.workdir().to_path_buf();
+    drop(s);
+    let _ = std::fs::remove_dir_all(&workdir);
+
+    // Without the wake-up, a stopped L1 is a freeze: no heartbeat, registers saved.
     let mut host = TestHost::new("harness-freeze");
     host.freeze_timeout = Duration::from_secs(15);
+    host.stall_kick = None;
     let mut s = Session::boot(&host).expect("boot L1");
     let monitor = s.monitor_path().to_path_buf();
     let stopper = std::thread::spawn(move || {
