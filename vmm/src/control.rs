@@ -16,6 +16,7 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::vcpu::VcpuControlError;
 use api::events::{EventHub, EventKind};
 use api::{
     ApiError, ApiMessage, ApiResponse, DeviceAdded, DeviceInfo, DeviceRemoved, Endpoint, OnTimeout,
@@ -497,6 +498,9 @@ impl Vmm {
                         serde_json::Value::Null
                     })
                     .map_err(|e| match e {
+                        VmError::Control(c @ VcpuControlError::Timeout(..)) => {
+                            ApiError::timeout(format!("{c}; the VM keeps running"))
+                        }
                         VmError::Control(c) => ApiError::conflict(c.to_string()),
                         other => ApiError::internal(other.to_string()),
                     }),

@@ -53,8 +53,12 @@ pub enum RunState {
     Stopping,
 }
 
+/// How long a pause waits for every vCPU to park.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub struct VcpuControl {
     state: Mutex<(RunState, usize)>,
+    pause_timeout: Duration,
     cv: Condvar,
     /// Where each vCPU stood when it last parked (for `vm.info` and reports).
     parked_at: Mutex<Vec<(u8, String)>>,
@@ -76,6 +80,7 @@ impl VcpuControl {
     pub fn new() -> Self {
         Self {
             state: Mutex::new((RunState::Running, 0)),
+            pause_timeout: PAUSE_TIMEOUT,
             cv: Condvar::new(),
             parked_at: Mutex::new(Vec::new()),
         }
@@ -85,7 +90,9 @@ impl VcpuControl {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).0
     }
 
-    /// Stop all `threads`; returns once every one of them is parked.
+    /// Stop all `threads`; returns once every one of them is parked. If they do not all
+    /// park within the pause timeout, the pause is undone (the parked ones run again)
+    /// and the VM is left running, as before the call.
     pub fn pause(&self, threads: &[JoinHandle<()>]) -> Result<(), VcpuControlError> {
         {
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -96,17 +103,19 @@ impl VcpuControl {
             }
         }
         kick_all(threads);
-        let timeout = Duration::from_secs(10);
+        let timeout = self.pause_timeout;
         let deadline = Instant::now() + timeout;
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         while st.1 < threads.len() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(VcpuControlError::Timeout(
-                    threads.len() - st.1,
-                    threads.len(),
-                    timeout,
-                ));
+                let missing = threads.len() - st.1;
+                // Undo: a VM reported paused must not have vCPUs running.
+                if st.0 == RunState::Paused {
+                    st.0 = RunState::Running;
+                    self.cv.notify_all();
+                }
+                return Err(VcpuControlError::Timeout(missing, threads.len(), timeout));
             }
             st = self
                 .cv
@@ -361,4 +370,70 @@ fn dump_state(vcpu: &mut VcpuFd) -> String {
         (Err(e), _) | (_, Err(e)) => out.push_str(&format!("  (registers unavailable: {e})")),
     }
     out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod pause_tests {
+    use super::*;
+
+    /// vCPU-like threads: `parks` of them reach checkpoints, the rest never do.
+    fn threads(c: &Arc<VcpuControl>, parks: usize, stuck: usize) -> Vec<JoinHandle<()>> {
+        install_kick_handler().unwrap();
+        let mut v = Vec::new();
+        for i in 0..parks {
+            let c = c.clone();
+            v.push(std::thread::spawn(move || {
+                while c.checkpoint(i as u8, String::new) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }));
+        }
+        for _ in 0..stuck {
+            let c = c.clone();
+            v.push(std::thread::spawn(move || {
+                while c.state() != RunState::Stopping {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }));
+        }
+        v
+    }
+
+    #[test]
+    fn a_pause_that_times_out_leaves_the_vm_running() {
+        let c = Arc::new(VcpuControl {
+            pause_timeout: Duration::from_millis(300),
+            ..VcpuControl::new()
+        });
+        let t = threads(&c, 1, 1);
+        let e = c.pause(&t).unwrap_err();
+        assert!(matches!(e, VcpuControlError::Timeout(1, 2, _)), "{e}");
+        assert_eq!(c.state(), RunState::Running, "not reported paused");
+        // The vCPU that did park runs again.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while c.state.lock().unwrap().1 != 0 {
+            assert!(Instant::now() < deadline, "a parked vCPU stayed parked");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(matches!(c.resume(), Err(VcpuControlError::NotPaused)));
+        c.stop(&t);
+        for t in t {
+            t.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn pause_and_resume_when_every_vcpu_parks() {
+        let c = Arc::new(VcpuControl::new());
+        let t = threads(&c, 2, 0);
+        c.pause(&t).unwrap();
+        assert_eq!(c.state(), RunState::Paused);
+        assert!(matches!(c.pause(&t), Err(VcpuControlError::AlreadyPaused)));
+        c.resume().unwrap();
+        c.stop(&t);
+        for t in t {
+            t.join().unwrap();
+        }
+    }
 }
