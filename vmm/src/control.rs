@@ -249,6 +249,7 @@ impl Vmm {
         crate::vcpu::install_kick_handler()
             .map_err(|e| io::Error::other(format!("cannot install the vCPU kick handler: {e}")))?;
         let events = Arc::new(VmEvents::new()?);
+        crate::events::install_panic_policy(events.clone());
         let mut sockets = Vec::new();
         let mut tty = None;
         let mut socket_console = None;

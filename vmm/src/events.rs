@@ -2,7 +2,7 @@
 //! to power off or reset, ejected a hotplug slot, changed a virtio device's
 //! driver status, or something failed fatally.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use devices::virtio::DriverStatus;
 
@@ -72,5 +72,44 @@ impl VmEvents {
 
     pub fn take_error(&self) -> Option<String> {
         self.error.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+/// A panic on any thread (a vCPU, a device worker, the API) is fatal: after the usual
+/// message, it is reported to the control loop like a vCPU error, which stops the VM
+/// and exits non-zero with the message. Without this a panicking thread would just
+/// end, leaving a half-alive VMM.
+pub fn install_panic_policy(events: Arc<VmEvents>) {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        previous(info);
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("unnamed");
+        events.fatal(format!("internal error: thread {name} panicked: {info}"));
+    }));
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_on_any_thread_is_a_fatal_error_for_the_control_loop() {
+        let events = Arc::new(VmEvents::new().unwrap());
+        install_panic_policy(events.clone());
+        let r = std::thread::Builder::new()
+            .name("net0-rx".into())
+            .spawn(|| panic!("a worker broke"))
+            .unwrap()
+            .join();
+        assert!(r.is_err());
+        assert_eq!(events.error_evt.read().unwrap(), 1);
+        let msg = events.take_error().unwrap();
+        assert!(
+            msg.contains("net0-rx") && msg.contains("a worker broke"),
+            "{msg}"
+        );
+        let _ = std::panic::take_hook();
     }
 }
