@@ -200,6 +200,113 @@ pub fn pump_input(serial: Arc<Mutex<Serial>>, mut input: impl Read) {
 }
 
 /// Open a file for the guest's output (created or truncated).
+/// Output waiting for a slow sink before the guest's further output is dropped.
+pub const DETACHED_CAPACITY: usize = 1 << 20;
+
+struct Pending {
+    buf: VecDeque<u8>,
+    /// Bytes dropped since the sink last kept up.
+    dropped: u64,
+    /// The writer thread is writing a chunk it took out of `buf`.
+    writing: bool,
+}
+
+struct Detached {
+    pending: Mutex<Pending>,
+    cv: std::sync::Condvar,
+    capacity: usize,
+}
+
+/// Waits for output handed to a [`detached_sink`] to reach its sink.
+#[derive(Clone)]
+pub struct OutputDrain(Arc<Detached>);
+
+impl OutputDrain {
+    /// Returns once everything written so far reached the sink, or after `limit`.
+    pub fn wait(&self, limit: Duration) {
+        let deadline = std::time::Instant::now() + limit;
+        let mut p = self.0.pending.lock().unwrap_or_else(|e| e.into_inner());
+        while !p.buf.is_empty() || p.writing {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            p = self
+                .0
+                .cv
+                .wait_timeout(p, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+struct DetachedWriter(Arc<Detached>);
+
+impl Write for DetachedWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut p = self.0.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let room = self.0.capacity.saturating_sub(p.buf.len());
+        let take = buf.len().min(room);
+        p.buf.extend(&buf[..take]);
+        p.dropped += (buf.len() - take) as u64;
+        self.0.cv.notify_all();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Hands the guest's output to `sink` on a thread of its own, so that a slow or stalled
+/// sink (a full pipe, a terminal on hold, a socket client that does not read) never
+/// blocks the vCPU writing the UART, nor anything waiting for the serial device. At most
+/// [`DETACHED_CAPACITY`] bytes wait; past that, output is dropped and counted, and the
+/// sink gets a note with the count before the next bytes.
+pub fn detached_sink(sink: SerialSink) -> io::Result<(SerialSink, OutputDrain)> {
+    detached_sink_with(sink, DETACHED_CAPACITY)
+}
+
+fn detached_sink_with(
+    mut sink: SerialSink,
+    capacity: usize,
+) -> io::Result<(SerialSink, OutputDrain)> {
+    let shared = Arc::new(Detached {
+        pending: Mutex::new(Pending {
+            buf: VecDeque::new(),
+            dropped: 0,
+            writing: false,
+        }),
+        cv: std::sync::Condvar::new(),
+        capacity,
+    });
+    let s = shared.clone();
+    thread::Builder::new().name("serial-out".into()).spawn(move || loop {
+        let (chunk, dropped) = {
+            let mut p = s.pending.lock().unwrap_or_else(|e| e.into_inner());
+            while p.buf.is_empty() {
+                p = s.cv.wait(p).unwrap_or_else(|e| e.into_inner());
+            }
+            let n = p.buf.len().min(64 * 1024);
+            let chunk: Vec<u8> = p.buf.drain(..n).collect();
+            p.writing = true;
+            (chunk, std::mem::take(&mut p.dropped))
+        };
+        if dropped > 0 {
+            let note = format!("\r\n[tandem: {dropped} bytes of serial output dropped: the output sink was too slow]\r\n");
+            let _ = sink.write_all(note.as_bytes());
+        }
+        let _ = sink.write_all(&chunk);
+        let _ = sink.flush();
+        s.pending.lock().unwrap_or_else(|e| e.into_inner()).writing = false;
+        s.cv.notify_all();
+    })?;
+    Ok((
+        Box::new(DetachedWriter(shared.clone())),
+        OutputDrain(shared),
+    ))
+}
+
 pub fn file_sink(path: &Path) -> io::Result<SerialSink> {
     Ok(Box::new(File::create(path)?))
 }
@@ -336,6 +443,51 @@ mod tests {
         fn flush(&mut self) -> io::Result<()> {
             Ok(())
         }
+    }
+
+    /// A sink that takes nothing until the test lets it.
+    struct Gate(Arc<(Mutex<bool>, std::sync::Condvar)>, Capture);
+    impl Write for Gate {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            let mut open = self.0 .0.lock().unwrap();
+            while !*open {
+                open = self.0 .1.wait(open).unwrap();
+            }
+            self.1.write(b)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stalled_sink_never_blocks_the_writer_and_drops_what_does_not_fit() {
+        let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let out = Capture::default();
+        let (mut w, drain) =
+            detached_sink_with(Box::new(Gate(gate.clone(), out.clone())), 1000).unwrap();
+        let t0 = std::time::Instant::now();
+        // The writer thread takes the first chunk and blocks in the sink with it; the
+        // next 1000 bytes wait; the rest is dropped.
+        w.write_all(b"first").unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        for _ in 0..30 {
+            w.write_all(&[b'x'; 100]).unwrap();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "writes never wait for the sink"
+        );
+        *gate.0.lock().unwrap() = true;
+        gate.1.notify_all();
+        drain.wait(Duration::from_secs(5));
+        let got = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert!(got.starts_with("first"), "{got:?}");
+        assert!(
+            got.contains("[tandem: 2000 bytes of serial output dropped"),
+            "{got:?}"
+        );
+        assert_eq!(got.matches('x').count(), 1000);
     }
 
     #[test]

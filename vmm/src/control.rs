@@ -233,6 +233,7 @@ pub struct Vmm {
     kvm: Kvm,
     events: Arc<VmEvents>,
     serial: Arc<Mutex<Serial>>,
+    serial_drain: Option<serial::OutputDrain>,
     api: Option<(Receiver<ApiMessage>, EventFd)>,
     /// The event stream (`GET /api/v1/events`); published to whether or not anyone listens.
     hub: Arc<EventHub>,
@@ -266,6 +267,14 @@ impl Vmm {
                 let sink = c.sink();
                 socket_console = Some(c);
                 sink
+            }
+        };
+        // A slow sink never blocks the vCPU writing the UART.
+        let (sink, serial_drain) = match cfg.serial {
+            SerialConfig::Off => (sink, None),
+            _ => {
+                let (sink, drain) = serial::detached_sink(sink)?;
+                (sink, Some(drain))
             }
         };
         // The interrupt is replaced by each boot's irqfd.
@@ -306,6 +315,7 @@ impl Vmm {
             kvm,
             events,
             serial,
+            serial_drain,
             api,
             hub,
             signals,
@@ -811,6 +821,10 @@ impl Vmm {
 
 impl Drop for Vmm {
     fn drop(&mut self) {
+        // The guest's last words reach the terminal, file or socket before we go.
+        if let Some(d) = &self.serial_drain {
+            d.wait(Duration::from_secs(2));
+        }
         for p in &self.sockets {
             let _ = std::fs::remove_file(p);
         }

@@ -159,6 +159,8 @@ fn run_bounded(mut cmd: Command, limit: Duration) -> Output {
 fn api(sock: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
     let mut s =
         UnixStream::connect(sock).unwrap_or_else(|e| panic!("connect {}: {e}", sock.display()));
+    // A VMM that stops answering fails the test instead of hanging it.
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
@@ -166,7 +168,8 @@ fn api(sock: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
     )
     .unwrap();
     let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
+    s.read_to_string(&mut out)
+        .unwrap_or_else(|e| panic!("{method} {path}: no answer: {e}"));
     let status = out.split_whitespace().nth(1).unwrap().parse().unwrap();
     let body = out
         .split_once("\r\n\r\n")
@@ -439,6 +442,47 @@ fn a_double_reset_request_resets_once() {
     assert_eq!(String::from_utf8_lossy(&out).matches("boot\n").count(), 2);
     assert_eq!(api(&sock, "PUT", "/api/v1/vm.shutdown", "").0, 204);
     assert!(child.0.wait().unwrap().success());
+}
+
+/// A guest printing forever to a stdout nobody reads: the pipe fills, yet the VM
+/// still answers the API and shuts down (its output waits, then is dropped and
+/// counted, instead of blocking the vCPU inside the UART).
+#[test]
+fn a_stalled_serial_sink_blocks_nothing() {
+    let dir = Scratch::new("stalled-sink");
+    let a = Asm::default();
+    let top = a.here();
+    let k = dir.kernel(&a.print("0123456789abcdef").jmp_to(top).0);
+    let sock = dir.path("api.sock");
+    let child = tandem(&[
+        "run",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let mut child = Running(child);
+    wait_for(&sock);
+    // Well past the pipe's 64 KiB and the 1 MiB that may wait.
+    std::thread::sleep(Duration::from_secs(2));
+    let t0 = Instant::now();
+    assert_eq!(api(&sock, "GET", "/api/v1/vm.info", "").0, 200);
+    assert_eq!(api(&sock, "PUT", "/api/v1/vm.pause", "").0, 204);
+    assert_eq!(api(&sock, "PUT", "/api/v1/vm.resume", "").0, 204);
+    assert_eq!(api(&sock, "PUT", "/api/v1/vm.shutdown", "").0, 204);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.0.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "tandem did not exit with its stdout full"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(t0.elapsed() < Duration::from_secs(10));
 }
 
 /// A guest printing forever: paused, its output stops; resumed, it goes on.
