@@ -81,6 +81,9 @@ impl Token {
     }
 }
 
+/// How often the hotplug interrupt is raised again while the guest leaves news unread.
+const HOTPLUG_RERAISE: Duration = Duration::from_millis(500);
+
 /// What an API request asks of the control loop beyond its reply.
 enum ApiAction {
     Exit(Exit),
@@ -380,13 +383,22 @@ impl Vmm {
 
         let mut vm = self.boot()?;
         let mut ready = vec![epoll::Event::new(epoll::Events::empty(), 0); 8];
+        let mut next_reraise = Instant::now();
         loop {
             self.expire_removals(&mut vm);
-            let timeout_ms = self
-                .pending
-                .iter()
-                .map(|p| p.deadline.saturating_duration_since(Instant::now()))
-                .min()
+            // Hotplug news the guest has not read: its interrupt may have been lost.
+            let mut wake = self.pending.iter().map(|p| p.deadline).min();
+            if vm.hotplug_pending() == (0, 0) {
+                next_reraise = Instant::now() + HOTPLUG_RERAISE;
+            } else {
+                if Instant::now() >= next_reraise {
+                    vm.reraise_hotplug();
+                    next_reraise = Instant::now() + HOTPLUG_RERAISE;
+                }
+                wake = Some(wake.map_or(next_reraise, |w| w.min(next_reraise)));
+            }
+            let timeout_ms = wake
+                .map(|w| w.saturating_duration_since(Instant::now()))
                 .map_or(-1, |d| d.as_millis().min(60_000) as i32 + 1);
             let n = match epoll::wait(epoll, timeout_ms, &mut ready) {
                 Ok(n) => n,
@@ -784,9 +796,10 @@ impl Vmm {
             id: "pci-hotplug".into(),
             kind: "acpi-pci-hotplug".into(),
             location: format!(
-                "pio {:#x}, GED gsi {} (unread: rescan {up:#x}, eject {down:#x}; removals waiting: {})",
+                "pio {:#x}, GED gsi {} (unread: rescan {up:#x}, eject {down:#x}; interrupts raised: {}; removals waiting: {})",
                 devices::pci::hotplug::HOTPLUG_BASE,
                 devices::pci::hotplug::HOTPLUG_GSI,
+                vm.hotplug_raised(),
                 self.pending.len()
             ),
         });

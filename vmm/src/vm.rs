@@ -288,6 +288,17 @@ impl Vm {
         self.hotplug().pending()
     }
 
+    /// Hotplug interrupts raised so far this boot.
+    pub fn hotplug_raised(&self) -> u64 {
+        self.hotplug().raised()
+    }
+
+    /// Raise the hotplug interrupt again if the guest has not read its pending bits;
+    /// whether anything is pending.
+    pub fn reraise_hotplug(&self) -> bool {
+        self.hotplug().reraise_if_pending()
+    }
+
     /// Slots the guest ejected since the last call, with the device in each.
     pub fn take_ejected(&self) -> Vec<(usize, Option<String>)> {
         let bits = self.hotplug().take_ejected();

@@ -962,6 +962,17 @@ fn hotplug_api_without_guest_cooperation() {
         info.contains(r#""mac":"52:54:00:00:01:02""#),
         "MACs as written: {info}"
     );
+    // This guest never reads the hotplug registers: the interrupt is raised again
+    // (every 500 ms) for as long as the news stays unread.
+    std::thread::sleep(Duration::from_millis(1600));
+    let (_, info) = api(&sock, "GET", "/api/v1/vm.info", "");
+    let raised: u64 = info
+        .split("interrupts raised: ")
+        .nth(1)
+        .and_then(|r| r.split(';').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(raised >= 3, "raised {raised} times: {info}");
 
     // This guest never ejects: an orderly removal times out and keeps the device...
     let t0 = Instant::now();

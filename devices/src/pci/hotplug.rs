@@ -43,6 +43,8 @@ pub struct PciHotplug {
     ejected: u32,
     irq: EventFd,
     eject_evt: EventFd,
+    /// Interrupts raised so far (for `vm.info`).
+    raised: u64,
 }
 
 impl PciHotplug {
@@ -55,6 +57,7 @@ impl PciHotplug {
             ejected: 0,
             irq,
             eject_evt,
+            raised: 0,
         }
     }
 
@@ -62,10 +65,28 @@ impl PciHotplug {
         1u32.checked_shl(slot as u32).unwrap_or(0)
     }
 
-    fn raise(&self) {
+    fn raise(&mut self) {
+        self.raised += 1;
         if let Err(e) = self.irq.write(1) {
             tracing::warn!("pci hotplug: cannot raise the GED interrupt: {e}");
         }
+    }
+
+    /// Raise the interrupt again if the guest has not read what is pending. It is an
+    /// edge: one raised while the guest has it masked, or before its GED driver bound,
+    /// is lost, and the guest would never look at the slot. Returns whether anything
+    /// is pending.
+    pub fn reraise_if_pending(&mut self) -> bool {
+        if self.up | self.down == 0 {
+            return false;
+        }
+        self.raise();
+        true
+    }
+
+    /// Interrupts raised so far.
+    pub fn raised(&self) -> u64 {
+        self.raised
     }
 
     /// Ask the guest to rescan `slot` (a device arrived or vanished). An eject request
@@ -169,6 +190,21 @@ mod tests {
         h.notify_changed(5);
         assert_eq!(h.pending(), (1 << 5, 1 << 6));
         assert_eq!(read32(&mut h, DOWN_OFFSET), 1 << 6);
+    }
+
+    #[test]
+    fn unread_bits_raise_the_interrupt_again_until_read() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let ej = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut h = PciHotplug::new(irq.try_clone().unwrap(), ej);
+        assert!(!h.reraise_if_pending(), "nothing pending, nothing raised");
+        h.notify_changed(4);
+        assert!(h.reraise_if_pending());
+        assert!(h.reraise_if_pending());
+        assert_eq!(irq.read().unwrap(), 3);
+        assert_eq!(h.raised(), 3);
+        assert_eq!(read32(&mut h, UP_OFFSET), 1 << 4);
+        assert!(!h.reraise_if_pending(), "read: no more interrupts");
     }
 
     #[test]
