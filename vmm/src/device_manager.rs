@@ -121,12 +121,18 @@ impl DeviceManager {
             .bars
             .allocate(BAR0_SIZE)
             .ok_or(DeviceError::NoBarSpace(BAR0_SIZE))?;
-        let mut dev =
-            VirtioPciDevice::new(Box::new(net), self.mem.clone(), self.routes.clone(), bar0)
-                .map_err(|source| DeviceError::Io {
-                    id: id.clone(),
-                    source,
-                })?;
+        let mut dev = match VirtioPciDevice::new(
+            Box::new(net),
+            self.mem.clone(),
+            self.routes.clone(),
+            bar0,
+        ) {
+            Ok(d) => d,
+            Err(source) => {
+                self.bars.free(bar0, BAR0_SIZE);
+                return Err(DeviceError::Io { id, source });
+            }
+        };
         let (events, who) = (self.events.clone(), id.clone());
         dev.set_status_observer(Arc::new(move |st| events.driver_status(&who, st)));
         let dev = Arc::new(Mutex::new(dev));

@@ -87,6 +87,29 @@ impl KvmRoutes {
         v
     }
 
+    /// Gives GSIs back: their irqfds unregistered, their routes gone.
+    fn release(&self, t: &mut Table, vectors: &[(u32, EventFd)]) {
+        for (gsi, evt) in vectors {
+            let _ = self.vm.unregister_irqfd(evt, *gsi);
+            t.msi.remove(gsi);
+            t.free.push(*gsi);
+        }
+    }
+
+    /// An allocation failed part way: give back what it took (`taken`, and `gsi` if it
+    /// had one without an irqfd yet), then fail with `e`.
+    fn undo_allocation<T>(
+        &self,
+        t: &mut Table,
+        taken: &[(u32, EventFd)],
+        gsi: Option<u32>,
+        e: io::Error,
+    ) -> io::Result<T> {
+        self.release(t, taken);
+        t.free.extend(gsi);
+        Err(e)
+    }
+
     fn commit(&self, t: &Table) -> io::Result<()> {
         let entries = Self::entries(t);
         let mut routing =
@@ -99,7 +122,7 @@ impl KvmRoutes {
 impl InterruptRoutes for KvmRoutes {
     fn allocate_msi(&self, count: usize) -> io::Result<Vec<(u32, EventFd)>> {
         let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        let mut out = Vec::with_capacity(count);
+        let mut out: Vec<(u32, EventFd)> = Vec::with_capacity(count);
         for _ in 0..count {
             let gsi = match t.free.pop() {
                 Some(g) => g,
@@ -107,10 +130,18 @@ impl InterruptRoutes for KvmRoutes {
                     t.next += 1;
                     t.next - 1
                 }
-                None => return Err(io::Error::other("out of interrupt routes")),
+                None => {
+                    let e = io::Error::other("out of interrupt routes");
+                    return self.undo_allocation(&mut t, &out, None, e);
+                }
             };
-            let evt = EventFd::new(libc::EFD_NONBLOCK)?;
-            self.vm.register_irqfd(&evt, gsi).map_err(kvm_err)?;
+            let evt = match EventFd::new(libc::EFD_NONBLOCK) {
+                Ok(e) => e,
+                Err(e) => self.undo_allocation(&mut t, &out, Some(gsi), e)?,
+            };
+            if let Err(e) = self.vm.register_irqfd(&evt, gsi) {
+                self.undo_allocation(&mut t, &out, Some(gsi), kvm_err(e))?;
+            }
             out.push((gsi, evt));
         }
         Ok(out)
@@ -130,11 +161,7 @@ impl InterruptRoutes for KvmRoutes {
 
     fn free_msi(&self, vectors: &[(u32, EventFd)]) {
         let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        for (gsi, evt) in vectors {
-            let _ = self.vm.unregister_irqfd(evt, *gsi);
-            t.msi.remove(gsi);
-            t.free.push(*gsi);
-        }
+        self.release(&mut t, vectors);
         let _ = self.commit(&t);
     }
 
@@ -148,5 +175,40 @@ impl InterruptRoutes for KvmRoutes {
         self.vm
             .unregister_ioevent(evt, &IoEventAddress::Mmio(addr), NoDatamatch)
             .map_err(kvm_err)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_allocation_gives_its_gsis_back() {
+        let kvm = kvm_ioctls::Kvm::new().unwrap();
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        vm.create_irq_chip().unwrap();
+        let r = KvmRoutes::new(vm).unwrap();
+        let first = r.allocate_msi(2).unwrap();
+        // Two GSIs left: an allocation of three takes both, then runs out.
+        {
+            let mut t = r.table.lock().unwrap();
+            t.free = vec![100, 101];
+            t.next = MAX_GSI;
+        }
+        let e = r.allocate_msi(3).unwrap_err();
+        assert!(e.to_string().contains("out of interrupt routes"), "{e}");
+        let mut free = r.table.lock().unwrap().free.clone();
+        free.sort();
+        assert_eq!(
+            free,
+            [100, 101],
+            "the GSIs taken before the failure are free again"
+        );
+        // And usable: their irqfds were unregistered.
+        let again = r.allocate_msi(2).unwrap();
+        r.free_msi(&again);
+        r.free_msi(&first);
+        assert_eq!(r.table.lock().unwrap().free.len(), 4);
     }
 }
