@@ -93,6 +93,10 @@ const TOKEN_WAKE: u64 = 6;
 /// How many times a queue that had work is looked at again (after a yield)
 /// before the worker asks the driver for a kick.
 const POLL_ROUNDS: u32 = 8;
+/// Chains (tx, control) or frames (rx) served per wake-up. Past it the worker comes
+/// back through its own kick after the events already waiting, a kill among them: a
+/// guest that keeps the queue full cannot keep the worker from stopping.
+const BUDGET: u32 = 256;
 
 /// Why a queue cannot be used any more.
 #[derive(Debug)]
@@ -311,7 +315,13 @@ impl PairWorker {
             return Ok(());
         }
         let mut delivered = false;
+        let mut frames = 0;
         loop {
+            if frames >= BUDGET {
+                // The tap stays polled (level-triggered): the worker comes back for
+                // the rest after the events already waiting.
+                break;
+            }
             if self.rx_len == 0 {
                 match self.tap.read(&mut self.rx_frame) {
                     Ok(n) if n > VNET_HDR_LEN => self.rx_len = n,
@@ -335,6 +345,7 @@ impl PairWorker {
                 true => {
                     delivered = true;
                     self.rx_len = 0;
+                    frames += 1;
                 }
                 false => {
                     // No room: stop polling the tap until the guest posts buffers.
@@ -522,6 +533,7 @@ impl PairWorker {
     ) -> Result<(), QueueBroken> {
         let broken = |e: virtio_queue::Error| QueueBroken(format!("{e:?}"));
         let mut rounds = 0;
+        let mut total = 0;
         loop {
             self.avail_idx(which)?;
             let slot = match which {
@@ -529,7 +541,7 @@ impl PairWorker {
                 Queues::Tx => &mut self.q.tx,
                 Queues::Ctrl => &mut self.q.ctrl,
             };
-            let Some((idx, queue, _)) = slot.as_mut() else {
+            let Some((idx, queue, kick)) = slot.as_mut() else {
                 return Ok(());
             };
             let (idx, mem) = (*idx, &self.mem);
@@ -540,6 +552,13 @@ impl PairWorker {
                 let written = handle(mem, chain);
                 queue.add_used(mem, head, written).map_err(broken)?;
                 served += 1;
+                total += 1;
+                if total >= BUDGET {
+                    // Come back after whatever else is waiting.
+                    let _ = kick.write(1);
+                    self.signal_used(idx)?;
+                    return Ok(());
+                }
             }
             if served > 0 && rounds < POLL_ROUNDS {
                 // The driver is busy: give it the CPU for a moment and look
@@ -857,6 +876,26 @@ mod tests {
         // once more when the worker found nothing new and re-armed.
         let irqs = r.irq.0.lock().unwrap().clone();
         assert!(!irqs.is_empty() && irqs.iter().all(|&q| q == 1), "{irqs:?}");
+    }
+
+    #[test]
+    fn a_full_queue_is_served_a_budget_at_a_time() {
+        let (r, tap) = rig();
+        let n = 2 * BUDGET as u16;
+        let mock = MockSplitQueue::create(&r.mem, GuestAddress(TX_RING), n);
+        let chains: Vec<RawDescriptor> = (0..n).map(|_| desc(BUF, 20, 0, 0)).collect();
+        mock.add_desc_chains(&chains, 0).unwrap();
+        let mut w = worker(&r, tap, None, Some(mock.create_queue().unwrap()), false);
+        w.process_tx(&mut Vec::new()).unwrap();
+        assert_eq!(used_idx(&mock), BUDGET as u16, "one budget per wake-up");
+        let kick = &w.q.tx.as_ref().unwrap().2;
+        assert_eq!(
+            kick.read().unwrap(),
+            1,
+            "the worker kicked itself to come back"
+        );
+        w.process_tx(&mut Vec::new()).unwrap();
+        assert_eq!(used_idx(&mock), n);
     }
 
     #[test]
