@@ -135,6 +135,36 @@ harness::guest_test!(fn tandem_two_nics(env) {
     up_and_ping(&mut agent, &a, "10.0.0.2")?;
     agent.run_ok(&format!("ip link set {a} down"))?;
     up_and_ping(&mut agent, &b, "10.0.0.3")?;
+    // b's tap deleted on the host: the device says it needs a reset (status 0x40),
+    // and the log says why, instead of going quiet.
+    let st = Command::new("ip").args(["link", "del", "tdtap1"]).status().map_err(|e| err!("{e}"))?;
+    assert!(st.success());
+    let _ = agent.run(&format!("ping -c 2 -W 1 -I {b} {}", harness::PEER_IP), Duration::from_secs(10));
+    let t0 = std::time::Instant::now();
+    loop {
+        let info: serde_json::Value = serde_json::from_str(&vm.remote("info")?).map_err(|e| err!("{e}"))?;
+        let loc = info["devices"]
+            .as_array()
+            .and_then(|d| d.iter().find(|d| d["id"] == "b"))
+            .and_then(|d| d["location"].as_str())
+            .unwrap_or("")
+            .to_string();
+        let status = loc
+            .split("driver status ")
+            .nth(1)
+            .and_then(|s| s.split(',').next())
+            .and_then(|s| u8::from_str_radix(s.trim_start_matches("0x"), 16).ok())
+            .unwrap_or(0);
+        if status & 0x40 != 0 {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "no NEEDS_RESET after the tap went: {loc}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(vm.log().contains("the tap is gone from the host"), "{}", vm.log());
+    // a is unaffected.
+    agent.run_ok(&format!("ip link set {b} down"))?;
+    up_and_ping(&mut agent, &a, "10.0.0.4")?;
     Ok(())
 });
 

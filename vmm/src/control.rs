@@ -201,6 +201,15 @@ fn claim_socket_path(path: &Path, what: &str) -> io::Result<()> {
     })
 }
 
+/// Whether network device `name` exists in this process's network namespace.
+fn netdev_exists(name: &str) -> bool {
+    let Ok(c) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: if_nametoindex reads the NUL-terminated string `c` owns and nothing else.
+    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
+}
+
 /// Block SIGINT/SIGTERM in every thread and receive them on a signalfd.
 /// Must run before any thread is spawned.
 pub fn block_exit_signals() -> io::Result<OwnedFd> {
@@ -332,6 +341,28 @@ impl Vmm {
     fn boot(&mut self) -> Result<Vm, VmmError> {
         // Removals still waiting for the old guest are done: the new one
         // boots without those devices.
+        // A NIC whose tap was deleted on the host cannot come back: the new boot goes
+        // on without it rather than not at all (at start-up a missing tap is an error).
+        if self.boots > 0 {
+            let (kept, lost): (Vec<_>, Vec<_>) = std::mem::take(&mut self.cfg.nets)
+                .into_iter()
+                .partition(|n| netdev_exists(&n.net.tap));
+            self.cfg.nets = kept;
+            for n in lost {
+                tracing::error!(
+                    "device {}: tap {} is gone from the host; the VM boots again without it",
+                    n.net.id,
+                    n.net.tap
+                );
+                self.hub.publish(
+                    Some(&n.net.id),
+                    EventKind::SurpriseRemoved {
+                        slot: n.slot.unwrap_or(0),
+                        cause: "tap-gone".into(),
+                    },
+                );
+            }
+        }
         for p in std::mem::take(&mut self.pending) {
             self.cfg.nets.retain(|n| n.net.id != p.id);
             self.hub.publish(

@@ -817,6 +817,28 @@ fn net_backend_errors() {
         "{info}"
     );
     check(run(&["--net", "tap=tt0"]), "already in use");
+    // The tap deleted on the host under a running VM: a reboot goes on without the
+    // NIC (it used to end the VMM, unable to open the tap again).
+    assert!(ns
+        .exec(&["ip", "link", "del", "tt0"])
+        .status()
+        .unwrap()
+        .success());
+    assert_eq!(api(&sock, "PUT", "/api/v1/vm.reboot", "").0, 204);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (st, info) = api(&sock, "GET", "/api/v1/vm.info", "");
+        assert_eq!(st, 200, "{info}");
+        if info.contains(r#""boots":2"#) {
+            assert!(
+                !info.contains("virtio-net"),
+                "the NIC whose tap is gone: {info}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "no second boot: {info}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert_eq!(api(&sock, "PUT", "/api/v1/vm.shutdown", "").0, 204);
     assert!(child.0.wait().unwrap().success());
 }

@@ -208,8 +208,14 @@ impl VirtioPciDevice {
         }
     }
 
+    /// The device status as the driver reads it (NEEDS_RESET included).
     pub fn status(&self) -> u8 {
         self.status
+            | if self.device.needs_reset() {
+                STATUS_NEEDS_RESET
+            } else {
+                0
+            }
     }
 
     /// Features the driver acknowledged (meaningful once FEATURES_OK).

@@ -329,9 +329,15 @@ impl PairWorker {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     // Detached (the driver stopped using this pair): wait
-                    // for a wake-up, not for the tap.
+                    // for a wake-up, not for the tap. A queue of a pair in use
+                    // reads so only when its tap is gone from the host.
                     Err(e) if e.raw_os_error() == Some(libc::EBADFD) => {
                         self.poll_tap(false);
+                        if self.pair < self.shared.queues.active() {
+                            return Err(QueueBroken(format!(
+                                "the tap is gone from the host ({e})"
+                            )));
+                        }
                         return Ok(());
                     }
                     Err(e) => {
