@@ -228,18 +228,21 @@ fn remote(a: RemoteArgs) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Ok(r) => {
-            let msg = serde_json::from_str::<api::ErrorBody>(&r.body)
-                .map(|e| e.error)
-                .unwrap_or(r.body);
-            eprintln!("tandem remote: {} (HTTP {})", msg, r.status);
-            ExitCode::FAILURE
-        }
+        Ok(r) => refused(r),
         Err(e) => {
             eprintln!("tandem remote: {e}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error answer: its message and status on stderr.
+fn refused(r: api::client::Response) -> ExitCode {
+    let msg = serde_json::from_str::<api::ErrorBody>(&r.body)
+        .map(|e| e.error)
+        .unwrap_or(r.body);
+    eprintln!("tandem remote: {} (HTTP {})", msg, r.status);
+    ExitCode::FAILURE
 }
 
 /// `tandem remote events`: print each event line as it comes, until the VMM goes.
@@ -249,13 +252,7 @@ fn remote_events(socket: &std::path::Path, path: &str) -> ExitCode {
         true
     }) {
         Ok(Ok(())) => ExitCode::SUCCESS,
-        Ok(Err(r)) => {
-            let msg = serde_json::from_str::<api::ErrorBody>(&r.body)
-                .map(|e| e.error)
-                .unwrap_or(r.body);
-            eprintln!("tandem remote: {} (HTTP {})", msg, r.status);
-            ExitCode::FAILURE
-        }
+        Ok(Err(r)) => refused(r),
         Err(e) => {
             eprintln!("tandem remote: {e}");
             ExitCode::FAILURE
