@@ -71,6 +71,15 @@ pub enum EventKind {
     FailoverNegotiated {
         slot: usize,
     },
+    /// A failover primary was put in its slot: its standby's STANDBY is acked.
+    PrimaryPlugged {
+        slot: usize,
+    },
+    /// A failover primary left the bus and stays configured: it comes back when the
+    /// guest acks STANDBY on its standby again.
+    PrimaryHidden {
+        slot: usize,
+    },
     /// This subscriber could not keep up and lost `count` events before this line.
     EventsLost {
         count: u64,

@@ -53,6 +53,7 @@ pub enum Endpoint {
     VmShutdown,
     VmReboot,
     VmAddNet,
+    VmAddDevice,
     VmRemoveDevice,
     /// The event stream (served by the API thread itself).
     Events,
@@ -67,6 +68,12 @@ pub const ENDPOINTS: &[(Method, &str, Endpoint, &str)] = &[
     (Method::Put, "vm.shutdown", Endpoint::VmShutdown, "shutdown"),
     (Method::Put, "vm.reboot", Endpoint::VmReboot, "reboot"),
     (Method::Put, "vm.add-net", Endpoint::VmAddNet, "add-net"),
+    (
+        Method::Put,
+        "vm.add-device",
+        Endpoint::VmAddDevice,
+        "add-device",
+    ),
     (
         Method::Put,
         "vm.remove-device",
@@ -300,6 +307,24 @@ pub struct VmInfo {
     /// While paused: where each vCPU stopped (registers), for diagnosis.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub vcpus: Vec<String>,
+    /// The failover pairs (standbys with or without a primary).
+    #[serde(default)]
+    pub pairs: Vec<PairInfo>,
+}
+
+/// One failover pair in `vm.info`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PairInfo {
+    pub standby: String,
+    /// The guest's driver acked STANDBY on the standby.
+    pub negotiated: bool,
+    pub primary: Option<String>,
+    pub slot: Option<usize>,
+    /// `hidden`, `plugged` or `ejecting`; `none` without a primary.
+    pub state: String,
+    /// The guest ejected the primary on its own: it stays hidden until STANDBY is
+    /// negotiated afresh.
+    pub parked: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

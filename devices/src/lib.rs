@@ -15,6 +15,7 @@ pub mod i8042;
 pub mod pci;
 pub mod rtc;
 pub mod serial;
+pub mod vfio;
 pub mod virtio;
 
 use std::io;

@@ -95,6 +95,10 @@ pub enum Input {
     TimerFired { token: TimerToken },
     /// The VM was reset (reboot): every device left the bus, every driver is gone.
     VmReset,
+    /// Carrying out [`Action::Plug`] failed (the host device went away, or refused to
+    /// open): the primary is not on the bus. It stays hidden until the standby is
+    /// negotiated afresh, like a primary the guest ejected on its own.
+    PlugFailed { primary: DeviceId },
     /// The API asks to remove `primary`.
     RemovePrimary {
         request: RequestId,
@@ -487,6 +491,17 @@ impl Machine {
                     pair.acked = false;
                     pair.parked = false;
                     Self::reset(pair, &mut out);
+                }
+            }
+            Input::PlugFailed { primary } => {
+                if let Some(pair) = self.pair_of_primary(&primary) {
+                    if let Some(p) = pair.primary.as_mut() {
+                        if matches!(p.state, State::Plugged) {
+                            p.state = State::Hidden;
+                            pair.parked = true;
+                            out.push(event(&primary, EventKind::PrimaryHidden));
+                        }
+                    }
                 }
             }
             Input::RemovePrimary {

@@ -105,6 +105,37 @@ fn feature_off_a_nic_without_standby_cannot_be_paired() {
 }
 
 #[test]
+fn a_failed_plug_hides_the_primary_until_the_next_negotiation() {
+    let mut m = pair();
+    assert_eq!(plugs(&m.handle(ack("sb0"))).len(), 1);
+    let a = m.handle(Input::PlugFailed {
+        primary: "vf0".into(),
+    });
+    assert_eq!(
+        a,
+        vec![Action::Event(Event {
+            device: "vf0".into(),
+            kind: EventKind::PrimaryHidden
+        })]
+    );
+    assert_eq!(state(&m, "vf0"), Some(PrimaryState::Hidden));
+    // No retry on its own: the same negotiation does not plug it again.
+    assert!(plugs(&m.handle(ack("sb0"))).is_empty());
+    // A fresh one does.
+    m.handle(reset("sb0"));
+    assert_eq!(plugs(&m.handle(ack("sb0"))).len(), 1);
+    // A stale report (not plugged) changes nothing.
+    m.handle(Input::GuestEjected {
+        device: "vf0".into(),
+    });
+    assert!(m
+        .handle(Input::PlugFailed {
+            primary: "vf0".into()
+        })
+        .is_empty());
+}
+
+#[test]
 fn guest_off_a_guest_that_never_acks_never_sees_the_primary() {
     let mut m = pair();
     for input in [
@@ -423,6 +454,8 @@ enum Step {
     VmReset,
     Remove(usize, Removal),
     ReAdd(usize),
+    /// The control loop could not carry out the last plug of this primary.
+    PlugFails(usize),
 }
 
 const PAIRS: [(&str, &str, u8); 2] = [("sb0", "vf0", 4), ("sb1", "vf1", 5)];
@@ -464,6 +497,15 @@ fn world_step(m: &mut Machine, w: &mut World, step: Step, trace: &[Step]) {
                 primary: PAIRS[i].1.into(),
                 how,
             }
+        }
+        Step::PlugFails(i) => {
+            let p = PAIRS[i].1;
+            // Only a primary the machine just plugged can fail to plug.
+            if state(m, p) != Some(PrimaryState::Plugged) {
+                return;
+            }
+            w.on_bus.remove(p);
+            Input::PlugFailed { primary: p.into() }
         }
         Step::ReAdd(i) => {
             let (s, p, slot) = PAIRS[i];
@@ -621,6 +663,7 @@ fn alphabet(pairs: usize) -> Vec<Step> {
             Step::Remove(i, orderly(OnTimeout::Surprise)),
             Step::Remove(i, Removal::Surprise),
             Step::ReAdd(i),
+            Step::PlugFails(i),
         ]);
     }
     steps

@@ -43,6 +43,8 @@ pub enum ConfigError {
     Cmdline(String),
     #[error("--net {0}")]
     Net(String),
+    #[error("--device {0}")]
+    Device(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -64,6 +66,19 @@ pub struct VmConfig {
     pub serial: SerialConfig,
     pub api_socket: Option<PathBuf>,
     pub nets: Vec<NetSpec>,
+    pub devices: Vec<DeviceSpec>,
+}
+
+/// One `--device`: a host PCI function passed through with VFIO.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct DeviceSpec {
+    pub id: String,
+    /// `/sys/bus/pci/devices/BDF`.
+    pub path: PathBuf,
+    /// The standby NIC this device is the failover primary of: hidden from the
+    /// guest until its driver acks STANDBY on that NIC.
+    pub failover: Option<String>,
+    pub slot: Option<usize>,
 }
 
 /// One `--net`: the device and where it goes.
@@ -166,6 +181,178 @@ pub fn parse_net(s: &str, index: usize) -> Result<NetSpec, ConfigError> {
     net.validate()
         .map_err(|e| bad(format!("{}: {e}", net.id)))?;
     Ok(NetSpec { net, slot })
+}
+
+fn parse_id(opt_err: &dyn Fn(String) -> ConfigError, v: &str) -> Result<String, ConfigError> {
+    if !v.is_empty()
+        && v.len() <= 64
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        Ok(v.into())
+    } else {
+        Err(opt_err(format!(
+            "id={v}: use 1 to 64 letters, digits, '-' and '_'"
+        )))
+    }
+}
+
+fn parse_slot(opt_err: &dyn Fn(String) -> ConfigError, v: &str) -> Result<usize, ConfigError> {
+    match v.parse::<usize>() {
+        Ok(n) if (1..devices::pci::PCI_SLOTS).contains(&n) => Ok(n),
+        _ => Err(opt_err(format!(
+            "slot={v}: slots are 1 to {}",
+            devices::pci::PCI_SLOTS - 1
+        ))),
+    }
+}
+
+/// `id=ID,path=/sys/bus/pci/devices/BDF[,failover=STANDBY_ID][,slot=N]`; `path=` also
+/// takes a bare address (`0000:00:05.0`).
+pub fn parse_device(s: &str, index: usize) -> Result<DeviceSpec, ConfigError> {
+    let bad = |what: String| ConfigError::Device(what);
+    let mut d = DeviceSpec {
+        id: format!("dev{index}"),
+        path: PathBuf::new(),
+        failover: None,
+        slot: None,
+    };
+    for (k, v) in pairs(
+        "device",
+        s,
+        &["id", "path", "failover", "slot"],
+        "id, path, failover, slot",
+    )? {
+        match k {
+            "id" => d.id = parse_id(&bad, v)?,
+            "path" if v.is_empty() => return Err(bad("path=: empty".into())),
+            "path" if !v.contains('/') => d.path = PathBuf::from("/sys/bus/pci/devices").join(v),
+            "path" => d.path = v.into(),
+            "failover" => d.failover = Some(parse_id(&bad, v)?),
+            "slot" => d.slot = Some(parse_slot(&bad, v)?),
+            _ => {}
+        }
+    }
+    if d.path.as_os_str().is_empty() {
+        return Err(bad(format!(
+            "{}: path=/sys/bus/pci/devices/BDF is required",
+            d.id
+        )));
+    }
+    Ok(d)
+}
+
+/// The host side of `--device`: the function exists, is bound to vfio-pci, and
+/// nothing else in its IOMMU group is held by a host driver.
+pub fn check_vfio_host(d: &DeviceSpec) -> Result<(), ConfigError> {
+    let bad = |what: String| ConfigError::Device(format!("{}: {}: {what}", d.id, d.path.display()));
+    if !d.path.join("config").exists() {
+        return Err(bad("no such PCI device (see /sys/bus/pci/devices)".into()));
+    }
+    let driver = |p: &std::path::Path| {
+        std::fs::read_link(p.join("driver"))
+            .ok()
+            .and_then(|l| l.file_name().map(|f| f.to_string_lossy().into_owned()))
+    };
+    let bdf = d
+        .path
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.file_name().map(|f| f.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| d.path.display().to_string());
+    match driver(&d.path) {
+        Some(drv) if drv == "vfio-pci" => {}
+        Some(drv) => {
+            return Err(bad(format!(
+                "bound to {drv}, not vfio-pci (echo vfio-pci > /sys/bus/pci/devices/{bdf}/driver_override; \
+                 echo {bdf} > /sys/bus/pci/drivers/{drv}/unbind; echo {bdf} > /sys/bus/pci/drivers_probe)"
+            )))
+        }
+        None => {
+            return Err(bad(format!(
+                "not bound to any driver; bind it to vfio-pci (echo vfio-pci > /sys/bus/pci/devices/{bdf}/driver_override; echo {bdf} > /sys/bus/pci/drivers_probe)"
+            )))
+        }
+    }
+    let group = std::fs::read_link(d.path.join("iommu_group")).map_err(|_| {
+        bad("has no IOMMU group (is the IOMMU on? intel_iommu=on / amd_iommu=on)".into())
+    })?;
+    let group_id = group
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let members = std::fs::read_dir(d.path.join("iommu_group/devices"))
+        .map_err(|e| bad(format!("cannot list its IOMMU group {group_id}: {e}")))?;
+    for m in members.flatten() {
+        let p = m.path();
+        if let Some(drv) = driver(&p) {
+            if !matches!(drv.as_str(), "vfio-pci" | "pci-stub" | "pcieport") {
+                return Err(bad(format!(
+                    "IOMMU group {group_id} also holds {}, bound to the host driver {drv}; every device of the group must be bound to vfio-pci",
+                    m.file_name().to_string_lossy()
+                )));
+            }
+        }
+    }
+    if !std::path::Path::new("/dev/vfio").join(&group_id).exists() {
+        return Err(bad(format!("/dev/vfio/{group_id} does not exist")));
+    }
+    Ok(())
+}
+
+/// Checks across NICs and passthrough devices: ids unique, slots distinct, each
+/// `failover=` names a standby NIC that has no other primary.
+pub fn check_devices(nets: &[NetSpec], devs: &[DeviceSpec]) -> Result<(), ConfigError> {
+    let bad = ConfigError::Device;
+    for (i, d) in devs.iter().enumerate() {
+        if nets.iter().any(|n| n.net.id == d.id) || devs[..i].iter().any(|o| o.id == d.id) {
+            return Err(bad(format!("{}: duplicate id", d.id)));
+        }
+        let same_path = |o: &DeviceSpec| {
+            o.path == d.path
+                || matches!((o.path.canonicalize(), d.path.canonicalize()), (Ok(a), Ok(b)) if a == b)
+        };
+        if let Some(o) = devs[..i].iter().find(|o| same_path(o)) {
+            return Err(bad(format!(
+                "{}: {} is already passed through as {}",
+                d.id,
+                d.path.display(),
+                o.id
+            )));
+        }
+        if let Some(slot) = d.slot {
+            if let Some(n) = nets.iter().find(|n| n.slot == Some(slot)) {
+                return Err(bad(format!(
+                    "{}: slot {slot} is already used by {}",
+                    d.id, n.net.id
+                )));
+            }
+            if let Some(o) = devs[..i].iter().find(|o| o.slot == Some(slot)) {
+                return Err(bad(format!(
+                    "{}: slot {slot} is already used by {}",
+                    d.id, o.id
+                )));
+            }
+        }
+        if let Some(f) = &d.failover {
+            let Some(n) = nets.iter().find(|n| &n.net.id == f) else {
+                return Err(bad(format!("{}: failover={f}: no NIC with that id", d.id)));
+            };
+            if !n.net.standby {
+                return Err(bad(format!(
+                    "{}: failover={f}: {f} is not a standby NIC (give it standby=on)",
+                    d.id
+                )));
+            }
+            if let Some(o) = devs[..i].iter().find(|o| o.failover.as_deref() == Some(f)) {
+                return Err(bad(format!(
+                    "{}: failover={f}: {f} already has the primary {}",
+                    d.id, o.id
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A stable locally administered address derived from the id.

@@ -29,8 +29,9 @@ use kvm_ioctls::Kvm;
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{self, SerialConfig, VmConfig};
+use crate::config::{self, DeviceSpec, SerialConfig, VmConfig};
 use crate::events::VmEvents;
+use crate::failover::Failover;
 use crate::vm::{Vm, VmError};
 
 #[derive(Debug, Error)]
@@ -253,12 +254,15 @@ pub struct Vmm {
     boots: u32,
     sockets: Vec<PathBuf>,
     pending: Vec<PendingRemoval>,
+    /// The failover pairs: `net_failover` decides, this loop carries it out.
+    failover: Failover,
     _tty: Option<TtyGuard>,
 }
 
 impl Vmm {
-    pub fn new(cfg: VmConfig, signals: OwnedFd) -> Result<Self, VmmError> {
+    pub fn new(mut cfg: VmConfig, signals: OwnedFd) -> Result<Self, VmmError> {
         let kvm = Kvm::new().map_err(VmmError::Kvm)?;
+        let failover = Failover::new(&mut cfg).map_err(|e| VmmError::Guest(e.to_string()))?;
         crate::vcpu::install_kick_handler()
             .map_err(|e| io::Error::other(format!("cannot install the vCPU kick handler: {e}")))?;
         let events = Arc::new(VmEvents::new()?);
@@ -334,6 +338,7 @@ impl Vmm {
             boots: 0,
             sockets,
             pending: Vec::new(),
+            failover,
             _tty: tty,
         })
     }
@@ -344,6 +349,9 @@ impl Vmm {
         // A NIC whose tap was deleted on the host cannot come back: the new boot goes
         // on without it rather than not at all (at start-up a missing tap is an error).
         if self.boots > 0 {
+            // Every primary left with the old VM; they come back with the new STANDBY acks.
+            let actions = self.failover.machine.handle(net_failover::Input::VmReset);
+            self.carry_out(None, actions);
             let (kept, lost): (Vec<_>, Vec<_>) = std::mem::take(&mut self.cfg.nets)
                 .into_iter()
                 .partition(|n| netdev_exists(&n.net.tap));
@@ -417,8 +425,17 @@ impl Vmm {
         let mut next_reraise = Instant::now();
         loop {
             self.expire_removals(&mut vm);
+            for input in self.failover.expired_timers() {
+                let actions = self.failover.machine.handle(input);
+                self.carry_out(Some(&mut vm), actions);
+            }
             // Hotplug news the guest has not read: its interrupt may have been lost.
-            let mut wake = self.pending.iter().map(|p| p.deadline).min();
+            let mut wake = self
+                .pending
+                .iter()
+                .map(|p| p.deadline)
+                .chain(self.failover.next_deadline())
+                .min();
             if vm.hotplug_pending() == (0, 0) {
                 next_reraise = Instant::now() + HOTPLUG_RERAISE;
             } else {
@@ -478,7 +495,7 @@ impl Vmm {
                     }
                     Token::DriverStatus => {
                         let _ = self.events.status_evt.read();
-                        self.handle_driver_status(&vm);
+                        self.handle_driver_status(&mut vm);
                     }
                     Token::Api => match self.handle_api(&mut vm) {
                         None => {}
@@ -535,6 +552,7 @@ impl Vmm {
             let endpoint = msg.request.endpoint;
             let reply: ApiResponse = match endpoint {
                 Endpoint::VmAddNet => self.add_net(vm, &msg.request.body),
+                Endpoint::VmAddDevice => self.add_device(vm, &msg.request.body),
                 Endpoint::VmRemoveDevice => {
                     // Answered now, or once the guest releases the device.
                     self.remove_device(vm, &msg.request.body, msg.reply);
@@ -608,6 +626,11 @@ impl Vmm {
             },
         );
         let id = spec.net.id.clone();
+        if spec.net.standby {
+            if let Err(e) = self.failover.machine.add_standby(&id) {
+                tracing::warn!("device {id}: {e}");
+            }
+        }
         self.cfg.nets.push(config::NetSpec {
             slot: Some(slot),
             ..spec
@@ -640,6 +663,38 @@ impl Vmm {
                 RemoveDevice::MAX_TIMEOUT_MS
             )));
         }
+        // A failover primary (plugged or hidden) goes the way its pair decides.
+        if self.failover.machine.standby_of(&req.id).is_some() {
+            let how = if req.surprise {
+                net_failover::Removal::Surprise
+            } else {
+                net_failover::Removal::Orderly {
+                    timeout: Duration::from_millis(req.timeout_ms),
+                    on_timeout: match req.on_timeout {
+                        OnTimeout::Error => net_failover::OnTimeout::Error,
+                        OnTimeout::Surprise => net_failover::OnTimeout::Surprise,
+                    },
+                }
+            };
+            let slot = self.primary_slot(&req.id);
+            let request = self.failover.remember(&req.id, slot, reply);
+            let actions = self
+                .failover
+                .machine
+                .handle(net_failover::Input::RemovePrimary {
+                    request,
+                    primary: req.id.clone(),
+                    how,
+                });
+            self.carry_out(Some(vm), actions);
+            return;
+        }
+        if let Some(primary) = self.failover.primary_of(&req.id) {
+            return refuse(ApiError::conflict(format!(
+                "{} is the standby of the failover primary {primary}: remove {primary} first",
+                req.id
+            )));
+        }
         let Some(slot) = vm.devices().slot_of(&req.id) else {
             return refuse(ApiError::not_found(format!(
                 "no device with id {:?}",
@@ -654,7 +709,7 @@ impl Vmm {
         }
         let started = Instant::now();
         if req.surprise {
-            if let Err(e) = self.drop_net(vm, &req.id, true) {
+            if let Err(e) = self.drop_device(vm, &req.id, true) {
                 return refuse(ApiError::internal(e.to_string()));
             }
             self.hub.publish(
@@ -687,11 +742,240 @@ impl Vmm {
         });
     }
 
-    /// Take NIC `id` off the machine and out of the configuration.
-    fn drop_net(&mut self, vm: &mut Vm, id: &str, surprise: bool) -> Result<usize, VmError> {
+    /// Take device `id` (not a failover primary) off the machine and out of the
+    /// configuration.
+    fn drop_device(&mut self, vm: &mut Vm, id: &str, surprise: bool) -> Result<usize, VmError> {
         let slot = vm.remove_device(id, surprise)?;
         self.cfg.nets.retain(|n| n.net.id != id);
+        self.cfg.devices.retain(|d| d.id != id);
+        // A standby without a primary (one with a primary is never dropped alone).
+        let _ = self.failover.machine.remove_standby(id);
         Ok(slot)
+    }
+
+    /// The slot a failover primary has or will have.
+    fn primary_slot(&self, id: &str) -> usize {
+        self.cfg
+            .devices
+            .iter()
+            .find(|d| d.id == id)
+            .and_then(|d| d.slot)
+            .unwrap_or(0)
+    }
+
+    /// `vm.add-device`: the body is `--device` as a JSON object.
+    fn add_device(&mut self, vm: &mut Vm, body: &serde_json::Value) -> ApiResponse {
+        let kv = api::json_to_kv(body).map_err(ApiError::bad_request)?;
+        let mut n = self.cfg.devices.len();
+        while self.cfg.devices.iter().any(|d| d.id == format!("dev{n}")) {
+            n += 1;
+        }
+        let mut spec =
+            config::parse_device(&kv, n).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let mut all = self.cfg.devices.clone();
+        all.push(spec.clone());
+        config::check_devices(&self.cfg.nets, &all)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        config::check_vfio_host(&spec).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let slot = match &spec.failover {
+            Some(standby) => {
+                let slot = match spec.slot {
+                    Some(s) if vm.devices().id_in(s).is_some() => {
+                        return Err(ApiError::bad_request(format!(
+                            "--device {}: slot {s} is already used by {}",
+                            spec.id,
+                            vm.devices().id_in(s).unwrap_or("?")
+                        )))
+                    }
+                    Some(s) => s,
+                    None => vm
+                        .devices()
+                        .last_free_slot()
+                        .ok_or_else(|| ApiError::bad_request("no free PCI slot"))?,
+                };
+                spec.slot = Some(slot);
+                let actions = self
+                    .failover
+                    .machine
+                    .add_primary(standby, &spec.id, slot as u8)
+                    .map_err(|e| ApiError::bad_request(format!("--device {}: {e}", spec.id)))?;
+                vm.reserve_slot(slot);
+                self.cfg.devices.push(spec.clone());
+                tracing::info!(
+                    "device {}: failover primary of {standby}, slot {slot}",
+                    spec.id
+                );
+                self.carry_out(Some(vm), actions);
+                slot
+            }
+            None => {
+                let slot = vm
+                    .hot_add_vfio(&spec)
+                    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+                self.hub.publish(
+                    Some(&spec.id),
+                    EventKind::DeviceAdded {
+                        slot,
+                        kind: "vfio-pci".into(),
+                    },
+                );
+                spec.slot = Some(slot);
+                self.cfg.devices.push(spec.clone());
+                slot
+            }
+        };
+        serde_json::to_value(DeviceAdded {
+            id: spec.id,
+            slot,
+            bdf: format!("0000:00:{slot:02x}.0"),
+        })
+        .map_err(|e| ApiError::internal(e.to_string()))
+    }
+
+    /// Carry out what the failover machine decided, in order. `vm` is None while
+    /// rebooting: the old VM is gone, and its devices with it.
+    fn carry_out(&mut self, mut vm: Option<&mut Vm>, actions: Vec<net_failover::Action>) {
+        use net_failover::{Action, EventKind as Fo, SurpriseCause};
+        let mut queue: std::collections::VecDeque<Action> = actions.into();
+        while let Some(action) = queue.pop_front() {
+            match action {
+                Action::Plug { primary, slot } => {
+                    let Some(vm) = vm.as_deref_mut() else {
+                        continue;
+                    };
+                    let spec = self.cfg.devices.iter().find(|d| d.id == primary).cloned();
+                    let result = match spec {
+                        Some(spec) => vm
+                            .hot_add_vfio(&DeviceSpec {
+                                slot: Some(usize::from(slot)),
+                                ..spec
+                            })
+                            .map_err(|e| e.to_string()),
+                        None => Err("not configured".into()),
+                    };
+                    match result {
+                        Ok(slot) => {
+                            self.hub.publish(
+                                Some(&primary),
+                                EventKind::DeviceAdded {
+                                    slot,
+                                    kind: "vfio-pci".into(),
+                                },
+                            );
+                        }
+                        Err(e) => {
+                            tracing::error!(
+                                "failover primary {primary}: cannot plug it in slot {slot}: {e}; it stays hidden until the guest negotiates STANDBY again"
+                            );
+                            // Its PrimaryPlugged event, next in the queue, did not happen.
+                            queue.retain(|a| !matches!(a, Action::Event(ev) if ev.device == primary && matches!(ev.kind, Fo::PrimaryPlugged { .. })));
+                            let more = self
+                                .failover
+                                .machine
+                                .handle(net_failover::Input::PlugFailed { primary });
+                            for a in more.into_iter().rev() {
+                                queue.push_front(a);
+                            }
+                        }
+                    }
+                }
+                Action::RequestEject { primary, slot } => {
+                    let Some(vm) = vm.as_deref_mut() else {
+                        continue;
+                    };
+                    if let Err(e) = vm.request_eject(&primary) {
+                        tracing::warn!("failover primary {primary} (slot {slot}): {e}");
+                    }
+                }
+                Action::Unplug {
+                    primary,
+                    slot,
+                    notify_guest,
+                } => {
+                    let Some(vm) = vm.as_deref_mut() else {
+                        continue;
+                    };
+                    if let Err(e) = vm.remove_device(&primary, notify_guest) {
+                        tracing::warn!("failover primary {primary} (slot {slot}): {e}");
+                    }
+                }
+                Action::StartTimer { token, after } => self.failover.start_timer(token, after),
+                Action::Event(ev) => {
+                    let slot = match ev.kind {
+                        Fo::FailoverNegotiated => vm
+                            .as_deref()
+                            .and_then(|vm| vm.devices().slot_of(&ev.device))
+                            .unwrap_or(0),
+                        _ => self.primary_slot(&ev.device),
+                    };
+                    let kind = match ev.kind {
+                        Fo::FailoverNegotiated => {
+                            tracing::info!("device {}: the guest acked STANDBY", ev.device);
+                            EventKind::FailoverNegotiated { slot }
+                        }
+                        Fo::PrimaryPlugged { slot } => EventKind::PrimaryPlugged {
+                            slot: usize::from(slot),
+                        },
+                        Fo::EjectRequested { slot, reason } => {
+                            tracing::info!(
+                                "failover primary {}: eject requested (slot {slot}, {reason:?})",
+                                ev.device
+                            );
+                            EventKind::EjectRequested {
+                                slot: usize::from(slot),
+                            }
+                        }
+                        Fo::DeviceReleased { asked } => EventKind::DeviceReleased { slot, asked },
+                        Fo::SurpriseRemoved { cause } => EventKind::SurpriseRemoved {
+                            slot,
+                            cause: match cause {
+                                SurpriseCause::Api => "api",
+                                SurpriseCause::Timeout => "timeout",
+                                SurpriseCause::VmReset => "reboot",
+                            }
+                            .into(),
+                        },
+                        Fo::RemovalTimedOut => EventKind::RemovalTimedOut { slot },
+                        Fo::PrimaryHidden => {
+                            tracing::info!("failover primary {} hidden", ev.device);
+                            EventKind::PrimaryHidden { slot }
+                        }
+                    };
+                    self.hub.publish(Some(&ev.device), kind);
+                }
+                Action::Reply { request, result } => {
+                    let Some(w) = self.failover.answer(request) else {
+                        continue;
+                    };
+                    let answer = match result {
+                        Ok(how) => {
+                            // An API removal ends the primary's configuration.
+                            self.cfg.devices.retain(|d| d.id != w.id);
+                            if let Some(vm) = vm.as_deref_mut() {
+                                vm.release_slot(w.slot);
+                            }
+                            let how = match how {
+                                net_failover::Removed::Released => "released",
+                                net_failover::Removed::Surprise => "surprise",
+                                net_failover::Removed::VmReset => "reboot",
+                                net_failover::Removed::WasHidden => "hidden",
+                            };
+                            removed(&w.id, w.slot, how, w.started)
+                        }
+                        Err(e @ net_failover::RemoveError::NotFound(_)) => {
+                            Err(ApiError::not_found(e.to_string()))
+                        }
+                        Err(e @ net_failover::RemoveError::AlreadyRemoving(_)) => {
+                            Err(ApiError::conflict(e.to_string()))
+                        }
+                        Err(e @ net_failover::RemoveError::TimedOut(_)) => {
+                            Err(ApiError::timeout(e.to_string()))
+                        }
+                    };
+                    let _ = w.reply.send(answer);
+                }
+            }
+        }
     }
 
     fn take_pending(&mut self, id: &str) -> Vec<PendingRemoval> {
@@ -702,9 +986,10 @@ impl Vmm {
         done
     }
 
-    /// Virtio drivers started, negotiated STANDBY, or reset their devices: tell the
-    /// event stream.
-    fn handle_driver_status(&self, vm: &Vm) {
+    /// Drivers started, negotiated STANDBY, or reset their devices: tell the event
+    /// stream, and the failover pairs (a standby's ack plugs its primary, its reset
+    /// hides it).
+    fn handle_driver_status(&mut self, vm: &mut Vm) {
         for (id, st) in self.events.take_driver_status() {
             // A device already gone (its status raced its removal) has no slot.
             let Some(slot) = vm.devices().slot_of(&id) else {
@@ -715,16 +1000,28 @@ impl Vmm {
                 .nets
                 .iter()
                 .any(|n| n.net.id == id && n.net.standby);
-            let kind = match st {
+            let input = match st {
                 DriverStatus::FeaturesOk(f) if standby && acks_standby(f) => {
-                    tracing::info!("device {id}: the guest acked STANDBY");
-                    EventKind::FailoverNegotiated { slot }
+                    Some(net_failover::Input::StandbyAcked {
+                        standby: id.clone(),
+                    })
                 }
                 DriverStatus::FeaturesOk(_) => continue,
-                DriverStatus::DriverOk => EventKind::DriverReady { slot },
-                DriverStatus::Reset => EventKind::DriverReset { slot },
+                DriverStatus::DriverOk => {
+                    self.hub.publish(Some(&id), EventKind::DriverReady { slot });
+                    None
+                }
+                DriverStatus::Reset => {
+                    self.hub.publish(Some(&id), EventKind::DriverReset { slot });
+                    standby.then(|| net_failover::Input::StandbyReset {
+                        standby: id.clone(),
+                    })
+                }
             };
-            self.hub.publish(Some(&id), kind);
+            if let Some(input) = input {
+                let actions = self.failover.machine.handle(input);
+                self.carry_out(Some(vm), actions);
+            }
         }
     }
 
@@ -735,7 +1032,21 @@ impl Vmm {
                 tracing::debug!("the guest ejected slot {slot}, which is empty");
                 continue;
             };
-            if let Err(e) = self.drop_net(vm, &id, false) {
+            if self.failover.machine.standby_of(&id).is_some() {
+                let actions = self
+                    .failover
+                    .machine
+                    .handle(net_failover::Input::GuestEjected { device: id });
+                self.carry_out(Some(vm), actions);
+                continue;
+            }
+            if self.failover.primary_of(&id).is_some() {
+                // net_failover would lose its standby slave under the primary; Tandem
+                // keeps a standby with a primary, as `vm.remove-device` does.
+                tracing::warn!("the guest ejected {id}, the standby of a failover pair; it stays");
+                continue;
+            }
+            if let Err(e) = self.drop_device(vm, &id, false) {
                 tracing::warn!("device {id}: {e}");
                 continue;
             }
@@ -766,7 +1077,7 @@ impl Vmm {
         for p in expired {
             match p.on_timeout {
                 OnTimeout::Surprise => {
-                    if let Err(e) = self.drop_net(vm, &p.id, true) {
+                    if let Err(e) = self.drop_device(vm, &p.id, true) {
                         let _ = p.reply.send(Err(ApiError::internal(e.to_string())));
                         continue;
                     }
@@ -850,6 +1161,34 @@ impl Vmm {
                 .map_err(|e| ApiError::internal(e.to_string()))?,
             devices,
             boots: self.boots,
+            pairs: self
+                .failover
+                .machine
+                .pairs()
+                .into_iter()
+                .map(|p| {
+                    let (primary, slot, state) = match p.primary {
+                        Some((id, slot, st)) => (
+                            Some(id),
+                            Some(usize::from(slot)),
+                            match st {
+                                net_failover::PrimaryState::Hidden => "hidden",
+                                net_failover::PrimaryState::Plugged => "plugged",
+                                net_failover::PrimaryState::Ejecting => "ejecting",
+                            },
+                        ),
+                        None => (None, None, "none"),
+                    };
+                    api::PairInfo {
+                        standby: p.standby,
+                        negotiated: p.negotiated,
+                        primary,
+                        slot,
+                        state: state.into(),
+                        parked: p.parked,
+                    }
+                })
+                .collect(),
             vcpus: if vm.paused() {
                 vm.parked_at()
                     .into_iter()

@@ -1,19 +1,24 @@
-//! Places devices on the machine: BAR space, PCI slots, and the virtio-net
-//! devices from the configuration. Built to add devices at any time — boot
-//! is just the first batch; hotplug (next) calls the same `add_net`.
+//! Places devices on the machine: BAR space (32-bit, 64-bit and I/O windows),
+//! PCI slots, and one table of pluggable PCI devices — virtio-net NICs and VFIO
+//! passthrough functions — that boot, hotplug, removal and reboot all go
+//! through. Boot is just the first batch of adds.
 
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use api::DeviceInfo;
 use devices::pci::msix::InterruptRoutes;
-use devices::pci::{PciRoot, PciRootError};
+use devices::pci::{BarKind, PciRoot, PciRootError, SharedPciDevice};
+use devices::vfio::VfioPciDevice;
 use devices::virtio::net::{format_mac, Net, NetConfig, NetError};
 use devices::virtio::pci::{VirtioPciDevice, BAR0_SIZE};
+use devices::virtio::DriverStatus;
 use devices::virtio::GuestMemoryMmap;
 use thiserror::Error;
 
 use crate::events::VmEvents;
-use crate::layout::{PCI_MMIO32_SIZE, PCI_MMIO32_START};
+use crate::layout::{PCI_IO_SIZE, PCI_IO_START, PCI_MMIO32_SIZE, PCI_MMIO32_START};
+use crate::vfio::VfioHost;
 
 #[derive(Debug, Error)]
 pub enum DeviceError {
@@ -23,13 +28,21 @@ pub enum DeviceError {
     Slot { id: String, source: PciRootError },
     #[error("--net {id}: {source}")]
     Io { id: String, source: std::io::Error },
-    #[error("no room left in the 32-bit PCI window for a {0}-byte BAR")]
-    NoBarSpace(u64),
+    #[error("{id}: no room left in the {kind:?} PCI window for a {size:#x}-byte BAR")]
+    NoBarSpace {
+        id: String,
+        kind: BarKind,
+        size: u64,
+    },
     #[error("no device with id {0:?}")]
     NoSuchDevice(String),
+    #[error("{0}: a device with this id exists")]
+    DuplicateId(String),
+    #[error("--device {id}: {what}")]
+    Vfio { id: String, what: String },
 }
 
-/// Hands out naturally aligned BAR ranges from the 32-bit window.
+/// Hands out naturally aligned BAR ranges from one window.
 pub struct BarAllocator {
     next: u64,
     end: u64,
@@ -37,10 +50,15 @@ pub struct BarAllocator {
 }
 
 impl BarAllocator {
+    /// The 32-bit memory window.
     pub fn new() -> Self {
+        Self::with_range(PCI_MMIO32_START, PCI_MMIO32_SIZE)
+    }
+
+    pub fn with_range(start: u64, size: u64) -> Self {
         Self {
-            next: PCI_MMIO32_START,
-            end: PCI_MMIO32_START + PCI_MMIO32_SIZE,
+            next: start,
+            end: start + size,
             freed: vec![],
         }
     }
@@ -69,20 +87,51 @@ impl Default for BarAllocator {
     }
 }
 
-struct NetEntry {
-    cfg: NetConfig,
+/// What sits in a slot, by kind.
+enum Kind {
+    Net {
+        cfg: NetConfig,
+        device: Arc<Mutex<VirtioPciDevice>>,
+    },
+    Vfio {
+        path: PathBuf,
+        device: Arc<Mutex<VfioPciDevice>>,
+    },
+}
+
+/// One pluggable PCI device: whatever its kind, added, removed (orderly or by
+/// surprise) and carried across reboots the same way.
+struct Entry {
+    id: String,
     slot: usize,
-    bar0: u64,
-    device: Arc<Mutex<VirtioPciDevice>>,
+    /// What the allocators handed out, given back on removal wherever the guest
+    /// moved the BARs since.
+    bars: Vec<(BarKind, u64, u64)>,
+    kind: Kind,
+}
+
+/// Hold `m` without ever waiting: a vCPU or worker stuck while holding a device is
+/// exactly what vm.info must be able to show.
+fn peek<T: ?Sized>(m: &Mutex<T>) -> Option<std::sync::MutexGuard<'_, T>> {
+    match m.try_lock() {
+        Ok(d) => Some(d),
+        Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
 }
 
 pub struct DeviceManager {
     pci: Arc<Mutex<PciRoot>>,
     routes: Arc<dyn InterruptRoutes>,
     mem: GuestMemoryMmap,
-    bars: BarAllocator,
-    nets: Vec<NetEntry>,
+    mem32: BarAllocator,
+    mem64: BarAllocator,
+    io: BarAllocator,
+    entries: Vec<Entry>,
+    /// Slots kept for failover primaries while they are hidden.
+    reserved: Vec<usize>,
     events: Arc<VmEvents>,
+    vfio: VfioHost,
 }
 
 impl DeviceManager {
@@ -91,36 +140,160 @@ impl DeviceManager {
         routes: Arc<dyn InterruptRoutes>,
         mem: GuestMemoryMmap,
         events: Arc<VmEvents>,
+        vfio: VfioHost,
+        mmio64: (u64, u64),
     ) -> Self {
         Self {
             pci,
             routes,
             mem,
-            bars: BarAllocator::new(),
-            nets: vec![],
+            mem32: BarAllocator::new(),
+            mem64: BarAllocator::with_range(mmio64.0, mmio64.1),
+            io: BarAllocator::with_range(PCI_IO_START, PCI_IO_SIZE),
+            entries: vec![],
+            reserved: vec![],
             events,
+            vfio,
+        }
+    }
+
+    fn allocator(&mut self, kind: BarKind) -> &mut BarAllocator {
+        match kind {
+            BarKind::Io => &mut self.io,
+            BarKind::Mem32 => &mut self.mem32,
+            BarKind::Mem64 => &mut self.mem64,
+        }
+    }
+
+    fn free_bars(&mut self, bars: &[(BarKind, u64, u64)]) {
+        for &(kind, base, size) in bars {
+            self.allocator(kind).free(base, size);
+        }
+    }
+
+    /// Allocate a base for each BAR; on failure nothing stays allocated.
+    fn allocate_bars(
+        &mut self,
+        id: &str,
+        want: &[(BarKind, u64)],
+    ) -> Result<Vec<(BarKind, u64, u64)>, DeviceError> {
+        let mut got = Vec::new();
+        for &(kind, size) in want {
+            // Below a page, a BAR still gets a page of its own: nothing else shares it.
+            let size = size.max(if kind == BarKind::Io { size } else { 4096 });
+            match self.allocator(kind).allocate(size) {
+                Some(base) => got.push((kind, base, size)),
+                None => {
+                    self.free_bars(&got);
+                    return Err(DeviceError::NoBarSpace {
+                        id: id.to_string(),
+                        kind,
+                        size,
+                    });
+                }
+            }
+        }
+        Ok(got)
+    }
+
+    /// Keep `slot` free for a device that is not on the bus yet (a hidden primary).
+    pub fn reserve(&mut self, slot: usize) {
+        if !self.reserved.contains(&slot) {
+            self.reserved.push(slot);
+        }
+    }
+
+    pub fn release(&mut self, slot: usize) {
+        self.reserved.retain(|s| *s != slot);
+    }
+
+    /// The highest slot neither occupied nor reserved.
+    pub fn last_free_slot(&self) -> Option<usize> {
+        let pci = self.pci.lock().unwrap_or_else(|e| e.into_inner());
+        (1..devices::pci::PCI_SLOTS)
+            .rev()
+            .find(|s| !pci.occupied(*s) && !self.reserved.contains(s))
+    }
+
+    /// The slot given, or the first one neither occupied nor reserved.
+    fn pick_slot(
+        pci: &PciRoot,
+        reserved: &[usize],
+        id: &str,
+        slot: Option<usize>,
+    ) -> Result<usize, DeviceError> {
+        match slot {
+            Some(s) => Ok(s),
+            None => (1..devices::pci::PCI_SLOTS)
+                .find(|s| !pci.occupied(*s) && !reserved.contains(s))
+                .ok_or(DeviceError::Slot {
+                    id: id.to_string(),
+                    source: PciRootError::Full,
+                }),
+        }
+    }
+
+    /// Put `device` in `slot` with its BARs mapped; on failure its BARs are freed.
+    fn place(
+        &mut self,
+        id: &str,
+        slot: Option<usize>,
+        device: SharedPciDevice,
+        bars: Vec<(usize, BarKind, u64, u64)>,
+        kind: Kind,
+    ) -> Result<usize, DeviceError> {
+        let alloc: Vec<_> = bars.iter().map(|&(_, k, b, s)| (k, b, s)).collect();
+        let mut pci = self.pci.lock().unwrap_or_else(|e| e.into_inner());
+        let placed = Self::pick_slot(&pci, &self.reserved, id, slot).and_then(|slot| {
+            pci.add(slot, device, &bars)
+                .map(|()| slot)
+                .map_err(|source| DeviceError::Slot {
+                    id: id.to_string(),
+                    source,
+                })
+        });
+        drop(pci);
+        match placed {
+            Ok(slot) => {
+                self.entries.push(Entry {
+                    id: id.to_string(),
+                    slot,
+                    bars: alloc,
+                    kind,
+                });
+                Ok(slot)
+            }
+            Err(e) => {
+                self.free_bars(&alloc);
+                Err(e)
+            }
+        }
+    }
+
+    fn check_free(&self, id: &str, slot: Option<usize>) -> Result<(), DeviceError> {
+        if self.entries.iter().any(|e| e.id == id) {
+            return Err(DeviceError::DuplicateId(id.to_string()));
+        }
+        let pci = self.pci.lock().unwrap_or_else(|e| e.into_inner());
+        match slot {
+            Some(s) if pci.occupied(s) => Err(DeviceError::Slot {
+                id: id.to_string(),
+                source: PciRootError::SlotBusy(s),
+            }),
+            _ => Ok(()),
         }
     }
 
     /// Create a virtio-net device and put it in its slot (given or the first free).
     pub fn add_net(&mut self, cfg: &NetConfig, slot: Option<usize>) -> Result<usize, DeviceError> {
         let id = cfg.id.clone();
+        self.check_free(&id, slot)?;
         let net = Net::new(cfg.clone()).map_err(|source| DeviceError::Net {
             id: id.clone(),
             source,
         })?;
-        let mut pci = self.pci.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = match slot {
-            Some(s) => s,
-            None => pci.free_slot().map_err(|source| DeviceError::Slot {
-                id: id.clone(),
-                source,
-            })?,
-        };
-        let bar0 = self
-            .bars
-            .allocate(BAR0_SIZE)
-            .ok_or(DeviceError::NoBarSpace(BAR0_SIZE))?;
+        let bars = self.allocate_bars(&id, &[(BarKind::Mem32, BAR0_SIZE)])?;
+        let bar0 = bars[0].1;
         let mut dev = match VirtioPciDevice::new(
             Box::new(net),
             self.mem.clone(),
@@ -129,55 +302,103 @@ impl DeviceManager {
         ) {
             Ok(d) => d,
             Err(source) => {
-                self.bars.free(bar0, BAR0_SIZE);
+                self.free_bars(&bars);
                 return Err(DeviceError::Io { id, source });
             }
         };
         let (events, who) = (self.events.clone(), id.clone());
         dev.set_status_observer(Arc::new(move |st| events.driver_status(&who, st)));
         let dev = Arc::new(Mutex::new(dev));
-        if let Err(source) = pci.add(
+        self.place(
+            &id,
             slot,
             dev.clone(),
-            &[(0, devices::pci::BarKind::Mem32, bar0, BAR0_SIZE)],
-        ) {
-            self.bars.free(bar0, BAR0_SIZE);
-            return Err(DeviceError::Slot { id, source });
+            vec![(0, BarKind::Mem32, bar0, BAR0_SIZE)],
+            Kind::Net {
+                cfg: cfg.clone(),
+                device: dev,
+            },
+        )
+    }
+
+    /// Open a host PCI function through VFIO and put it in its slot.
+    pub fn add_vfio(
+        &mut self,
+        id: &str,
+        path: &Path,
+        slot: Option<usize>,
+    ) -> Result<usize, DeviceError> {
+        self.check_free(id, slot)?;
+        if let Some(e) = self
+            .entries
+            .iter()
+            .find(|e| matches!(&e.kind, Kind::Vfio { path: p, .. } if p == path))
+        {
+            return Err(DeviceError::Vfio {
+                id: id.to_string(),
+                what: format!("{} is already passed through as {}", path.display(), e.id),
+            });
         }
-        self.nets.push(NetEntry {
-            cfg: cfg.clone(),
+        let mut dev = self.vfio.open(path).map_err(|e| DeviceError::Vfio {
+            id: id.to_string(),
+            what: format!("{}: {e}", path.display()),
+        })?;
+        let want: Vec<_> = dev.bars().iter().map(|b| (b.kind, b.size)).collect();
+        let alloc = self.allocate_bars(id, &want)?;
+        let infos = dev.bars().to_vec();
+        let mut bars = Vec::new();
+        for (b, &(kind, base, _)) in infos.iter().zip(&alloc) {
+            dev.set_bar(b.index, base);
+            bars.push((b.index, kind, base, b.size));
+        }
+        let (events, who) = (self.events.clone(), id.to_string());
+        dev.set_ready_observer(Box::new(move || {
+            events.driver_status(&who, DriverStatus::DriverOk)
+        }));
+        let (vendor, device) = dev.ids();
+        let dev = Arc::new(Mutex::new(dev));
+        let slot = self.place(
+            id,
             slot,
-            bar0,
-            device: dev,
-        });
+            dev.clone(),
+            bars,
+            Kind::Vfio {
+                path: path.to_path_buf(),
+                device: dev,
+            },
+        )?;
+        tracing::info!(
+            "device {id}: {} ({vendor:04x}:{device:04x}) passed through in slot {slot}",
+            path.display()
+        );
         Ok(slot)
     }
 
     /// The slot of device `id`.
     pub fn slot_of(&self, id: &str) -> Option<usize> {
-        self.nets.iter().find(|n| n.cfg.id == id).map(|n| n.slot)
+        self.entries.iter().find(|n| n.id == id).map(|n| n.slot)
     }
 
     /// The id of the device in `slot`.
     pub fn id_in(&self, slot: usize) -> Option<&str> {
-        self.nets
+        self.entries
             .iter()
             .find(|n| n.slot == slot)
-            .map(|n| n.cfg.id.as_str())
+            .map(|n| n.id.as_str())
     }
 
-    /// Take device `id` off the machine: out of its slot and its BAR off the
-    /// bus; dropping it stops its workers and frees its interrupt routes and
-    /// notification eventfds. Returns the slot it was in.
+    /// Take device `id` off the machine: out of its slot and its BARs off the
+    /// bus; dropping it stops its workers (virtio) or resets it and closes it
+    /// (VFIO), and frees its interrupt routes. Returns the slot it was in.
     /// `surprise`: the guest did not give the device up, so its BARs stay
     /// claimed by a tombstone (see [`PciRoot::surprise_remove`]).
     pub fn remove(&mut self, id: &str, surprise: bool) -> Result<usize, DeviceError> {
         let i = self
-            .nets
+            .entries
             .iter()
-            .position(|n| n.cfg.id == id)
+            .position(|n| n.id == id)
             .ok_or_else(|| DeviceError::NoSuchDevice(id.to_string()))?;
-        let entry = self.nets.remove(i);
+        let entry = self.entries.remove(i);
         let mut pci = self.pci.lock().unwrap_or_else(|e| e.into_inner());
         let removed = if surprise {
             pci.surprise_remove(entry.slot)
@@ -188,39 +409,56 @@ impl DeviceManager {
         if let Err(e) = removed {
             tracing::warn!("device {id}: slot {}: {e}", entry.slot);
         }
-        // What the allocator handed out, wherever the guest moved the BAR since.
-        self.bars.free(entry.bar0, BAR0_SIZE);
+        self.free_bars(&entry.bars);
         Ok(entry.slot)
     }
 
     pub fn info(&self) -> Vec<DeviceInfo> {
-        self.nets
+        self.entries
             .iter()
-            .map(|n| {
-                let standby = if n.cfg.standby { ", standby" } else { "" };
-                // Never wait for a device: a vCPU or worker stuck while holding
-                // it is exactly what vm.info must be able to show.
-                let device = match n.device.try_lock() {
-                    Ok(d) => Some(d),
-                    Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
-                    Err(std::sync::TryLockError::WouldBlock) => None,
-                };
-                let driver = device.map_or("device busy: held by another thread".into(), |d| {
-                    format!(
-                        "driver status {:#x}, features {:#x}",
-                        d.status(),
-                        d.driver_features()
-                    )
-                });
-                DeviceInfo {
-                    id: n.cfg.id.clone(),
-                    kind: "virtio-net".into(),
-                    location: format!(
-                        "pci 00:{:02x}.0 (tap {}, mac {}{standby}, {driver})",
-                        n.slot,
-                        n.cfg.tap,
-                        format_mac(&n.cfg.mac),
-                    ),
+            .map(|n| match &n.kind {
+                Kind::Net { cfg, device } => {
+                    let standby = if cfg.standby { ", standby" } else { "" };
+                    let driver =
+                        peek(device).map_or("device busy: held by another thread".into(), |d| {
+                            format!(
+                                "driver status {:#x}, features {:#x}",
+                                d.status(),
+                                d.driver_features()
+                            )
+                        });
+                    DeviceInfo {
+                        id: n.id.clone(),
+                        kind: "virtio-net".into(),
+                        location: format!(
+                            "pci 00:{:02x}.0 (tap {}, mac {}{standby}, {driver})",
+                            n.slot,
+                            cfg.tap,
+                            format_mac(&cfg.mac),
+                        ),
+                    }
+                }
+                Kind::Vfio { path, device } => {
+                    let state =
+                        peek(device).map_or("device busy: held by another thread".into(), |d| {
+                            let (v, dv) = d.ids();
+                            format!(
+                                "{v:04x}:{dv:04x}, memory decoding {}, MSI-X {}",
+                                if d.memory_enabled() { "on" } else { "off" },
+                                if d.msix_enabled() { "on" } else { "off" }
+                            )
+                        });
+                    DeviceInfo {
+                        id: n.id.clone(),
+                        kind: "vfio-pci".into(),
+                        location: format!(
+                            "pci 00:{:02x}.0 (host {}, {state})",
+                            n.slot,
+                            path.file_name().map_or(path.display().to_string(), |f| f
+                                .to_string_lossy()
+                                .into_owned()),
+                        ),
+                    }
                 }
             })
             .collect()

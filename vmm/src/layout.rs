@@ -46,3 +46,6 @@ pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
 /// The 64-bit BAR window starts at this alignment after the end of RAM.
 pub const PCI_MMIO64_ALIGN: u64 = 1 << 30;
 pub const PCI_MMIO64_SIZE: u64 = 64 << 30;
+/// I/O port window for PCI I/O BARs (inside the DSDT's 0x0d00..0xffff range).
+pub const PCI_IO_START: u64 = 0xc000;
+pub const PCI_IO_SIZE: u64 = 0x4000;

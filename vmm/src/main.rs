@@ -7,10 +7,12 @@ mod control;
 mod cpu;
 mod device_manager;
 mod events;
+mod failover;
 mod interrupts;
 mod layout;
 mod memory;
 mod vcpu;
+mod vfio;
 mod vm;
 
 use std::path::PathBuf;
@@ -70,6 +72,12 @@ struct RunArgs {
     /// num_queues counts rx+tx queues (2 per pair, default 2); queue_size defaults to 256.
     #[arg(long, value_name = "id=ID,tap=NAME,mac=MAC,...")]
     net: Vec<String>,
+    /// A host PCI function passed through with VFIO (repeatable):
+    /// id=ID,path=/sys/bus/pci/devices/BDF[,failover=STANDBY_ID][,slot=S].
+    /// The function must be bound to vfio-pci. failover= makes it the primary of a
+    /// standby NIC: hidden until the guest's driver acks STANDBY on that NIC.
+    #[arg(long, value_name = "id=ID,path=PATH,...")]
+    device: Vec<String>,
 }
 
 #[derive(Args)]
@@ -77,10 +85,12 @@ struct RemoteArgs {
     /// The API socket of the running tandem.
     #[arg(long, value_name = "PATH")]
     api_socket: PathBuf,
-    /// One of: ping, info, pause, resume, shutdown, reboot, add-net, remove-device.
+    /// One of: ping, info, pause, resume, shutdown, reboot, add-net, add-device,
+    /// remove-device, events.
     command: String,
     /// add-net: id=ID,tap=NAME,mac=MAC[,standby=on][,num_queues=N][,queue_size=N][,mtu=N][,slot=S]
-    /// (the --net syntax). remove-device: ID [--surprise] [--timeout-ms N]
+    /// (the --net syntax). add-device: id=ID,path=PATH[,failover=STANDBY_ID][,slot=S]
+    /// (the --device syntax). remove-device: ID [--surprise] [--timeout-ms N]
     /// [--on-timeout error|surprise].
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     args: Vec<String>,
@@ -92,6 +102,12 @@ fn remote_body(command: &str, args: &[String]) -> Result<Option<String>, String>
         "add-net" => match args {
             [spec] => Ok(Some(api::kv_to_json(spec)?.to_string())),
             _ => Err("add-net takes one argument: id=ID,tap=NAME,mac=MAC,...".into()),
+        },
+        "add-device" => match args {
+            [spec] => Ok(Some(api::kv_to_json(spec)?.to_string())),
+            _ => {
+                Err("add-device takes one argument: id=ID,path=/sys/bus/pci/devices/BDF,...".into())
+            }
         },
         "remove-device" => {
             let mut it = args.iter();
@@ -142,8 +158,19 @@ fn build_config(a: RunArgs) -> Result<VmConfig, ConfigError> {
         .map(|(i, s)| config::parse_net(s, i))
         .collect::<Result<Vec<_>, _>>()?;
     config::check_nets(&nets)?;
+    let devices = a
+        .device
+        .iter()
+        .enumerate()
+        .map(|(i, s)| config::parse_device(s, i))
+        .collect::<Result<Vec<_>, _>>()?;
+    config::check_devices(&nets, &devices)?;
+    for d in &devices {
+        config::check_vfio_host(d)?;
+    }
     Ok(VmConfig {
         nets,
+        devices,
         vcpus: config::parse_cpus(&a.cpus)?,
         memory_bytes: config::parse_memory(&a.memory, config::host_memory_bytes())?,
         serial: config::parse_serial(&a.serial)?,

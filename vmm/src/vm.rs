@@ -22,7 +22,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi::{self, AcpiLayout};
 use crate::boot::{self, BootError};
-use crate::config::{NetSpec, VmConfig};
+use crate::config::{DeviceSpec, NetSpec, VmConfig};
 use crate::cpu::{self, CpuError};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::events::VmEvents;
@@ -30,6 +30,7 @@ use crate::interrupts::KvmRoutes;
 use crate::layout::*;
 use crate::memory::{self, GuestMemoryMmap};
 use crate::vcpu::{run_vcpu, RunState, VcpuContext, VcpuControl, VcpuControlError};
+use crate::vfio::{KvmMapper, VfioHost};
 
 #[derive(Debug, Error)]
 pub enum VmError {
@@ -166,9 +167,27 @@ impl Vm {
         pio.insert(hotplug.clone(), HOTPLUG_BASE, HOTPLUG_LEN)?;
 
         let routes = Arc::new(KvmRoutes::new(vm_fd.clone()).map_err(VmError::EventFd)?);
-        let mut devices = DeviceManager::new(pci.clone(), routes, mem.clone(), events.clone());
+        let max_slots = kvm_handle.get_nr_memslots() as u32;
+        let ram_slots = vm_memory::GuestMemoryBackend::num_regions(&mem) as u32;
+        let mapper = Arc::new(KvmMapper::new(vm_fd.clone(), ram_slots, max_slots));
+        let vfio = VfioHost::new(vm_fd.clone(), mem.clone(), routes.clone(), mapper);
+        let mut devices = DeviceManager::new(
+            pci.clone(),
+            routes,
+            mem.clone(),
+            events.clone(),
+            vfio,
+            (layout.mmio64_start, layout.mmio64_size),
+        );
+        for d in cfg.devices.iter().filter(|d| d.failover.is_some()) {
+            devices.reserve(d.slot.unwrap_or(0));
+        }
         for n in &cfg.nets {
             devices.add_net(&n.net, n.slot)?;
+        }
+        // Failover primaries wait for their standby's STANDBY ack (the control loop plugs them).
+        for d in cfg.devices.iter().filter(|d| d.failover.is_none()) {
+            devices.add_vfio(&d.id, &d.path, d.slot)?;
         }
 
         // vCPUs.
@@ -260,6 +279,22 @@ impl Vm {
         let slot = self.devices.add_net(&spec.net, spec.slot)?;
         self.hotplug().notify_changed(slot);
         Ok(slot)
+    }
+
+    /// Hot-add a passthrough device (a failover primary, or `vm.add-device`).
+    pub fn hot_add_vfio(&mut self, spec: &DeviceSpec) -> Result<usize, VmError> {
+        let slot = self.devices.add_vfio(&spec.id, &spec.path, spec.slot)?;
+        self.hotplug().notify_changed(slot);
+        Ok(slot)
+    }
+
+    /// Keep `slot` free for a hidden failover primary.
+    pub fn reserve_slot(&mut self, slot: usize) {
+        self.devices.reserve(slot);
+    }
+
+    pub fn release_slot(&mut self, slot: usize) {
+        self.devices.release(slot);
     }
 
     /// Ask the guest to release device `id` (ACPI eject request); the guest

@@ -60,6 +60,10 @@ pub struct MsixState {
     table: MsixTableState,
     vectors: Vec<(u32, EventFd)>,
     routes: Arc<dyn InterruptRoutes>,
+    /// The vectors' irqfds are signalled by someone else (VFIO, in the kernel), not
+    /// through [`MsixState::trigger`]: a masked vector then has no route at all, so
+    /// what the device raises while it is masked is dropped rather than delivered.
+    passthrough: bool,
 }
 
 pub type SharedMsix = Arc<Mutex<MsixState>>;
@@ -82,7 +86,21 @@ impl MsixState {
             },
             vectors,
             routes,
+            passthrough: false,
         })
+    }
+
+    /// For a passthrough device whose interrupts reach the irqfds directly
+    /// (see [`MsixState::irqfds`]).
+    pub fn new_passthrough(count: u16, routes: Arc<dyn InterruptRoutes>) -> io::Result<Self> {
+        let mut s = Self::new(count, routes)?;
+        s.passthrough = true;
+        Ok(s)
+    }
+
+    /// The irqfd of each vector, in vector order.
+    pub fn irqfds(&self) -> Vec<&EventFd> {
+        self.vectors.iter().map(|(_, e)| e).collect()
     }
 
     pub fn count(&self) -> usize {
@@ -109,9 +127,14 @@ impl MsixState {
 
     /// The guest wrote the message-control word.
     pub fn set_control(&mut self, v: u16) {
-        let old_enabled = self.enabled();
+        let old = self.table.control;
         self.table.control = v & (CTRL_ENABLE | CTRL_FUNCTION_MASK);
-        if self.enabled() != old_enabled {
+        let changed = if self.passthrough {
+            old != self.table.control
+        } else {
+            (old ^ self.table.control) & CTRL_ENABLE != 0
+        };
+        if changed {
             for i in 0..self.count() {
                 self.update_route(i);
             }
@@ -131,7 +154,8 @@ impl MsixState {
         let Some((gsi, _)) = self.vectors.get(v) else {
             return;
         };
-        let msg = self.enabled().then(|| self.message(v));
+        let live = self.enabled() && !(self.passthrough && self.masked(v));
+        let msg = live.then(|| self.message(v));
         if let Err(e) = self.routes.set_msi_route(*gsi, msg) {
             tracing::warn!("MSI-X vector {v}: cannot update route: {e}");
         }

@@ -1,0 +1,683 @@
+//! VFIO PCI passthrough: a host PCI function bound to `vfio-pci`, given to the
+//! guest as a device on our root bus.
+//!
+//! What the guest reaches directly and what Tandem traps:
+//!
+//! ```text
+//! config space   0x00..0x40  ids, class, command/status: the device's own (through VFIO);
+//!                            BARs, expansion ROM, interrupt line/pin: a shadow of ours
+//!                0x40..0x100 the device's capability list, except MSI-X (emulated:
+//!                            the guest's enable/mask bits drive VFIO and KVM routes)
+//!                            and MSI (hidden, see below)
+//!                0x100..     reads 0: no extended capabilities on a conventional bus
+//! BARs           mmap-able parts: KVM memory slots over the device's own mapping (no
+//!                            exit per access), present only while the guest has memory
+//!                            decoding enabled; MSI-X table and PBA pages, I/O BARs and
+//!                            whatever VFIO does not let us mmap: trapped, forwarded
+//! interrupts     MSI-X: VFIO signals one eventfd per vector, which *is* the vector's
+//!                            KVM irqfd: nothing relays an interrupt through a thread
+//! DMA            the VMM maps all guest RAM in the VM's VFIO container (IOVA = GPA)
+//! ```
+//!
+//! Left out on purpose: INTx (interrupt pin reads 0, so guest drivers use MSI-X),
+//! MSI (hidden from the capability list, for the same reason), the expansion ROM.
+//! A vector the guest masks loses its KVM route: what the device raises meanwhile
+//! is dropped, not made pending (the host kernel owns the real table).
+//!
+//! The device is reset through VFIO when it is opened and when it is dropped,
+//! so a guest never sees the state another guest (or an earlier boot) left.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
+
+use thiserror::Error;
+use vfio_bindings::bindings::vfio::{
+    VFIO_PCI_CONFIG_REGION_INDEX, VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ,
+    VFIO_REGION_INFO_FLAG_WRITE,
+};
+use vfio_ioctls::{VfioContainer, VfioDevice, VfioRegionInfoCap};
+
+use crate::pci::msix::{InterruptRoutes, MsixState, MSIX_CAP_ID, MSIX_ENTRY_SIZE};
+use crate::pci::{BarKind, BarMove, PciClass, PciConfig, PciDevice};
+
+const PAGE: u64 = 4096;
+const COMMAND_REG: usize = 1;
+const HEADER_REG: usize = 3;
+const BAR0_REG: usize = 4;
+const ROM_REG: usize = 12;
+const CAP_PTR_REG: usize = 13;
+const INTERRUPT_REG: usize = 15;
+const CAP_START: usize = 0x40;
+const STD_CONFIG_END: usize = 0x100;
+const MSI_CAP_ID: u8 = 0x05;
+const CMD_MEMORY: u16 = 1 << 1;
+const CMD_BUS_MASTER: u16 = 1 << 2;
+const MSIX_ENABLE: u16 = 1 << 15;
+
+/// Maps host memory (a BAR's mmap) into guest physical space: KVM memory slots,
+/// behind a trait so that `devices` stays KVM-agnostic.
+pub trait GuestMapper: Send + Sync {
+    /// Map `len` bytes at `host` at guest physical `gpa`; returns a handle for
+    /// [`GuestMapper::unmap`].
+    ///
+    /// # Safety
+    /// `host..host+len` must stay mapped until the handle is unmapped.
+    unsafe fn map(&self, gpa: u64, len: u64, host: *mut u8) -> io::Result<u32>;
+    fn unmap(&self, handle: u32);
+}
+
+#[derive(Debug, Error)]
+pub enum VfioPciError {
+    #[error("{0}")]
+    Vfio(String),
+    #[error("not a PCI device with a type-0 header (header type {0:#x})")]
+    NotType0(u8),
+    #[error("BAR {bar}: {what}")]
+    Bar { bar: usize, what: String },
+    #[error("cannot map BAR {bar} of the device: {source}")]
+    Mmap { bar: usize, source: io::Error },
+    #[error("cannot set up MSI-X: {0}")]
+    Msix(io::Error),
+    #[error("the device has no MSI-X capability; Tandem passes through MSI-X devices only")]
+    NoMsix,
+}
+
+/// Flatten a VFIO error and its causes into one line.
+fn vfio_err(e: vfio_ioctls::VfioError) -> VfioPciError {
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(&e);
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    VfioPciError::Vfio(s)
+}
+
+/// One BAR as the device declares it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BarInfo {
+    pub index: usize,
+    pub kind: BarKind,
+    pub size: u64,
+    pub prefetch: bool,
+}
+
+/// A part of a BAR mapped from the device into our address space.
+struct Mapping {
+    bar: usize,
+    /// Offset within the BAR (page-aligned) and length (whole pages).
+    offset: u64,
+    len: u64,
+    host: usize,
+    /// The guest mapping while it exists: (guest address, mapper handle).
+    slot: Option<(u64, u32)>,
+}
+
+struct Msix {
+    cap: usize,
+    table_bar: usize,
+    table: std::ops::Range<u64>,
+    pba_bar: usize,
+    pba: std::ops::Range<u64>,
+    state: MsixState,
+}
+
+pub struct VfioPciDevice {
+    device: VfioDevice,
+    /// BARs (with the guest's placement) and the interrupt line.
+    shadow: PciConfig,
+    bars: Vec<BarInfo>,
+    /// Capability offsets the guest sees, in list order, and the hidden ones skipped.
+    visible_caps: Vec<usize>,
+    all_caps: Vec<usize>,
+    msix: Msix,
+    maps: Vec<Mapping>,
+    mapper: Arc<dyn GuestMapper>,
+    /// Memory decoding as the guest last set it.
+    memory_on: bool,
+    bus_master: bool,
+    ready: bool,
+    on_ready: Option<Box<dyn Fn() + Send>>,
+}
+
+impl VfioPciDevice {
+    /// Open the function at `sysfs` (`/sys/bus/pci/devices/BDF`) in `container`,
+    /// reset it, and learn its BARs and capabilities. BARs are placed later
+    /// ([`VfioPciDevice::set_bar`]); nothing reaches the guest before that.
+    pub fn open(
+        sysfs: &Path,
+        container: Arc<VfioContainer>,
+        routes: Arc<dyn InterruptRoutes>,
+        mapper: Arc<dyn GuestMapper>,
+    ) -> Result<Self, VfioPciError> {
+        let device = VfioDevice::new(sysfs, container, false).map_err(vfio_err)?;
+        device.reset();
+        let cfg = |reg: usize| -> u32 {
+            let mut b = [0u8; 4];
+            device.region_read(VFIO_PCI_CONFIG_REGION_INDEX, &mut b, (reg * 4) as u64);
+            u32::from_le_bytes(b)
+        };
+        let header = (cfg(HEADER_REG) >> 16) as u8 & 0x7f;
+        if header != 0 {
+            return Err(VfioPciError::NotType0(header));
+        }
+        let id = cfg(0);
+        let class = cfg(2);
+        let shadow = PciConfig::new(
+            id as u16,
+            (id >> 16) as u16,
+            PciClass {
+                class: (class >> 24) as u8,
+                subclass: (class >> 16) as u8,
+                prog_if: (class >> 8) as u8,
+            },
+            class as u8,
+        );
+
+        // BARs: kind from the device's registers, size from VFIO's regions.
+        let mut bars = Vec::new();
+        let mut i = 0;
+        while i < 6 {
+            let raw = cfg(BAR0_REG + i);
+            let size = device.get_region_size(i as u32);
+            let kind = if raw & 1 != 0 {
+                BarKind::Io
+            } else if (raw >> 1) & 3 == 2 {
+                BarKind::Mem64
+            } else {
+                BarKind::Mem32
+            };
+            if size != 0 {
+                if !size.is_power_of_two() {
+                    return Err(VfioPciError::Bar {
+                        bar: i,
+                        what: format!("size {size:#x} is not a power of two"),
+                    });
+                }
+                if kind == BarKind::Mem64 && i == 5 {
+                    return Err(VfioPciError::Bar {
+                        bar: i,
+                        what: "a 64-bit BAR in the last register".into(),
+                    });
+                }
+                bars.push(BarInfo {
+                    index: i,
+                    kind,
+                    size,
+                    prefetch: raw & 8 != 0,
+                });
+            }
+            i += if kind == BarKind::Mem64 { 2 } else { 1 };
+        }
+
+        // The capability list: find MSI-X, hide MSI.
+        let mut visible_caps = Vec::new();
+        let mut all_caps = Vec::new();
+        let mut msix_at = None;
+        let mut off = (cfg(CAP_PTR_REG) & 0xfc) as usize;
+        let mut seen = 0;
+        while (CAP_START..STD_CONFIG_END).contains(&off) && seen < 48 {
+            let head = cfg(off / 4);
+            all_caps.push(off);
+            match head as u8 {
+                MSI_CAP_ID => {}
+                MSIX_CAP_ID => {
+                    msix_at = Some(off);
+                    visible_caps.push(off);
+                }
+                _ => visible_caps.push(off),
+            }
+            off = ((head >> 8) & 0xfc) as usize;
+            seen += 1;
+        }
+        let cap = msix_at.ok_or(VfioPciError::NoMsix)?;
+        let control = cfg(cap / 4) >> 16;
+        let count = (control & 0x7ff) as u16 + 1;
+        let table = cfg(cap / 4 + 1);
+        let pba = cfg(cap / 4 + 2);
+        let (table_bar, table_off) = ((table & 7) as usize, u64::from(table & !7));
+        let (pba_bar, pba_off) = ((pba & 7) as usize, u64::from(pba & !7));
+        for (what, bar) in [("table", table_bar), ("PBA", pba_bar)] {
+            if !bars.iter().any(|b| b.index == bar && b.kind != BarKind::Io) {
+                return Err(VfioPciError::Bar {
+                    bar,
+                    what: format!("the MSI-X {what} is in a BAR the device does not have"),
+                });
+            }
+        }
+        let state = MsixState::new_passthrough(count, routes).map_err(VfioPciError::Msix)?;
+        let msix = Msix {
+            cap,
+            table_bar,
+            table: table_off..table_off + u64::from(count) * MSIX_ENTRY_SIZE,
+            pba_bar,
+            pba: pba_off..pba_off + u64::from(count).div_ceil(64) * 8,
+            state,
+        };
+
+        let mut dev = Self {
+            device,
+            shadow,
+            bars,
+            visible_caps,
+            all_caps,
+            msix,
+            maps: Vec::new(),
+            mapper,
+            memory_on: false,
+            bus_master: false,
+            ready: false,
+            on_ready: None,
+        };
+        dev.map_bars()?;
+        Ok(dev)
+    }
+
+    /// The device's BARs, for the VMM to place.
+    pub fn bars(&self) -> &[BarInfo] {
+        &self.bars
+    }
+
+    /// Place BAR `index` at guest address `addr` (before the guest runs on it).
+    pub fn set_bar(&mut self, index: usize, addr: u64) {
+        if let Some(b) = self.bars.iter().find(|b| b.index == index).copied() {
+            self.shadow.add_bar(index, b.kind, b.size, addr, b.prefetch);
+            self.sync_slots();
+        }
+    }
+
+    /// Called (once each time) when the guest's driver starts the device:
+    /// enables MSI-X or bus mastering.
+    pub fn set_ready_observer(&mut self, f: Box<dyn Fn() + Send>) {
+        self.on_ready = Some(f);
+    }
+
+    /// `vendor:device` as the device reports it.
+    pub fn ids(&self) -> (u16, u16) {
+        let r = self.shadow.read(0);
+        (r as u16, (r >> 16) as u16)
+    }
+
+    pub fn msix_enabled(&self) -> bool {
+        self.msix.state.enabled()
+    }
+
+    pub fn memory_enabled(&self) -> bool {
+        self.memory_on
+    }
+
+    /// mmap every part of every memory BAR that VFIO allows, minus the pages
+    /// that hold the MSI-X table and PBA (those must trap).
+    fn map_bars(&mut self) -> Result<(), VfioPciError> {
+        for b in self.bars.clone() {
+            if b.kind == BarKind::Io || b.size < PAGE {
+                continue;
+            }
+            let i = b.index as u32;
+            let flags = self.device.get_region_flags(i);
+            if flags & VFIO_REGION_INFO_FLAG_MMAP == 0 {
+                continue;
+            }
+            let mut areas: Vec<(u64, u64)> = vec![(0, b.size)];
+            for cap in self.device.get_region_caps(i) {
+                if let VfioRegionInfoCap::SparseMmap(s) = cap {
+                    areas = s.areas.iter().map(|a| (a.offset, a.size)).collect();
+                }
+            }
+            let mut holes = Vec::new();
+            if b.index == self.msix.table_bar {
+                holes.push(page_span(&self.msix.table));
+            }
+            if b.index == self.msix.pba_bar {
+                holes.push(page_span(&self.msix.pba));
+            }
+            let prot = (if flags & VFIO_REGION_INFO_FLAG_READ != 0 {
+                libc::PROT_READ
+            } else {
+                0
+            }) | (if flags & VFIO_REGION_INFO_FLAG_WRITE != 0 {
+                libc::PROT_WRITE
+            } else {
+                0
+            });
+            for (start, len) in subtract(&areas, &holes) {
+                let offset = self.device.get_region_offset(i) + start;
+                // SAFETY: a fresh shared mapping of the device fd at the region's
+                // offset; the kernel checks offset and length against the region.
+                let host = unsafe {
+                    libc::mmap(
+                        std::ptr::null_mut(),
+                        len as usize,
+                        prot,
+                        libc::MAP_SHARED,
+                        self.device.as_raw_fd(),
+                        offset as libc::off_t,
+                    )
+                };
+                if host == libc::MAP_FAILED {
+                    return Err(VfioPciError::Mmap {
+                        bar: b.index,
+                        source: io::Error::last_os_error(),
+                    });
+                }
+                self.maps.push(Mapping {
+                    bar: b.index,
+                    offset: start,
+                    len,
+                    host: host as usize,
+                    slot: None,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Make the guest mappings match the guest's BAR placement and its memory
+    /// decoding bit: mapped while decoding is on, at the BAR's current base.
+    fn sync_slots(&mut self) {
+        for m in &mut self.maps {
+            let want = match self.shadow.bar_addr(m.bar) {
+                Some(base) if self.memory_on && base != 0 => base.checked_add(m.offset),
+                _ => None,
+            };
+            if m.slot.map(|(gpa, _)| gpa) == want {
+                continue;
+            }
+            if let Some((_, h)) = m.slot.take() {
+                self.mapper.unmap(h);
+            }
+            let Some(gpa) = want else { continue };
+            // SAFETY: `host..host+len` is our mmap of the device, unmapped only in
+            // Drop after every guest mapping of it is gone.
+            match unsafe { self.mapper.map(gpa, m.len, m.host as *mut u8) } {
+                Ok(h) => m.slot = Some((gpa, h)),
+                // The accesses still work, trapped, one exit each.
+                Err(e) => tracing::warn!(
+                    "BAR {} +{:#x}: cannot map at {gpa:#x} ({e}); accesses will trap",
+                    m.bar,
+                    m.offset
+                ),
+            }
+        }
+    }
+
+    fn real_read(&self, reg: usize) -> u32 {
+        let mut b = [0u8; 4];
+        self.device
+            .region_read(VFIO_PCI_CONFIG_REGION_INDEX, &mut b, (reg * 4) as u64);
+        u32::from_le_bytes(b)
+    }
+
+    /// The next-pointer the guest sees after the capability at `off`.
+    fn next_visible(&self, off: Option<usize>) -> u8 {
+        let pos = match off {
+            None => 0,
+            Some(o) => match self.visible_caps.iter().position(|c| *c == o) {
+                Some(p) => p + 1,
+                None => return 0,
+            },
+        };
+        self.visible_caps.get(pos).map_or(0, |c| *c as u8)
+    }
+
+    /// The capability (visible or hidden) a config register belongs to, with
+    /// whether it is that capability's first dword: the last capability that
+    /// starts at or before it.
+    fn cap_of(&self, reg: usize) -> Option<(usize, bool)> {
+        let off = reg * 4;
+        let cap = self.all_caps.iter().copied().filter(|c| *c <= off).max()?;
+        Some((cap, cap == off))
+    }
+
+    fn hidden(&self, cap: usize) -> bool {
+        !self.visible_caps.contains(&cap)
+    }
+
+    fn write_msix_control(&mut self, control: u16) {
+        let was = self.msix.state.enabled();
+        self.msix.state.set_control(control);
+        let now = self.msix.state.enabled();
+        if now && !was {
+            let r = self.device.enable_msix(self.msix.state.irqfds());
+            if let Err(e) = r {
+                tracing::warn!("cannot enable MSI-X on the device: {}", vfio_err(e));
+            }
+            self.note_ready();
+        } else if was && !now {
+            if let Err(e) = self.device.disable_msix() {
+                tracing::warn!("cannot disable MSI-X on the device: {}", vfio_err(e));
+            }
+        }
+    }
+
+    fn note_ready(&mut self) {
+        if !self.ready {
+            self.ready = true;
+            if let Some(f) = &self.on_ready {
+                f();
+            }
+        }
+    }
+}
+
+/// The whole pages covering `r`.
+fn page_span(r: &std::ops::Range<u64>) -> (u64, u64) {
+    let start = r.start & !(PAGE - 1);
+    let end = r.end.next_multiple_of(PAGE);
+    (start, end - start)
+}
+
+/// `areas` minus `holes`, as page-aligned (offset, len) pieces.
+fn subtract(areas: &[(u64, u64)], holes: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for &(start, len) in areas {
+        let end = start.saturating_add(len) & !(PAGE - 1);
+        let start = start.next_multiple_of(PAGE);
+        let mut pieces = vec![(start, end)];
+        for &(hs, hl) in holes {
+            let he = hs + hl;
+            pieces = pieces
+                .into_iter()
+                .flat_map(|(s, e)| {
+                    let mut v = Vec::new();
+                    if s < hs.min(e) {
+                        v.push((s, hs.min(e)));
+                    }
+                    if he.max(s) < e {
+                        v.push((he.max(s), e));
+                    }
+                    v
+                })
+                .collect();
+        }
+        out.extend(
+            pieces
+                .into_iter()
+                .filter(|(s, e)| e > s)
+                .map(|(s, e)| (s, e - s)),
+        );
+    }
+    out
+}
+
+impl PciDevice for VfioPciDevice {
+    fn config_read(&mut self, reg: usize) -> u32 {
+        match reg {
+            // Ids, class, cache line/latency/header type (never multi-function
+            // here: we pass one function), subsystem, command/status.
+            0 | 1 | 2 | 11 => self.real_read(reg),
+            HEADER_REG => self.real_read(reg) & !(0x80 << 16),
+            4..=9 => self.shadow.read(reg),
+            CAP_PTR_REG => u32::from(self.next_visible(None)),
+            INTERRUPT_REG => self.shadow.read(reg) & 0xff,
+            16..=63 => {
+                let Some((cap, head)) = self.cap_of(reg) else {
+                    return self.real_read(reg);
+                };
+                if self.hidden(cap) {
+                    return 0;
+                }
+                let real = self.real_read(reg);
+                if !head {
+                    return real;
+                }
+                let next = u32::from(self.next_visible(Some(cap))) << 8;
+                if cap == self.msix.cap {
+                    u32::from(MSIX_CAP_ID) | next | (u32::from(self.msix.state.control()) << 16)
+                } else {
+                    (real & 0xffff_00ff) | next
+                }
+            }
+            // Cardbus CIS, expansion ROM (hidden), reserved, extended space.
+            _ => 0,
+        }
+    }
+
+    fn config_write(&mut self, reg: usize, offset: usize, data: &[u8]) -> Option<BarMove> {
+        if offset + data.len() > 4 || data.is_empty() {
+            return None;
+        }
+        match reg {
+            COMMAND_REG | HEADER_REG => {
+                self.device.region_write(
+                    VFIO_PCI_CONFIG_REGION_INDEX,
+                    data,
+                    (reg * 4 + offset) as u64,
+                );
+                if reg == COMMAND_REG {
+                    let cmd = self.real_read(COMMAND_REG) as u16;
+                    let memory_on = cmd & CMD_MEMORY != 0;
+                    if memory_on != self.memory_on {
+                        self.memory_on = memory_on;
+                        self.sync_slots();
+                    }
+                    let bm = cmd & CMD_BUS_MASTER != 0;
+                    if bm && !self.bus_master {
+                        self.note_ready();
+                    }
+                    self.bus_master = bm;
+                    if !bm && !self.msix.state.enabled() {
+                        self.ready = false;
+                    }
+                }
+                None
+            }
+            4..=9 => {
+                let mv = self.shadow.write(reg, offset, data);
+                if mv.is_some() {
+                    self.sync_slots();
+                }
+                mv
+            }
+            INTERRUPT_REG => self.shadow.write(reg, offset, data),
+            ROM_REG => None,
+            16..=63 => {
+                let (cap, _) = self.cap_of(reg)?;
+                if self.hidden(cap) {
+                    return None;
+                }
+                if cap == self.msix.cap {
+                    // Only the message-control word (bytes 2..4 of the first dword) is writable.
+                    if reg == cap / 4 && offset + data.len() > 2 {
+                        let mut word = self.msix.state.control().to_le_bytes();
+                        for (i, b) in data.iter().enumerate() {
+                            if let Some(p) = (offset + i).checked_sub(2) {
+                                word[p] = *b;
+                            }
+                        }
+                        self.write_msix_control(u16::from_le_bytes(word) & (MSIX_ENABLE | 1 << 14));
+                    }
+                    return None;
+                }
+                self.device.region_write(
+                    VFIO_PCI_CONFIG_REGION_INDEX,
+                    data,
+                    (reg * 4 + offset) as u64,
+                );
+                None
+            }
+            _ => None,
+        }
+    }
+
+    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        let end = offset + data.len() as u64;
+        if bar == self.msix.table_bar
+            && offset >= self.msix.table.start
+            && end <= self.msix.table.end
+        {
+            self.msix
+                .state
+                .read_table(offset - self.msix.table.start, data);
+        } else if bar == self.msix.pba_bar
+            && offset >= self.msix.pba.start
+            && end <= self.msix.pba.end
+        {
+            self.msix.state.read_pba(offset - self.msix.pba.start, data);
+        } else {
+            data.fill(0xff);
+            self.device.region_read(bar as u32, data, offset);
+        }
+    }
+
+    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        let end = offset + data.len() as u64;
+        if bar == self.msix.table_bar
+            && offset >= self.msix.table.start
+            && end <= self.msix.table.end
+        {
+            self.msix
+                .state
+                .write_table(offset - self.msix.table.start, data);
+        } else if bar == self.msix.pba_bar
+            && offset >= self.msix.pba.start
+            && end <= self.msix.pba.end
+        {
+            // The PBA is read-only.
+        } else {
+            self.device.region_write(bar as u32, data, offset);
+        }
+    }
+}
+
+impl Drop for VfioPciDevice {
+    fn drop(&mut self) {
+        if self.msix.state.enabled() {
+            let _ = self.device.disable_msix();
+        }
+        self.memory_on = false;
+        self.sync_slots();
+        for m in &self.maps {
+            // SAFETY: our own mapping from `map_bars`; no guest mapping of it is left.
+            unsafe { libc::munmap(m.host as *mut libc::c_void, m.len as usize) };
+        }
+        // Whatever the guest left running (DMA, interrupts) stops here.
+        self.device.reset();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn msix_pages_are_cut_out_of_the_mappable_areas() {
+        // A 16 KiB BAR with the table at 0 and the PBA at 0x2000.
+        let holes = [page_span(&(0..0x50)), page_span(&(0x2000..0x2008))];
+        assert_eq!(
+            subtract(&[(0, 0x4000)], &holes),
+            vec![(0x1000, 0x1000), (0x3000, 0x1000)]
+        );
+        // Table in the middle of a big BAR.
+        assert_eq!(
+            subtract(&[(0, 0x20000)], &[page_span(&(0x10000..0x10050))]),
+            vec![(0, 0x10000), (0x11000, 0xf000)]
+        );
+        // Nothing left; sparse areas are kept page-aligned.
+        assert!(subtract(&[(0, 0x1000)], &[(0, 0x1000)]).is_empty());
+        assert_eq!(subtract(&[(0x800, 0x2000)], &[]), vec![(0x1000, 0x1000)]);
+    }
+}

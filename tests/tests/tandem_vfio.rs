@@ -1,0 +1,198 @@
+//! VFIO passthrough in a real guest: the test host's e1000e NICs (bound to
+//! vfio-pci behind L1's vIOMMU) given to Tandem's guest, alone and as the
+//! failover primary of a virtio-net standby.
+
+use std::time::Duration;
+
+use harness::guestnet::{netdev_by_mac, wait_guest};
+use harness::tandem::Tandem;
+use harness::{err, Agent, GuestEnv, VfioNic, FAILOVER_MAC, PEER_IP};
+
+/// The guest's e1000e netdev, once the driver has bound it.
+fn e1000e_dev(agent: &mut Agent) -> harness::Result<String> {
+    wait_guest(
+        agent,
+        "for n in /sys/class/net/*; do [ \"$(basename $(readlink $n/device/driver) 2>/dev/null)\" = e1000e ] && exit 0; done; false",
+        60,
+    )?;
+    let out = agent.run_ok(
+        "for n in /sys/class/net/*; do [ \"$(basename $(readlink $n/device/driver) 2>/dev/null)\" = e1000e ] && echo ${n##*/}; done; true",
+    )?;
+    out.split_whitespace()
+        .next()
+        .map(str::to_string)
+        .ok_or_else(|| err!("no e1000e netdev in the guest"))
+}
+
+/// rx/tx packet counters of a guest netdev.
+fn counters(agent: &mut Agent, dev: &str) -> harness::Result<(u64, u64)> {
+    let out = agent.run_ok(&format!(
+        "cat /sys/class/net/{dev}/statistics/rx_packets /sys/class/net/{dev}/statistics/tx_packets"
+    ))?;
+    let v: Vec<u64> = out
+        .split_whitespace()
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    match v[..] {
+        [rx, tx] => Ok((rx, tx)),
+        _ => Err(err!("counters of {dev}: {out:?}")),
+    }
+}
+
+fn info(vm: &Tandem) -> harness::Result<serde_json::Value> {
+    serde_json::from_str(&vm.remote("info")?).map_err(|e| err!("vm.info: {e}"))
+}
+
+fn nic(env: &GuestEnv) -> Option<VfioNic> {
+    env.vfio_nics_or_skip(1).map(|n| n[0].clone())
+}
+
+harness::guest_test_kernels!(fn tandem_vfio_e1000e_pings_peer(env) {
+    let Some(nic) = nic(env) else { return Ok(()) };
+    let dev_arg = format!("id=vf0,path=/sys/bus/pci/devices/{},slot=6", nic.bdf);
+    let mut vm = Tandem::spawn(env, "vfio", &["--device", &dev_arg])?;
+    let events = vm.events()?;
+    let mut agent = vm.agent(env, "vfio")?;
+    let dev = e1000e_dev(&mut agent)?;
+    assert_eq!(agent.run_ok(&format!("cat /sys/class/net/{dev}/address"))?.trim(), nic.mac);
+    let bus = agent.run_ok(&format!("basename $(readlink -f /sys/class/net/{dev}/device)"))?;
+    assert_eq!(bus.trim(), "0000:00:06.0", "slot=6");
+    // The driver uses MSI-X (no INTx, no MSI offered).
+    let irqs = agent.run_ok(&format!("ls /sys/class/net/{dev}/device/msi_irqs | wc -l"))?;
+    assert!(irqs.trim().parse::<u32>().unwrap_or(0) >= 1, "MSI-X vectors: {irqs}");
+    agent.run_ok(&format!("ip link set {dev} up && ip addr add 10.0.0.2/24 dev {dev}"))?;
+    wait_guest(&mut agent, &format!("[ \"$(cat /sys/class/net/{dev}/carrier)\" = 1 ]"), 30)?;
+    let out = agent.run(
+        &format!("i=0; while ! ping -c 1 -W 1 {PEER_IP} >/dev/null 2>&1 && [ $i -lt 20 ]; do i=$((i+1)); done; ping -c 20 -i 0.05 -W 2 {PEER_IP}"),
+        Duration::from_secs(90),
+    )?;
+    assert_eq!(out.status, 0, "ping through the passthrough e1000e: {}", out.stdout);
+    assert!(out.stdout.contains(" 0% packet loss"), "{}", out.stdout);
+    let i = info(&vm)?;
+    let loc = i["devices"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["id"] == "vf0"))
+        .map(|d| d["location"].to_string())
+        .unwrap_or_default();
+    assert!(loc.contains("MSI-X on") && loc.contains("memory decoding on"), "{loc}");
+    // The driver's start shows on the event stream.
+    events.wait_for(|e| e["type"] == "driver-ready" && e["device"] == "vf0", Duration::from_secs(10))?;
+    // Unbinding the driver in the guest and binding it again works (reset, MSI-X
+    // disabled and enabled again).
+    agent.run_ok(
+        "echo 0000:00:06.0 > /sys/bus/pci/drivers/e1000e/unbind; echo 0000:00:06.0 > /sys/bus/pci/drivers/e1000e/bind",
+    )?;
+    let dev = e1000e_dev(&mut agent)?;
+    agent.run_ok(&format!("ip link set {dev} up && ip addr add 10.0.0.2/24 dev {dev} 2>/dev/null; true"))?;
+    wait_guest(&mut agent, &format!("[ \"$(cat /sys/class/net/{dev}/carrier)\" = 1 ]"), 30)?;
+    let out = agent.run(
+        &format!("i=0; while ! ping -c 1 -W 1 {PEER_IP} >/dev/null 2>&1 && [ $i -lt 20 ]; do i=$((i+1)); done; ping -c 3 -W 2 {PEER_IP}"),
+        Duration::from_secs(90),
+    )?;
+    assert_eq!(out.status, 0, "ping after the rebind: {}", out.stdout);
+    Ok(())
+});
+
+/// The failover master's name and its slaves, once it has `want` of them.
+fn master_with_slaves(agent: &mut Agent, want: usize) -> harness::Result<(String, Vec<String>)> {
+    let sby = netdev_by_mac(agent, FAILOVER_MAC)?;
+    wait_guest(
+        agent,
+        &format!("m=$(basename $(readlink /sys/class/net/{sby}/master)) && [ $(ls -d /sys/class/net/$m/lower_* 2>/dev/null | wc -l) -eq {want} ]"),
+        60,
+    )?;
+    let master = agent.run_ok(&format!("basename $(readlink /sys/class/net/{sby}/master)"))?;
+    let master = master.trim().to_string();
+    let slaves = agent.run_ok(&format!(
+        "cd /sys/class/net/{master} && ls -d lower_* | sed 's/lower_//'"
+    ))?;
+    Ok((
+        master,
+        slaves.split_whitespace().map(str::to_string).collect(),
+    ))
+}
+
+harness::guest_test_kernels!(fn tandem_failover_pair_primary_carries_traffic(env) {
+    let Some(nic) = nic(env) else { return Ok(()) };
+    let _tap = env.tap("tdtap0")?;
+    let net = format!("id=net0,tap=tdtap0,mac={FAILOVER_MAC},standby=on,slot=3");
+    let dev = format!("id=vf0,path=/sys/bus/pci/devices/{},failover=net0,slot=6", nic.bdf);
+    let mut vm = Tandem::spawn(env, "pair", &["--net", &net, "--device", &dev])?;
+    let events = vm.events()?;
+    let mut agent = vm.agent(env, "pair")?;
+    let ev = |t: &'static str, d: &'static str| move |e: &serde_json::Value| e["type"] == t && e["device"] == d;
+    // STANDBY acked, then the primary plugged into its slot.
+    events.wait_for(ev("failover-negotiated", "net0"), Duration::from_secs(30))?;
+    events.wait_for(ev("primary-plugged", "vf0"), Duration::from_secs(10))?;
+    let (master, slaves) = master_with_slaves(&mut agent, 2)?;
+    let primary = e1000e_dev(&mut agent)?;
+    assert!(slaves.contains(&primary), "{primary} enslaved to {master}: {slaves:?}");
+    let i = info(&vm)?;
+    let pair = &i["pairs"][0];
+    assert_eq!(pair["standby"], "net0");
+    assert_eq!(pair["primary"], "vf0");
+    assert_eq!(pair["state"], "plugged");
+    assert_eq!(pair["slot"], 6);
+    // Rename both slaves while UP (Linux 8065a779): standby to <master>nsby, primary to ens6.
+    let sby = netdev_by_mac(&mut agent, FAILOVER_MAC)?;
+    agent.run_ok(&format!("ip link set {master} up; ip link set {sby} up; ip link set {primary} up"))?;
+    agent.run_ok(&format!("ip link set dev {sby} name {master}nsby && ip link set dev {primary} name ens6"))?;
+    agent.run_ok(&format!("ip addr add 10.0.0.2/24 dev {master}"))?;
+    wait_guest(&mut agent, "[ \"$(cat /sys/class/net/ens6/carrier)\" = 1 ]", 30)?;
+    let before_p = counters(&mut agent, "ens6")?;
+    let before_s = counters(&mut agent, &format!("{master}nsby"))?;
+    let out = agent.run(
+        &format!("i=0; while ! ping -c 1 -W 1 {PEER_IP} >/dev/null 2>&1 && [ $i -lt 20 ]; do i=$((i+1)); done; ping -c 50 -i 0.02 -W 2 {PEER_IP}"),
+        Duration::from_secs(90),
+    )?;
+    assert_eq!(out.status, 0, "ping through the failover master: {}", out.stdout);
+    let after_p = counters(&mut agent, "ens6")?;
+    let after_s = counters(&mut agent, &format!("{master}nsby"))?;
+    assert!(after_p.1 - before_p.1 >= 50, "the primary sent the pings: {before_p:?} -> {after_p:?}");
+    assert!(after_s.1 - before_s.1 < 5, "the standby stayed quiet: {before_s:?} -> {after_s:?}");
+
+    // Orderly removal of the primary: eject request, the guest releases it, traffic
+    // moves to the standby.
+    let t = std::time::Instant::now();
+    let out = vm.remote_args(&["remove-device", "vf0", "--timeout-ms", "10000"])?;
+    eprintln!("remove-device after {:?}: {out}", t.elapsed());
+    assert!(out.contains("released"), "{out}");
+    let seq = events.sequence_from(ev("eject-requested", "vf0"));
+    let types: Vec<&str> = seq.iter().filter(|(_, d)| d == "vf0").map(|(t, _)| t.as_str()).collect();
+    assert_eq!(types, ["eject-requested", "device-released"], "{seq:?}");
+    master_with_slaves(&mut agent, 1)?;
+    let out = agent.run(&format!("ping -c 5 -W 2 {PEER_IP}"), Duration::from_secs(60))?;
+    assert_eq!(out.status, 0, "ping on the standby after the removal: {}", out.stdout);
+
+    // Re-added into the same slot: enslaved again, traffic back on the primary.
+    let added = vm.remote_args(&["add-device", &dev])?;
+    assert!(added.contains("\"slot\":6") || added.contains("\"slot\": 6"), "{added}");
+    events.wait_for(ev("primary-plugged", "vf0"), Duration::from_secs(10))?;
+    master_with_slaves(&mut agent, 2)?;
+    let primary = e1000e_dev(&mut agent)?;
+    agent.run_ok(&format!("ip link set {primary} up"))?;
+    wait_guest(&mut agent, &format!("[ \"$(cat /sys/class/net/{primary}/carrier)\" = 1 ]"), 30)?;
+    let b = counters(&mut agent, &primary)?;
+    let out = agent.run(&format!("sleep 1; ping -c 20 -i 0.05 -W 2 {PEER_IP}"), Duration::from_secs(60))?;
+    assert_eq!(out.status, 0, "ping after the re-add: {}", out.stdout);
+    let a = counters(&mut agent, &primary)?;
+    assert!(a.1 - b.1 >= 20, "traffic back on the primary: {b:?} -> {a:?}");
+
+    // The standby's driver unbound: the primary is hidden; bound again: plugged again.
+    agent.run_ok(&format!(
+        "v=$(basename $(readlink -f /sys/class/net/{master}nsby/device)); echo $v > /sys/bus/virtio/drivers/virtio_net/unbind"
+    ))?;
+    events.wait_for(ev("primary-hidden", "vf0"), Duration::from_secs(15))?;
+    let i = info(&vm)?;
+    assert_eq!(i["pairs"][0]["state"], "hidden", "{}", i["pairs"]);
+    wait_guest(&mut agent, "! ls /sys/bus/pci/drivers/e1000e/ | grep -q 0000:", 10)?;
+    agent.run_ok("for v in /sys/bus/virtio/devices/*; do [ -e $v/driver ] || echo ${v##*/} > /sys/bus/virtio/drivers/virtio_net/bind; done; true")?;
+    let n = events.all().iter().filter(|e| e["type"] == "primary-plugged").count();
+    let t0 = std::time::Instant::now();
+    while events.all().iter().filter(|e| e["type"] == "primary-plugged").count() <= n {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the primary came back after the rebind");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    master_with_slaves(&mut agent, 2)?;
+    Ok(())
+});
