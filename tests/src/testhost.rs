@@ -277,8 +277,11 @@ impl Session {
         .args([
             "-netdev",
             "hubport,id=up,hubid=0",
+            // Not QEMU's default MAC (52:54:00:12:34:56), which is the failover pair's:
+            // br0 would hold the guest's MAC as its own on the uplink port, and send
+            // every frame for the guest there, never to the standby's tap.
             "-device",
-            "virtio-net-pci,netdev=up",
+            "virtio-net-pci,netdev=up,mac=52:54:00:fe:00:01",
         ]);
         for (i, slot) in VFIO_SLOTS.iter().enumerate() {
             cmd.arg("-netdev")

@@ -135,6 +135,9 @@ harness::guest_test_kernels!(fn tandem_failover_pair_primary_carries_traffic(env
     assert_eq!(pair["slot"], 6);
     // Rename both slaves while UP (Linux 8065a779): standby to <master>nsby, primary to ens6.
     let sby = netdev_by_mac(&mut agent, FAILOVER_MAC)?;
+    // No IPv6: its own chatter (router and neighbour solicitations, MLD) from each slave
+    // would blur which NIC carries the master's traffic.
+    agent.run_ok("for f in /proc/sys/net/ipv6/conf/*/disable_ipv6; do echo 1 > $f; done")?;
     agent.run_ok(&format!("ip link set {master} up; ip link set {sby} up; ip link set {primary} up"))?;
     agent.run_ok(&format!("ip link set dev {sby} name {master}nsby && ip link set dev {primary} name ens6"))?;
     agent.run_ok(&format!("ip addr add 10.0.0.2/24 dev {master}"))?;
@@ -149,7 +152,7 @@ harness::guest_test_kernels!(fn tandem_failover_pair_primary_carries_traffic(env
     let after_p = counters(&mut agent, "ens6")?;
     let after_s = counters(&mut agent, &format!("{master}nsby"))?;
     assert!(after_p.1 - before_p.1 >= 50, "the primary sent the pings: {before_p:?} -> {after_p:?}");
-    assert!(after_s.1 - before_s.1 < 5, "the standby stayed quiet: {before_s:?} -> {after_s:?}");
+    assert!(after_s.1 - before_s.1 < 3, "the standby stayed quiet: {before_s:?} -> {after_s:?}");
 
     // Orderly removal of the primary: eject request, the guest releases it, traffic
     // moves to the standby.
@@ -157,12 +160,24 @@ harness::guest_test_kernels!(fn tandem_failover_pair_primary_carries_traffic(env
     let out = vm.remote_args(&["remove-device", "vf0", "--timeout-ms", "10000"])?;
     eprintln!("remove-device after {:?}: {out}", t.elapsed());
     assert!(out.contains("released"), "{out}");
+    events.wait_for(ev("device-released", "vf0"), Duration::from_secs(5))?;
     let seq = events.sequence_from(ev("eject-requested", "vf0"));
     let types: Vec<&str> = seq.iter().filter(|(_, d)| d == "vf0").map(|(t, _)| t.as_str()).collect();
     assert_eq!(types, ["eject-requested", "device-released"], "{seq:?}");
     master_with_slaves(&mut agent, 1)?;
     let out = agent.run(&format!("ping -c 5 -W 2 {PEER_IP}"), Duration::from_secs(60))?;
-    assert_eq!(out.status, 0, "ping on the standby after the removal: {}", out.stdout);
+    if out.status != 0 {
+        let d = agent.run_ok(&format!(
+            "for n in {master} {master}nsby; do echo $n rx $(cat /sys/class/net/$n/statistics/rx_packets) tx $(cat /sys/class/net/$n/statistics/tx_packets) carrier $(cat /sys/class/net/$n/carrier); done; \
+             cat /sys/class/net/{master}/lower_*/operstate; dmesg | tail -8"
+        ))?;
+        let host = std::process::Command::new("sh")
+            .args(["-c", "ip -s link show dev tdtap0; bridge fdb show br br0 | grep -v permanent; ip -s link show dev br0"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        return Err(err!("ping on the standby after the removal: {}\nguest: {d}\nhost: {host}\n{}", out.stdout, vm.log()).into());
+    }
 
     // Re-added into the same slot: enslaved again, traffic back on the primary.
     let added = vm.remote_args(&["add-device", &dev])?;
