@@ -790,8 +790,12 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
+# tandem.skip=a,b on the command line: modules not to load (a test loads them later).
+skip=$(sed -n 's/.*tandem\.skip=\([^ ]*\).*/\1/p' /proc/cmdline)
 while read -r ko params; do
     [ -n "$ko" ] || continue
+    m=${ko##*/}; m=${m%.ko}
+    case ",$skip," in *,$m,*) echo "TANDEM-INIT skipped $m"; continue;; esac
     insmod $ko $params || echo "TANDEM-INIT-WARN insmod $ko failed"
 done < /etc/tandem-modules
 hostname tandem-guest

@@ -211,3 +211,157 @@ harness::guest_test_kernels!(fn tandem_failover_pair_primary_carries_traffic(env
     master_with_slaves(&mut agent, 2)?;
     Ok(())
 });
+
+/// Boot with a pair (standby net0 on tdtap0 in slot 3, primary vf0 in slot 6), wait
+/// until the guest's master has both slaves, give the master 10.0.0.2 (IPv6 off).
+fn boot_pair(
+    env: &GuestEnv,
+    name: &str,
+    nic: &VfioNic,
+    extra: &[&str],
+) -> harness::Result<(Tandem, harness::tandem::EventLog, Agent, String)> {
+    let net = format!("id=net0,tap=tdtap0,mac={FAILOVER_MAC},standby=on,slot=3");
+    let dev = format!(
+        "id=vf0,path=/sys/bus/pci/devices/{},failover=net0,slot=6",
+        nic.bdf
+    );
+    let mut args = vec!["--net", &net, "--device", &dev];
+    args.extend_from_slice(extra);
+    let mut vm = Tandem::spawn(env, name, &args)?;
+    let events = vm.events()?;
+    let mut agent = vm.agent(env, name)?;
+    let (master, _) = master_with_slaves(&mut agent, 2)?;
+    agent.run_ok("for f in /proc/sys/net/ipv6/conf/*/disable_ipv6; do echo 1 > $f; done")?;
+    agent.run_ok(&format!(
+        "for l in /sys/class/net/{master}/lower_*; do ip link set ${{l##*lower_}} up; done; ip link set {master} up; ip addr add 10.0.0.2/24 dev {master}"
+    ))?;
+    let out = agent.run(
+        &format!("i=0; while ! ping -c 1 -W 1 {PEER_IP} >/dev/null 2>&1 && [ $i -lt 30 ]; do i=$((i+1)); done; ping -c 3 -W 2 {PEER_IP}"),
+        Duration::from_secs(90),
+    )?;
+    if out.status != 0 {
+        return Err(err!("ping through the pair: {}", out.stdout));
+    }
+    Ok((vm, events, agent, master))
+}
+
+/// Start a ping flood from the guest (`count` pings 10 ms apart) into /tmp/flood.
+fn start_flood(agent: &mut Agent, count: u32) -> harness::Result<()> {
+    agent.run_ok(&format!(
+        "(ping -i 0.01 -c {count} -W 1 {PEER_IP} > /tmp/flood 2>&1 &); sleep 0.5"
+    ))?;
+    Ok(())
+}
+
+/// (sent, received) of the flood, once it has finished.
+fn flood_result(agent: &mut Agent) -> harness::Result<(u32, u32)> {
+    wait_guest(agent, "grep -q 'packets transmitted' /tmp/flood", 60)?;
+    let out = agent.run_ok("grep 'packets transmitted' /tmp/flood")?;
+    let n: Vec<u32> = out
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    match n[..] {
+        [sent, received, ..] => Ok((sent, received)),
+        _ => Err(err!("flood: {out}")),
+    }
+}
+
+fn pair_state(vm: &Tandem) -> harness::Result<serde_json::Value> {
+    Ok(info(vm)?["pairs"][0].clone())
+}
+
+fn vf0(t: &'static str) -> impl Fn(&serde_json::Value) -> bool {
+    move |e: &serde_json::Value| e["type"] == t && e["device"] == "vf0"
+}
+
+harness::guest_test_kernels!(fn tandem_failover_surprise_and_timeouts(env) {
+    let Some(nic) = nic(env) else { return Ok(()) };
+    let _tap = env.tap("tdtap0")?;
+    let dev = format!("id=vf0,path=/sys/bus/pci/devices/{},failover=net0,slot=6", nic.bdf);
+    let (vm, events, mut agent, _master) = boot_pair(env, "sur", &nic, &[])?;
+
+    // Surprise removal under a ping flood: gone at once, traffic goes on over the standby.
+    start_flood(&mut agent, 400)?;
+    let out = vm.remote_args(&["remove-device", "vf0", "--surprise"])?;
+    assert!(out.contains("\"surprise\""), "{out}");
+    let (sent, received) = flood_result(&mut agent)?;
+    eprintln!("surprise removal under a 100/s ping flood: {} of {sent} lost", sent - received);
+    assert!(received > sent / 2, "traffic went on over the standby: {received}/{sent}");
+    events.wait_for(|e| vf0("surprise-removed")(e) && e["cause"] == "api", Duration::from_secs(5))?;
+    master_with_slaves(&mut agent, 1)?;
+
+    // A guest that does not eject in time (paused), policy surprise: removed at the
+    // deadline; the guest, resumed, finds the slot empty.
+    vm.remote_args(&["add-device", &dev])?;
+    master_with_slaves(&mut agent, 2)?;
+    vm.remote("pause")?;
+    let out = vm.remote_args(&["remove-device", "vf0", "--timeout-ms", "500", "--on-timeout", "surprise"])?;
+    assert!(out.contains("\"surprise\""), "{out}");
+    vm.remote("resume")?;
+    events.wait_for(|e| vf0("surprise-removed")(e) && e["cause"] == "timeout", Duration::from_secs(5))?;
+    master_with_slaves(&mut agent, 1)?;
+    assert_eq!(pair_state(&vm)?["primary"], serde_json::Value::Null, "an API removal forgets the primary");
+
+    // Policy error: 504, the primary stays; the guest, resumed, releases it late, which
+    // counts as its own eject: the primary is parked (hidden until STANDBY is negotiated
+    // afresh).
+    vm.remote_args(&["add-device", &dev])?;
+    master_with_slaves(&mut agent, 2)?;
+    vm.remote("pause")?;
+    let e = vm
+        .remote_args(&["remove-device", "vf0", "--timeout-ms", "500"])
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("504") && e.contains("in time"), "{e}");
+    assert_eq!(pair_state(&vm)?["state"], "plugged");
+    events.wait_for(vf0("removal-timed-out"), Duration::from_secs(5))?;
+    vm.remote("resume")?;
+    events.wait_for(|e| vf0("device-released")(e) && e["asked"] == false, Duration::from_secs(30))?;
+    events.wait_for(vf0("primary-hidden"), Duration::from_secs(5))?;
+    let p = pair_state(&vm)?;
+    assert_eq!((p["state"].as_str(), p["parked"].as_bool()), (Some("hidden"), Some(true)), "{p}");
+    master_with_slaves(&mut agent, 1)?;
+    let out = agent.run(&format!("ping -c 3 -W 2 {PEER_IP}"), Duration::from_secs(30))?;
+    assert_eq!(out.status, 0, "the standby carries the traffic: {}", out.stdout);
+    Ok(())
+});
+
+harness::guest_test_kernels!(fn tandem_failover_primary_waits_for_standby(env) {
+    let Some(nic) = nic(env) else { return Ok(()) };
+    let _tap = env.tap("tdtap0")?;
+    let net = format!("id=net0,tap=tdtap0,mac={FAILOVER_MAC},standby=on,slot=3");
+    let dev = format!("id=vf0,path=/sys/bus/pci/devices/{},failover=net0,slot=6", nic.bdf);
+    // A guest without virtio_net never acks STANDBY: it must never see the primary.
+    let cmdline = format!("{} tandem.skip=virtio_net", env.guest.cmdline());
+    let mut vm = Tandem::spawn(env, "wait", &["--net", &net, "--device", &dev, "--cmdline", &cmdline])?;
+    let events = vm.events()?;
+    let mut agent = vm.agent(env, "wait")?;
+    let load = "insmod $(grep -o '[^ ]*/virtio_net.ko' /etc/tandem-modules)";
+    let hidden = |agent: &mut Agent, vm: &Tandem| -> harness::Result<()> {
+        std::thread::sleep(Duration::from_secs(3));
+        assert_eq!(agent.run_ok("ls /sys/bus/pci/devices/ | grep -c '00:06.0' || true")?.trim(), "0", "slot 6 is empty");
+        let p = pair_state(vm)?;
+        assert_eq!((p["state"].as_str(), p["negotiated"].as_bool()), (Some("hidden"), Some(false)), "{p}");
+        Ok(())
+    };
+    hidden(&mut agent, &vm)?;
+    assert!(!events.all().iter().any(|e| e["type"] == "primary-plugged"));
+    // Loading virtio_net acks STANDBY: the primary comes.
+    agent.run_ok(load)?;
+    events.wait_for(vf0("primary-plugged"), Duration::from_secs(20))?;
+    master_with_slaves(&mut agent, 2)?;
+    // A reboot takes it away; the new boot (without virtio_net again) never sees it...
+    vm.remote("reboot")?;
+    drop(agent);
+    let mut agent = vm.agent(env, "wait-again")?;
+    events.wait_for(vf0("primary-hidden"), Duration::from_secs(5))?;
+    hidden(&mut agent, &vm)?;
+    // ...until it acks STANDBY too.
+    agent.run_ok(load)?;
+    master_with_slaves(&mut agent, 2)?;
+    let plugged = events.all().iter().filter(|e| vf0("primary-plugged")(e)).count();
+    assert_eq!(plugged, 2, "plugged once per negotiation");
+    Ok(())
+});
