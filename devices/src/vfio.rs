@@ -153,7 +153,16 @@ impl VfioPciDevice {
         routes: Arc<dyn InterruptRoutes>,
         mapper: Arc<dyn GuestMapper>,
     ) -> Result<Self, VfioPciError> {
-        let device = VfioDevice::new(sysfs, container, false).map_err(vfio_err)?;
+        let device = VfioDevice::new(sysfs, container, false).map_err(|e| match e {
+            vfio_ioctls::VfioError::OpenGroup(io, group)
+                if io.raw_os_error() == Some(libc::EBUSY) =>
+            {
+                VfioPciError::Vfio(format!(
+                    "VFIO group {group} is busy: another process (another VM?) has it open"
+                ))
+            }
+            e => vfio_err(e),
+        })?;
         device.reset();
         let cfg = |reg: usize| -> u32 {
             let mut b = [0u8; 4];

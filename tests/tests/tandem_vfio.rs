@@ -365,3 +365,89 @@ harness::guest_test_kernels!(fn tandem_failover_primary_waits_for_standby(env) {
     assert_eq!(plugged, 2, "plugged once per negotiation");
     Ok(())
 });
+
+harness::guest_test!(fn tandem_vfio_bad_input(env) {
+    let Some(nics) = env.vfio_nics_or_skip(2) else { return Ok(()) };
+    let (a, b) = (nics[0].clone(), nics[1].clone());
+    let _tap = env.tap("tdtap0")?;
+    let _tap1 = env.tap("tdtap1")?;
+    let bin = env.tandem_bin()?;
+    // A function bound to a host driver: L1's own virtio NICs.
+    let host_bound = std::fs::read_dir("/sys/bus/pci/drivers/virtio-pci")
+        .map_err(|e| err!("{e}"))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("0000:"))
+        .ok_or_else(|| err!("no virtio-pci device in the test host"))?;
+    let net = format!("id=net0,tap=tdtap0,mac={FAILOVER_MAC},standby=on,slot=3");
+    let plain = "id=net1,tap=tdtap1,mac=52:54:00:aa:00:09".to_string();
+    let run_err = |extra: &[&str]| -> harness::Result<String> {
+        let out = std::process::Command::new(&bin)
+            .args(["run", "--kernel"])
+            .arg(&env.guest.kernel)
+            .args(["--serial", "off"])
+            .args(extra)
+            .output()
+            .map_err(|e| err!("{e}"))?;
+        assert_eq!(out.status.code(), Some(2), "tandem run {extra:?} must fail with status 2");
+        let e = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        assert_eq!(e.lines().count(), 1, "one line: {e}");
+        Ok(e)
+    };
+    for (extra, want) in [
+        (vec!["--device".into(), "id=v,path=0000:00:1e.7".into()], "no such PCI device".to_string()),
+        (vec!["--device".into(), format!("id=v,path={host_bound}")], "not vfio-pci".to_string()),
+        (vec!["--net".into(), net.clone(), "--device".into(), format!("id=v,path={},failover=nope", a.bdf)], "no NIC with that id".to_string()),
+        (vec!["--net".into(), plain.clone(), "--device".into(), format!("id=v,path={},failover=net1", a.bdf)], "not a standby NIC".to_string()),
+        (
+            vec!["--net".into(), net.clone(), "--device".into(), format!("id=v,path={},failover=net0", a.bdf), "--device".into(), format!("id=w,path={},failover=net0", b.bdf)],
+            "already has the primary v".to_string(),
+        ),
+        (vec!["--net".into(), net.clone(), "--device".into(), format!("id=v,path={},slot=3", a.bdf)], "slot 3 is already used by net0".to_string()),
+        (
+            vec!["--device".into(), format!("id=v,path={}", a.bdf), "--device".into(), format!("id=w,path={}", a.sysfs.display())],
+            "already passed through as v".to_string(),
+        ),
+    ] {
+        let args: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let e = run_err(&args)?;
+        assert!(e.contains(&want), "{args:?}: {e}");
+    }
+
+    // A running VM with a pair; bad vm.add-device requests change nothing.
+    let (vm, _events, mut agent, _master) = boot_pair(env, "bad", &a, &[])?;
+    let before = info(&vm)?;
+    let fields = |i: &serde_json::Value| (i["devices"].to_string(), i["pairs"].to_string());
+    for (spec, want) in [
+        ("id=x,path=0000:00:1e.7".to_string(), "no such PCI device"),
+        (format!("id=x,path={host_bound}"), "not vfio-pci"),
+        (format!("id=x,path={}", a.bdf), "already passed through as vf0"),
+        (format!("id=x,path={},failover=net0", b.bdf), "already has the primary vf0"),
+        (format!("id=x,path={},failover=zz", b.bdf), "no NIC with that id"),
+        (format!("id=x,path={},slot=3", b.bdf), "slot 3 is already used by net0"),
+        (format!("id=vf0,path={}", b.bdf), "duplicate id"),
+        ("id=x,path=".to_string(), "empty"),
+        ("id=x,bogus=1".to_string(), "unknown key 'bogus'"),
+    ] {
+        let e = vm.remote_args(&["add-device", &spec]).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("400") && e.contains(want), "add-device {spec}: {e}");
+        assert_eq!(fields(&info(&vm)?), fields(&before), "add-device {spec} changed nothing");
+    }
+    // The second NIC passed through as a plain device at runtime, then removed.
+    let out = vm.remote_args(&["add-device", &format!("id=plainvf,path={},slot=9", b.bdf)])?;
+    assert!(out.contains("0000:00:09.0"), "{out}");
+    wait_guest(&mut agent, "[ -e /sys/bus/pci/devices/0000:00:09.0/net ]", 60)?;
+    // A second VM cannot take a device this one has.
+    let out = std::process::Command::new(&bin)
+        .args(["run", "--kernel"])
+        .arg(&env.guest.kernel)
+        .args(["--serial", "off", "--device", &format!("id=v,path={}", b.bdf)])
+        .output()
+        .map_err(|e| err!("{e}"))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("busy"), "a second VM: {stderr}");
+    let out = vm.remote_args(&["remove-device", "plainvf"])?;
+    assert!(out.contains("released"), "{out}");
+    assert_eq!(agent.run_ok("echo alive")?.trim(), "alive");
+    Ok(())
+});

@@ -610,6 +610,96 @@ mod tests {
     }
 
     #[test]
+    fn device_options_and_pairing_checks() {
+        let d = parse_device("id=vf0,path=0000:00:05.0,failover=net0,slot=6", 0).unwrap();
+        assert_eq!(d.path, PathBuf::from("/sys/bus/pci/devices/0000:00:05.0"));
+        assert_eq!((d.failover.as_deref(), d.slot), (Some("net0"), Some(6)));
+        assert_eq!(
+            parse_device("path=/sys/bus/pci/devices/x", 2).unwrap().id,
+            "dev2"
+        );
+        let err = |s: &str| parse_device(s, 0).unwrap_err().to_string();
+        assert!(err("id=vf0").contains("path=/sys/bus/pci/devices/BDF is required"));
+        assert!(err("path=x,slot=0").contains("slots are 1 to 31"));
+        assert!(err("path=x,slot=32").contains("slots are 1 to 31"));
+        assert!(err("path=x,failover=a b").contains("id=a b"));
+        assert!(err("path=x,vfio=y").contains("unknown key 'vfio'"));
+
+        let nets = vec![
+            parse_net("id=sb,tap=t0,standby=on,slot=3", 0).unwrap(),
+            parse_net("id=plain,tap=t1", 1).unwrap(),
+        ];
+        let dev = |s: &str| parse_device(s, 0).unwrap();
+        let check = |devs: &[DeviceSpec]| check_devices(&nets, devs).map_err(|e| e.to_string());
+        assert!(check(&[dev("id=a,path=x,failover=sb")]).is_ok());
+        let e = check(&[dev("id=a,path=x,failover=nope")]).unwrap_err();
+        assert!(e.contains("failover=nope: no NIC with that id"), "{e}");
+        let e = check(&[dev("id=a,path=x,failover=plain")]).unwrap_err();
+        assert!(e.contains("not a standby NIC"), "{e}");
+        let e = check(&[
+            dev("id=a,path=x,failover=sb"),
+            dev("id=b,path=y,failover=sb"),
+        ])
+        .unwrap_err();
+        assert!(e.contains("sb already has the primary a"), "{e}");
+        let e = check(&[dev("id=a,path=x,slot=3")]).unwrap_err();
+        assert!(e.contains("slot 3 is already used by sb"), "{e}");
+        let e = check(&[dev("id=a,path=x,slot=5"), dev("id=b,path=y,slot=5")]).unwrap_err();
+        assert!(e.contains("slot 5 is already used by a"), "{e}");
+        let e = check(&[dev("id=a,path=x"), dev("id=b,path=x")]).unwrap_err();
+        assert!(e.contains("already passed through as a"), "{e}");
+        let e = check(&[dev("id=plain,path=x")]).unwrap_err();
+        assert!(e.contains("duplicate id"), "{e}");
+    }
+
+    #[test]
+    fn vfio_host_checks_read_sysfs() {
+        use std::os::unix::fs::symlink;
+        let root = std::env::temp_dir().join(format!("tandem-sysfs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let mk = |bdf: &str, driver: Option<&str>| {
+            let d = root.join("devices").join(bdf);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("config"), [0u8; 64]).unwrap();
+            if let Some(drv) = driver {
+                std::fs::create_dir_all(root.join("drivers").join(drv)).unwrap();
+                symlink(root.join("drivers").join(drv), d.join("driver")).unwrap();
+            }
+            d
+        };
+        let spec = |p: &std::path::Path| DeviceSpec {
+            id: "vf0".into(),
+            path: p.to_path_buf(),
+            failover: None,
+            slot: None,
+        };
+        let e = |p: &std::path::Path| check_vfio_host(&spec(p)).unwrap_err().to_string();
+        assert!(e(&root.join("devices/0000:00:1e.0")).contains("no such PCI device"));
+        let nic = mk("0000:00:03.0", Some("e1000e"));
+        let msg = e(&nic);
+        assert!(
+            msg.contains("bound to e1000e, not vfio-pci") && msg.contains("driver_override"),
+            "{msg}"
+        );
+        let loose = mk("0000:00:04.0", None);
+        assert!(e(&loose).contains("not bound to any driver"));
+        // Bound to vfio-pci, but its IOMMU group also holds a device a host driver has.
+        let vf = mk("0000:00:05.0", Some("vfio-pci"));
+        assert!(e(&vf).contains("no IOMMU group"));
+        let group = root.join("groups/7");
+        std::fs::create_dir_all(group.join("devices")).unwrap();
+        symlink(&vf, group.join("devices/0000:00:05.0")).unwrap();
+        symlink(&nic, group.join("devices/0000:00:03.0")).unwrap();
+        symlink(&group, vf.join("iommu_group")).unwrap();
+        let msg = e(&vf);
+        assert!(
+            msg.contains("IOMMU group 7 also holds 0000:00:03.0, bound to the host driver e1000e"),
+            "{msg}"
+        );
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
     fn net_options() {
         let n = parse_net("id=a,tap=tap0,mac=52:54:00:12:34:56,standby=on,num_queues=4,queue_size=512,mtu=9000,slot=4", 0).unwrap();
         assert_eq!(n.net.mac, [0x52, 0x54, 0, 0x12, 0x34, 0x56]);
