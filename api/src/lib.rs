@@ -247,8 +247,8 @@ pub fn kv_to_json(spec: &str) -> Result<serde_json::Value, String> {
             .split_once('=')
             .ok_or_else(|| format!("{part:?} is not key=value"))?;
         let value = match (k, v) {
-            ("standby", "on" | "true" | "yes") => serde_json::Value::Bool(true),
-            ("standby", "off" | "false" | "no") => serde_json::Value::Bool(false),
+            ("standby" | "announce", "on" | "true" | "yes") => serde_json::Value::Bool(true),
+            ("standby" | "announce", "off" | "false" | "no") => serde_json::Value::Bool(false),
             ("num_queues" | "queue_size" | "mtu" | "slot", n) => n
                 .parse::<u64>()
                 .map(serde_json::Value::from)

@@ -124,22 +124,6 @@ fn parse_args() -> Args {
     a
 }
 
-/// A tap on `bridge`, up; `multi_queue` for multi-queue NICs.
-fn make_tap(name: &str, bridge: &str, multi_queue: bool) -> harness::Result<Tap> {
-    let _ = Command::new("ip").args(["link", "del", name]).output();
-    let mut add = vec!["ip", "tuntap", "add", "dev", name, "mode", "tap"];
-    if multi_queue {
-        add.push("multi_queue");
-    }
-    sh(&add)?;
-    let tap = Tap {
-        name: name.to_string(),
-    };
-    sh(&["ip", "link", "set", name, "master", bridge])?;
-    sh(&["ip", "link", "set", name, "up"])?;
-    Ok(tap)
-}
-
 /// CPU time of process `pid` in seconds: (utime+stime, guest_time), all threads.
 fn cpu_secs(pid: u32) -> harness::Result<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -471,7 +455,7 @@ fn measure_setup(s: &Setup, cx: &Ctx, rows: &mut Vec<Row>, env: &mut Vec<(String
     let file = |what: &str| dirs.logs.join(format!("{}-{}-{what}", s.vmm, s.config));
     // A failure that leaves the guest agent unusable ends the setup; the rest are marked.
     let result = (|| -> harness::Result<()> {
-        let _tap = make_tap(s.tap, bridge, s.pairs > 1)?;
+        let _tap = harness::tap_on(s.tap, bridge, s.pairs > 1)?;
         let t0 = Instant::now();
         let (mut vmm, mut agent, log) = boot(s, tandem, guest, dirs)?;
         let (dev, nic) = guest_net_up(&mut agent, peer)

@@ -8,6 +8,7 @@ pub mod guestnet;
 pub mod image;
 pub mod mode;
 pub mod qemu;
+pub mod qmp;
 pub mod tandem;
 pub mod testhost;
 
@@ -160,14 +161,7 @@ impl GuestEnv {
 
     /// Creates tap `name`, enslaves it to the bridge and brings it up.
     pub fn tap(&self, name: &str) -> Result<Tap> {
-        let _ = Command::new("ip").args(["link", "del", name]).output();
-        sh(&["ip", "tuntap", "add", "dev", name, "mode", "tap"])?;
-        let tap = Tap {
-            name: name.to_string(),
-        };
-        sh(&["ip", "link", "set", name, "master", &self.bridge])?;
-        sh(&["ip", "link", "set", name, "up"])?;
-        Ok(tap)
+        tap_on(name, &self.bridge, false)
     }
 
     /// `TANDEM_BIN`, else `target/<profile>/tandem`, next to the test binary's `deps` dir.
@@ -217,6 +211,27 @@ impl Drop for GuestEnv {
         }
         let _ = std::fs::remove_dir_all(&self.rundir);
     }
+}
+
+/// The passthrough NICs `TANDEM_VFIO_NICS` names (the test host sets it).
+pub fn vfio_nics_from_env() -> Result<Vec<VfioNic>> {
+    parse_vfio_nics(&std::env::var("TANDEM_VFIO_NICS").unwrap_or_default())
+}
+
+/// A tap `name` on `bridge`, up (`multi_queue` for multi-queue NICs); deleted when dropped.
+pub fn tap_on(name: &str, bridge: &str, multi_queue: bool) -> Result<Tap> {
+    let _ = Command::new("ip").args(["link", "del", name]).output();
+    let mut add = vec!["ip", "tuntap", "add", "dev", name, "mode", "tap"];
+    if multi_queue {
+        add.push("multi_queue");
+    }
+    sh(&add)?;
+    let tap = Tap {
+        name: name.to_string(),
+    };
+    sh(&["ip", "link", "set", name, "master", bridge])?;
+    sh(&["ip", "link", "set", name, "up"])?;
+    Ok(tap)
 }
 
 fn parse_vfio_nics(spec: &str) -> Result<Vec<VfioNic>> {

@@ -98,6 +98,7 @@ const NET_KEYS: &[&str] = &[
     "queue_size",
     "mtu",
     "slot",
+    "announce",
 ];
 
 fn on_off(v: &str) -> Option<bool> {
@@ -113,12 +114,13 @@ pub fn parse_net(s: &str, index: usize) -> Result<NetSpec, ConfigError> {
     let bad = |what: String| ConfigError::Net(what);
     let mut id = format!("net{index}");
     let (mut tap, mut mac, mut standby, mut slot, mut mtu) = (None, None, false, None, None);
+    let mut announce = true;
     let (mut num_queues, mut queue_size) = (2u16, devices::virtio::net::DEFAULT_QUEUE_SIZE);
     for (k, v) in pairs(
         "net",
         s,
         NET_KEYS,
-        "id, tap, mac, standby, num_queues, queue_size, mtu, slot",
+        "id, tap, mac, standby, num_queues, queue_size, mtu, slot, announce",
     )? {
         let num = |what: &'static str| -> Result<u16, ConfigError> {
             v.parse().map_err(|_| ConfigError::BadValue {
@@ -151,6 +153,10 @@ pub fn parse_net(s: &str, index: usize) -> Result<NetSpec, ConfigError> {
                 standby =
                     on_off(v).ok_or_else(|| bad(format!("standby={v}: expected on or off")))?
             }
+            "announce" => {
+                announce =
+                    on_off(v).ok_or_else(|| bad(format!("announce={v}: expected on or off")))?
+            }
             "num_queues" => num_queues = num("a number")?,
             "queue_size" => queue_size = num("a number")?,
             "mtu" => mtu = Some(num("a number")?),
@@ -177,6 +183,7 @@ pub fn parse_net(s: &str, index: usize) -> Result<NetSpec, ConfigError> {
         num_queues,
         queue_size,
         mtu,
+        announce,
     };
     net.validate()
         .map_err(|e| bad(format!("{}: {e}", net.id)))?;

@@ -898,6 +898,13 @@ impl Vmm {
                     if let Err(e) = vm.remove_device(&primary, notify_guest) {
                         tracing::warn!("failover primary {primary} (slot {slot}): {e}");
                     }
+                    // The network must find the guest behind the standby's tap now. (The
+                    // configuration still names the standby: an API removal forgets the
+                    // primary only when it is answered, after this.)
+                    let standby = self.cfg.devices.iter().find(|d| d.id == primary);
+                    if let Some(standby) = standby.and_then(|d| d.failover.as_deref()) {
+                        vm.devices().announce(standby);
+                    }
                 }
                 Action::StartTimer { token, after } => self.failover.start_timer(token, after),
                 Action::Event(ev) => {

@@ -387,6 +387,15 @@ impl DeviceManager {
             .map(|n| n.id.as_str())
     }
 
+    /// Announce the guest's MAC through NIC `id` (its failover primary left).
+    pub fn announce(&self, id: &str) {
+        for e in self.entries.iter().filter(|e| e.id == id) {
+            if let Kind::Net { device, .. } = &e.kind {
+                device.lock().unwrap_or_else(|e| e.into_inner()).announce();
+            }
+        }
+    }
+
     /// Take device `id` off the machine: out of its slot and its BARs off the
     /// bus; dropping it stops its workers (virtio) or resets it and closes it
     /// (VFIO), and frees its interrupt routes. Returns the slot it was in.

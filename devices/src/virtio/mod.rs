@@ -92,6 +92,12 @@ pub trait VirtioDevice: Send {
     fn needs_reset(&self) -> bool {
         false
     }
+    /// Tell the network where the guest is now (a NIC whose failover primary left).
+    /// True if the guest was asked through the config space: the transport then
+    /// raises the configuration-change interrupt.
+    fn announce(&mut self) -> bool {
+        false
+    }
 }
 
 /// Copy `src[offset..]` into `data`, zero past the end (config-space reads).

@@ -223,6 +223,15 @@ impl VirtioPciDevice {
         self.driver_features
     }
 
+    /// See [`VirtioDevice::announce`]; the configuration interrupt is raised here.
+    pub fn announce(&mut self) {
+        if self.device.announce() {
+            if let Some(i) = &self.interrupt {
+                i.notify_config();
+            }
+        }
+    }
+
     pub fn device(&self) -> &dyn VirtioDevice {
         self.device.as_ref()
     }

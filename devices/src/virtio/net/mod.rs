@@ -60,6 +60,9 @@ pub struct NetConfig {
     pub num_queues: u16,
     pub queue_size: u16,
     pub mtu: Option<u16>,
+    /// When a failover primary leaves, tell the host network that the guest's MAC
+    /// is reachable through this NIC's tap now (see [`Net::announce`]).
+    pub announce: bool,
 }
 
 impl NetConfig {
@@ -201,6 +204,22 @@ impl Net {
         *self.shared.status.lock().unwrap_or_else(|e| e.into_inner()) |=
             VIRTIO_NET_S_ANNOUNCE as u16;
         true
+    }
+
+    /// A RARP from the guest's MAC, as the guest would send it (vnet header first):
+    /// switches and bridges learn from its source that the MAC is behind this tap.
+    fn rarp_frame(mac: &[u8; 6]) -> Vec<u8> {
+        let mut f = vec![0u8; tap::VNET_HDR_LEN];
+        f.extend_from_slice(&[0xff; 6]);
+        f.extend_from_slice(mac);
+        f.extend_from_slice(&[0x80, 0x35]); // RARP
+        f.extend_from_slice(&[0, 1, 0x08, 0x00, 6, 4, 0, 3]); // Ethernet/IPv4, reverse request
+        f.extend_from_slice(mac);
+        f.extend_from_slice(&[0; 4]);
+        f.extend_from_slice(mac);
+        f.extend_from_slice(&[0; 4]);
+        f.resize(tap::VNET_HDR_LEN + 60, 0);
+        f
     }
 
     fn config_bytes(&self) -> [u8; 12] {
@@ -347,6 +366,26 @@ impl VirtioDevice for Net {
 
     fn needs_reset(&self) -> bool {
         self.shared.needs_reset.load(Ordering::SeqCst)
+    }
+
+    /// Traffic for the guest's MAC must come here now (its failover primary left):
+    /// three RARPs into the tap at once, from the VMM (as QEMU's self-announce does:
+    /// it works whatever the guest does), and, if the driver negotiated
+    /// GUEST_ANNOUNCE, a request that the guest announce itself through this NIC.
+    fn announce(&mut self) -> bool {
+        if !self.cfg.announce {
+            return false;
+        }
+        let mac = *self.shared.mac.lock().unwrap_or_else(|e| e.into_inner());
+        let frame = Self::rarp_frame(&mac);
+        if let Some(tap) = self.taps.first() {
+            for _ in 0..3 {
+                if let Err(e) = std::io::Write::write(&mut &*tap, &frame) {
+                    tracing::debug!("net {}: announce on tap {}: {e}", self.cfg.id, self.cfg.tap);
+                }
+            }
+        }
+        self.request_announce()
     }
 }
 

@@ -1,0 +1,529 @@
+//! Failover hotplug benchmark: Tandem against QEMU (`virtio-net,failover=on` +
+//! `vfio-pci,failover_pair_id=`) with the test host's passthrough e1000e as the primary.
+//!
+//! `cargo run --release -p tests --example bench-hotplug [-- --runs N]`
+//!
+//! Each run boots the test guest (1 vCPU, 512M) with a failover pair on each of three
+//! VMMs in turn: Tandem, Tandem with `announce=off` on the standby, and the reference
+//! QEMU. Once the guest's failover master has both slaves and an address, it measures:
+//!
+//! 1. peer→guest outage on an orderly removal: the peer (the test host) pings the guest
+//!    every 10 ms while the primary is removed (Tandem `remove-device`, QEMU
+//!    `device_del`); the outage is the longest run of unanswered pings. The bridge keeps
+//!    sending to the port where it last saw the guest's MAC, so this is what an announce
+//!    through the standby is for. The removal's latency (API call → released: Tandem's
+//!    answer, QEMU's DEVICE_DELETED) is taken here too.
+//! 2. plug: API call (Tandem `add-device`, QEMU `device_add`) → the primary carries the
+//!    guest's traffic (the first frame of a 10 ms guest ping flood seen on the test
+//!    host's uplink, which only the primary's frames reach).
+//! 3. guest→peer outage on an orderly removal: the longest gap in the frames of that
+//!    flood on the uplink and the standby's tap together (sampled every 2 ms).
+//! 4. Tandem only (QEMU has no surprise removal): the same outages on a surprise removal.
+//!
+//! When /dev/kvm cannot boot Linux, everything runs inside ONE test host.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use harness::bench::{self, Bench, BenchReport, Dirs, VmSpec};
+use harness::guestnet::wait_guest;
+use harness::qmp::Qmp;
+use harness::{err, Agent, GuestImage, Mode, VfioNic, FAILOVER_MAC, PEER_IP};
+use serde::{Deserialize, Serialize};
+
+const RESULT_TAG: &str = "@@BENCH-RESULT@@ ";
+const GUEST_IP: &str = "10.0.0.2";
+const SLOT: u32 = 6;
+
+const BENCH: Bench = Bench {
+    name: "bench-hotplug",
+    result_tag: RESULT_TAG,
+    build_hint: "cargo build --release -p vmm --bins",
+    testhost_note: "all runs use one test host and its passthrough e1000e",
+    failed_note: "some runs failed",
+};
+
+const VMMS: [&str; 3] = ["tandem", "tandem-noannounce", "qemu"];
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Sample {
+    vmm: String,
+    run: usize,
+    error: Option<String>,
+    /// Orderly removal: API call -> released (s).
+    release_s: Option<f64>,
+    /// Orderly removal: longest run of unanswered peer->guest pings (ms).
+    p2g_orderly_ms: Option<f64>,
+    /// API call -> first frame of the guest's flood through the primary (s).
+    plug_s: Option<f64>,
+    /// Orderly removal: longest gap in the guest's frames on uplink + tap (ms).
+    g2p_orderly_ms: Option<f64>,
+    /// Surprise removal (Tandem): the same two outages (ms).
+    p2g_surprise_ms: Option<f64>,
+    g2p_surprise_ms: Option<f64>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Report {
+    env: Vec<(String, String)>,
+    samples: Vec<Sample>,
+}
+
+fn parse_args() -> usize {
+    let mut runs = 3;
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--runs" => {
+                runs = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .filter(|n| *n > 0)
+                    .unwrap_or_else(|| {
+                        eprintln!("bench-hotplug: --runs needs a positive number");
+                        std::process::exit(2)
+                    })
+            }
+            "-h" | "--help" => {
+                println!("usage: cargo run --release -p tests --example bench-hotplug [-- --runs N]");
+                std::process::exit(0)
+            }
+            other => {
+                eprintln!("bench-hotplug: unknown argument {other:?} (usage: bench-hotplug [--runs N])");
+                std::process::exit(2)
+            }
+        }
+    }
+    runs
+}
+
+fn read_counter(dev: &str) -> u64 {
+    std::fs::read_to_string(format!("/sys/class/net/{dev}/statistics/rx_packets"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Samples the rx counters of host netdevs every 2 ms: when each of them grew.
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    grew: Arc<Mutex<Vec<(Instant, usize)>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sampler {
+    fn start(devs: Vec<String>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let grew = Arc::new(Mutex::new(Vec::new()));
+        let (s, g) = (stop.clone(), grew.clone());
+        let thread = std::thread::spawn(move || {
+            let mut last: Vec<u64> = devs.iter().map(|d| read_counter(d)).collect();
+            while !s.load(Ordering::Relaxed) {
+                for (i, d) in devs.iter().enumerate() {
+                    let v = read_counter(d);
+                    if v > last[i] {
+                        g.lock().unwrap_or_else(|e| e.into_inner()).push((Instant::now(), i));
+                    }
+                    last[i] = v;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        Self {
+            stop,
+            grew,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> Vec<(Instant, usize)> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let g = self.grew.lock().unwrap_or_else(|e| e.into_inner());
+        g.clone()
+    }
+}
+
+/// The longest gap (ms) between growths at or after `from` (the first growth after
+/// `from` counts from `from`).
+fn longest_gap(grew: &[(Instant, usize)], from: Instant) -> Option<f64> {
+    let mut prev = from;
+    let mut gap = Duration::ZERO;
+    for (t, _) in grew.iter().filter(|(t, _)| *t >= from) {
+        gap = gap.max(t.duration_since(prev));
+        prev = *t;
+    }
+    (prev > from).then_some(gap.as_secs_f64() * 1000.0)
+}
+
+/// The host's ping of the guest: every 10 ms for `secs`, in the background.
+fn start_peer_ping(secs: u32) -> harness::Result<std::process::Child> {
+    std::process::Command::new("ping")
+        .args(["-i", "0.01", "-W", "1", "-c", &(secs * 100).to_string(), GUEST_IP])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| err!("ping: {e}"))
+}
+
+/// The longest run of unanswered pings (ms) in `ping`'s output, after the first reply.
+fn peer_outage(child: std::process::Child) -> harness::Result<f64> {
+    let out = child.wait_with_output().map_err(|e| err!("ping: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let seqs: Vec<u64> = text
+        .lines()
+        .filter_map(|l| l.split("icmp_seq=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .collect();
+    let sent: u64 = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    if seqs.is_empty() {
+        return Err(err!("the guest never answered the peer's ping"));
+    }
+    let mut gap = 0;
+    let mut prev = seqs[0];
+    for s in seqs.iter().skip(1).chain(std::iter::once(&(sent + 1))) {
+        gap = gap.max(s.saturating_sub(prev + 1));
+        prev = *s;
+    }
+    Ok(gap as f64 * 10.0)
+}
+
+/// The bridge port that is neither tap: the test host's uplink (the primary's path).
+fn uplink(bridge: &str, tap: &str) -> harness::Result<String> {
+    std::fs::read_dir(format!("/sys/class/net/{bridge}/brif"))
+        .map_err(|e| err!("{bridge}: {e}"))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n != tap)
+        .ok_or_else(|| err!("no uplink on {bridge}"))
+}
+
+/// The guest's failover master once it has `want` slaves.
+fn master(agent: &mut Agent, want: usize) -> harness::Result<String> {
+    let find = "for n in /sys/class/net/*; do [ \"$(cat $n/phys_port_name 2>/dev/null)\" = sby ] && basename $(readlink $n/master); done";
+    wait_guest(agent, &format!("m=$({find}) && [ -n \"$m\" ] && [ $(ls -d /sys/class/net/$m/lower_* | wc -l) -eq {want} ]"), 90)?;
+    Ok(agent.run_ok(find)?.trim().to_string())
+}
+
+/// How one VMM adds and removes its primary.
+enum Control {
+    Tandem { bin: std::path::PathBuf, api: std::path::PathBuf, spec: String },
+    Qemu { qmp: Qmp, bdf: String },
+}
+
+impl Control {
+    fn remove(&mut self, surprise: bool) -> harness::Result<()> {
+        match self {
+            Control::Tandem { bin, api, .. } => {
+                let mut cmd = std::process::Command::new(bin);
+                cmd.args(["remote", "--api-socket"]).arg(api.as_path()).args(["remove-device", "vf0"]);
+                if surprise {
+                    cmd.arg("--surprise");
+                }
+                let out = cmd.output().map_err(|e| err!("{e}"))?;
+                if !out.status.success() {
+                    return Err(err!("remove-device: {}", String::from_utf8_lossy(&out.stderr)));
+                }
+                Ok(())
+            }
+            Control::Qemu { qmp, .. } => {
+                qmp.clear_events();
+                qmp.execute("device_del", serde_json::json!({ "id": "hostdev0" }))?;
+                qmp.wait_event("DEVICE_DELETED", |d| d["device"] == "hostdev0", Duration::from_secs(30))?;
+                Ok(())
+            }
+        }
+    }
+
+    fn add(&mut self) -> harness::Result<()> {
+        match self {
+            Control::Tandem { bin, api, spec } => {
+                let out = std::process::Command::new(bin)
+                    .args(["remote", "--api-socket"])
+                    .arg(api.as_path())
+                    .args(["add-device", spec.as_str()])
+                    .output()
+                    .map_err(|e| err!("{e}"))?;
+                if !out.status.success() {
+                    return Err(err!("add-device: {}", String::from_utf8_lossy(&out.stderr)));
+                }
+                Ok(())
+            }
+            Control::Qemu { qmp, bdf } => {
+                qmp.execute(
+                    "device_add",
+                    serde_json::json!({ "driver": "vfio-pci", "id": "hostdev0", "host": bdf, "bus": "rp2", "failover_pair_id": "net0", "rombar": 0 }),
+                )?;
+                Ok(())
+            }
+        }
+    }
+}
+
+fn guest_flood(agent: &mut Agent, secs: u32) -> harness::Result<()> {
+    agent.run_ok(&format!("(ping -i 0.01 -W 1 -c {} {PEER_IP} >/dev/null 2>&1 &)", secs * 100))?;
+    Ok(())
+}
+
+fn stop_guest_flood(agent: &mut Agent) -> harness::Result<()> {
+    agent.run_ok("killall ping 2>/dev/null; true")?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_once(
+    vmm: &str,
+    run: usize,
+    tandem: &std::path::Path,
+    guest: &GuestImage,
+    dirs: &Dirs,
+    nic: &VfioNic,
+    bridge: &str,
+    s: &mut Sample,
+) -> harness::Result<()> {
+    let name = format!("{vmm}-{run}");
+    let tap_name = "tdbhtap0";
+    let _tap = harness::tap_on(tap_name, bridge, false)?;
+    let up = uplink(bridge, tap_name)?;
+    let announce = if vmm == "tandem-noannounce" { ",announce=off" } else { "" };
+    let spec_dev = format!("id=vf0,path=/sys/bus/pci/devices/{},failover=net0,slot={SLOT}", nic.bdf);
+    let tandem_args = vec![
+        "--net".to_string(),
+        format!("id=net0,tap={tap_name},mac={FAILOVER_MAC},standby=on,slot=3{announce}"),
+        "--device".to_string(),
+        spec_dev.clone(),
+    ];
+    let qemu_args: Vec<String> = vec![
+        "-netdev".into(),
+        format!("tap,id=nd0,ifname={tap_name},script=no,downscript=no,vhost=off"),
+        "-device".into(),
+        "pcie-root-port,id=rp1,chassis=1,slot=1,bus=pcie.0".into(),
+        "-device".into(),
+        "pcie-root-port,id=rp2,chassis=2,slot=2,bus=pcie.0".into(),
+        "-device".into(),
+        format!("virtio-net-pci,id=net0,netdev=nd0,mac={FAILOVER_MAC},bus=rp1,romfile=,failover=on"),
+        "-device".into(),
+        format!("vfio-pci,id=hostdev0,host={},bus=rp2,rombar=0,failover_pair_id=net0", nic.bdf),
+    ];
+    let spec = VmSpec {
+        cpus: 1,
+        mem_mib: 512,
+        tandem_args: &tandem_args,
+        qemu_args: &qemu_args,
+    };
+    let kind = if vmm == "qemu" { "qemu" } else { "tandem" };
+    let proc = bench::spawn_vmm(kind, &name, tandem, guest, dirs, &spec)?;
+    let fail = |e: harness::Error| proc.fail(e);
+    let mut agent = proc.connect()?;
+    agent.wait_ready(Duration::from_secs(120)).map_err(fail)?;
+    let mut ctl = if kind == "qemu" {
+        let qmp_path = dirs.run.join(format!("{name}.qmp"));
+        Control::Qemu {
+            qmp: Qmp::connect(&qmp_path, Duration::from_secs(10))?,
+            bdf: nic.bdf.clone(),
+        }
+    } else {
+        Control::Tandem {
+            bin: tandem.to_path_buf(),
+            api: dirs.run.join(format!("{name}.api")),
+            spec: spec_dev,
+        }
+    };
+    let m = master(&mut agent, 2).map_err(fail)?;
+    agent.run_ok("for f in /proc/sys/net/ipv6/conf/*/disable_ipv6; do echo 1 > $f; done")?;
+    agent.run_ok(&format!(
+        "for l in /sys/class/net/{m}/lower_*; do ip link set ${{l##*lower_}} up; done; ip link set {m} up; ip addr add {GUEST_IP}/24 dev {m}"
+    ))?;
+    wait_guest(&mut agent, &format!("ping -c 1 -W 1 {PEER_IP} >/dev/null"), 60).map_err(fail)?;
+
+    // 1. Orderly removal, the peer pinging the guest.
+    let ping = start_peer_ping(8)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let t0 = Instant::now();
+    ctl.remove(false).map_err(fail)?;
+    s.release_s = Some(t0.elapsed().as_secs_f64());
+    s.p2g_orderly_ms = Some(peer_outage(ping)?);
+    master(&mut agent, 1).map_err(fail)?;
+
+    // 2. Plug, the guest flooding the peer.
+    guest_flood(&mut agent, 30)?;
+    std::thread::sleep(Duration::from_millis(500));
+    let sampler = Sampler::start(vec![up.clone()]);
+    let t0 = Instant::now();
+    ctl.add().map_err(fail)?;
+    let deadline = Instant::now() + Duration::from_secs(25);
+    let mut plug = None;
+    while Instant::now() < deadline && plug.is_none() {
+        std::thread::sleep(Duration::from_millis(50));
+        plug = sampler
+            .grew
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(t, _)| *t >= t0)
+            .map(|(t, _)| t.duration_since(t0).as_secs_f64());
+    }
+    sampler.finish();
+    s.plug_s = plug;
+    stop_guest_flood(&mut agent)?;
+    master(&mut agent, 2).map_err(fail)?;
+    std::thread::sleep(Duration::from_secs(1));
+
+    // 3. Orderly removal, the guest flooding the peer.
+    guest_flood(&mut agent, 6)?;
+    let sampler = Sampler::start(vec![up.clone(), tap_name.to_string()]);
+    std::thread::sleep(Duration::from_secs(1));
+    let t0 = Instant::now();
+    ctl.remove(false).map_err(fail)?;
+    std::thread::sleep(Duration::from_secs(3));
+    s.g2p_orderly_ms = longest_gap(&sampler.finish(), t0);
+    stop_guest_flood(&mut agent)?;
+    master(&mut agent, 1).map_err(fail)?;
+
+    // 4. Surprise removals (Tandem only).
+    if kind == "tandem" {
+        ctl.add().map_err(fail)?;
+        master(&mut agent, 2).map_err(fail)?;
+        std::thread::sleep(Duration::from_secs(2));
+        guest_flood(&mut agent, 6)?;
+        let sampler = Sampler::start(vec![up.clone(), tap_name.to_string()]);
+        std::thread::sleep(Duration::from_secs(1));
+        let t0 = Instant::now();
+        ctl.remove(true).map_err(fail)?;
+        std::thread::sleep(Duration::from_secs(3));
+        s.g2p_surprise_ms = longest_gap(&sampler.finish(), t0);
+        stop_guest_flood(&mut agent)?;
+        master(&mut agent, 1).map_err(fail)?;
+        ctl.add().map_err(fail)?;
+        master(&mut agent, 2).map_err(fail)?;
+        std::thread::sleep(Duration::from_secs(2));
+        let ping = start_peer_ping(8)?;
+        std::thread::sleep(Duration::from_secs(2));
+        ctl.remove(true).map_err(fail)?;
+        s.p2g_surprise_ms = Some(peer_outage(ping)?);
+    }
+    drop(agent);
+    drop(proc);
+    Ok(())
+}
+
+fn measure(runs: usize, mode: Mode, why: &str) -> harness::Result<Report> {
+    let tandem = BENCH.tandem_bin()?;
+    let guest = harness::image::test_guest()?;
+    let dirs = BENCH.dirs()?;
+    let nic = harness::vfio_nics_from_env()?
+        .into_iter()
+        .next()
+        .ok_or_else(|| err!("no passthrough NIC (TANDEM_VFIO_NICS); run it where the test host provides one"))?;
+    let bridge = std::env::var("TANDEM_BRIDGE").unwrap_or_else(|_| "br0".into());
+    let mut env = bench::env_header(mode, why);
+    env.push((
+        "guest".into(),
+        format!("Debian kernel {}, 1 vCPU, 512M; failover master over virtio-net standby + passthrough e1000e {}", bench::kernel_version(&guest), nic.bdf),
+    ));
+    env.push(("tandem".into(), bench::describe_tandem(&tandem)));
+    env.push((
+        "qemu".into(),
+        format!(
+            "{}; q35, virtio-net failover=on + vfio-pci failover_pair_id= on PCIe root ports (ACPI hotplug)",
+            bench::cmd_line(&harness::qemu::reference_qemu(), &["--version"])
+        ),
+    ));
+    let mut samples = Vec::new();
+    for run in 1..=runs {
+        for vmm in VMMS {
+            let mut s = Sample {
+                vmm: vmm.into(),
+                run,
+                ..Sample::default()
+            };
+            if let Err(e) = run_once(vmm, run, &tandem, &guest, &dirs, &nic, &bridge, &mut s) {
+                s.error = Some(e.to_string());
+            }
+            eprintln!("bench-hotplug: {vmm} run {run}: {s:?}");
+            samples.push(s);
+        }
+    }
+    dirs.finish(samples.iter().all(|s| s.error.is_none()));
+    Ok(Report { env, samples })
+}
+
+fn print_report(r: &Report) {
+    bench::print_env(&r.env, 16);
+    println!();
+    let ok = |vmm: &str| r.samples.iter().filter(|s| s.vmm == vmm && s.error.is_none()).count();
+    let n = |vmm: &str| r.samples.iter().filter(|s| s.vmm == vmm).count();
+    println!(
+        "Runs ok: Tandem {}/{}, Tandem announce=off {}/{}, QEMU {}/{}",
+        ok("tandem"),
+        n("tandem"),
+        ok("tandem-noannounce"),
+        n("tandem-noannounce"),
+        ok("qemu"),
+        n("qemu")
+    );
+    type Get = fn(&Sample) -> Option<f64>;
+    let metrics: [(&str, Get, &str); 6] = [
+        ("orderly removal: API -> released", |s| s.release_s, "s"),
+        ("orderly removal: peer->guest outage", |s| s.p2g_orderly_ms, "ms"),
+        ("plug: API -> primary carries traffic", |s| s.plug_s, "s"),
+        ("orderly removal: guest->peer outage", |s| s.g2p_orderly_ms, "ms"),
+        ("surprise removal: peer->guest outage", |s| s.p2g_surprise_ms, "ms"),
+        ("surprise removal: guest->peer outage", |s| s.g2p_surprise_ms, "ms"),
+    ];
+    println!();
+    println!(
+        "{:<40} {:<22} {:<22} {:<22} Tandem/QEMU",
+        "metric (median (min-max))", "Tandem", "Tandem announce=off", "QEMU"
+    );
+    for (name, get, unit) in metrics {
+        let col = |vmm: &str| {
+            let v: Vec<f64> = r
+                .samples
+                .iter()
+                .filter(|s| s.vmm == vmm && s.error.is_none())
+                .filter_map(get)
+                .collect();
+            bench::stats(&v)
+        };
+        let prec = if unit == "s" { 2 } else { 0 };
+        let fmt = |x: Option<(f64, f64, f64)>| x.map_or("-".into(), |st| bench::fmt_range(st, prec, unit));
+        let (t, tn, q) = (col("tandem"), col("tandem-noannounce"), col("qemu"));
+        let ratio = bench::ratio(t.map(|s| s.0), q.map(|s| s.0));
+        println!("{name:<40} {:<22} {:<22} {:<22} {ratio}", fmt(t), fmt(tn), fmt(q));
+    }
+    let failed: Vec<&Sample> = r.samples.iter().filter(|s| s.error.is_some()).collect();
+    if !failed.is_empty() {
+        println!();
+        println!("FAILED runs ({}):", failed.len());
+        for s in failed {
+            println!("  {} run {}: {}", s.vmm, s.run, s.error.as_deref().unwrap_or(""));
+        }
+    }
+}
+
+impl BenchReport for Report {
+    fn env_mut(&mut self) -> &mut Vec<(String, String)> {
+        &mut self.env
+    }
+
+    fn print(&self) {
+        print_report(self)
+    }
+
+    fn failed(&self) -> bool {
+        self.samples.iter().any(|s| s.error.is_some())
+    }
+}
+
+fn main() {
+    let runs = parse_args();
+    let relaunch = ["--runs".to_string(), runs.to_string()];
+    BENCH.main(&relaunch, |mode, why| measure(runs, mode, why));
+}
