@@ -86,11 +86,15 @@ fn parse_args() -> usize {
                     })
             }
             "-h" | "--help" => {
-                println!("usage: cargo run --release -p tests --example bench-hotplug [-- --runs N]");
+                println!(
+                    "usage: cargo run --release -p tests --example bench-hotplug [-- --runs N]"
+                );
                 std::process::exit(0)
             }
             other => {
-                eprintln!("bench-hotplug: unknown argument {other:?} (usage: bench-hotplug [--runs N])");
+                eprintln!(
+                    "bench-hotplug: unknown argument {other:?} (usage: bench-hotplug [--runs N])"
+                );
                 std::process::exit(2)
             }
         }
@@ -123,7 +127,9 @@ impl Sampler {
                 for (i, d) in devs.iter().enumerate() {
                     let v = read_counter(d);
                     if v > last[i] {
-                        g.lock().unwrap_or_else(|e| e.into_inner()).push((Instant::now(), i));
+                        g.lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push((Instant::now(), i));
                     }
                     last[i] = v;
                 }
@@ -162,7 +168,15 @@ fn longest_gap(grew: &[(Instant, usize)], from: Instant) -> Option<f64> {
 /// The host's ping of the guest: every 10 ms for `secs`, in the background.
 fn start_peer_ping(secs: u32) -> harness::Result<std::process::Child> {
     std::process::Command::new("ping")
-        .args(["-i", "0.01", "-W", "1", "-c", &(secs * 100).to_string(), GUEST_IP])
+        .args([
+            "-i",
+            "0.01",
+            "-W",
+            "1",
+            "-c",
+            &(secs * 100).to_string(),
+            GUEST_IP,
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -175,7 +189,14 @@ fn peer_outage(child: std::process::Child) -> harness::Result<f64> {
     let text = String::from_utf8_lossy(&out.stdout);
     let seqs: Vec<u64> = text
         .lines()
-        .filter_map(|l| l.split("icmp_seq=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .filter_map(|l| {
+            l.split("icmp_seq=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
         .collect();
     let sent: u64 = text
         .lines()
@@ -206,15 +227,22 @@ fn uplink(bridge: &str, tap: &str) -> harness::Result<String> {
 
 /// The guest's failover master once it has `want` slaves.
 fn master(agent: &mut Agent, want: usize) -> harness::Result<String> {
-    let find = "for n in /sys/class/net/*; do [ \"$(cat $n/phys_port_name 2>/dev/null)\" = sby ] && basename $(readlink $n/master); done";
+    let find = "for n in /sys/class/net/*; do [ \"$(cat $n/phys_port_name 2>/dev/null)\" = sby ] && basename $(readlink $n/master); done; true";
     wait_guest(agent, &format!("m=$({find}) && [ -n \"$m\" ] && [ $(ls -d /sys/class/net/$m/lower_* | wc -l) -eq {want} ]"), 90)?;
     Ok(agent.run_ok(find)?.trim().to_string())
 }
 
 /// How one VMM adds and removes its primary.
 enum Control {
-    Tandem { bin: std::path::PathBuf, api: std::path::PathBuf, spec: String },
-    Qemu { qmp: Qmp, bdf: String },
+    Tandem {
+        bin: std::path::PathBuf,
+        api: std::path::PathBuf,
+        spec: String,
+    },
+    Qemu {
+        qmp: Qmp,
+        bdf: String,
+    },
 }
 
 impl Control {
@@ -222,20 +250,29 @@ impl Control {
         match self {
             Control::Tandem { bin, api, .. } => {
                 let mut cmd = std::process::Command::new(bin);
-                cmd.args(["remote", "--api-socket"]).arg(api.as_path()).args(["remove-device", "vf0"]);
+                cmd.args(["remote", "--api-socket"])
+                    .arg(api.as_path())
+                    .args(["remove-device", "vf0"]);
                 if surprise {
                     cmd.arg("--surprise");
                 }
                 let out = cmd.output().map_err(|e| err!("{e}"))?;
                 if !out.status.success() {
-                    return Err(err!("remove-device: {}", String::from_utf8_lossy(&out.stderr)));
+                    return Err(err!(
+                        "remove-device: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    ));
                 }
                 Ok(())
             }
             Control::Qemu { qmp, .. } => {
                 qmp.clear_events();
                 qmp.execute("device_del", serde_json::json!({ "id": "hostdev0" }))?;
-                qmp.wait_event("DEVICE_DELETED", |d| d["device"] == "hostdev0", Duration::from_secs(30))?;
+                qmp.wait_event(
+                    "DEVICE_DELETED",
+                    |d| d["device"] == "hostdev0",
+                    Duration::from_secs(30),
+                )?;
                 Ok(())
             }
         }
@@ -267,7 +304,10 @@ impl Control {
 }
 
 fn guest_flood(agent: &mut Agent, secs: u32) -> harness::Result<()> {
-    agent.run_ok(&format!("(ping -i 0.01 -W 1 -c {} {PEER_IP} >/dev/null 2>&1 &)", secs * 100))?;
+    agent.run_ok(&format!(
+        "(ping -i 0.01 -W 1 -c {} {PEER_IP} >/dev/null 2>&1 &)",
+        secs * 100
+    ))?;
     Ok(())
 }
 
@@ -291,8 +331,15 @@ fn run_once(
     let tap_name = "tdbhtap0";
     let _tap = harness::tap_on(tap_name, bridge, false)?;
     let up = uplink(bridge, tap_name)?;
-    let announce = if vmm == "tandem-noannounce" { ",announce=off" } else { "" };
-    let spec_dev = format!("id=vf0,path=/sys/bus/pci/devices/{},failover=net0,slot={SLOT}", nic.bdf);
+    let announce = if vmm == "tandem-noannounce" {
+        ",announce=off"
+    } else {
+        ""
+    };
+    let spec_dev = format!(
+        "id=vf0,path=/sys/bus/pci/devices/{},failover=net0,slot={SLOT}",
+        nic.bdf
+    );
     let tandem_args = vec![
         "--net".to_string(),
         format!("id=net0,tap={tap_name},mac={FAILOVER_MAC},standby=on,slot=3{announce}"),
@@ -307,9 +354,14 @@ fn run_once(
         "-device".into(),
         "pcie-root-port,id=rp2,chassis=2,slot=2,bus=pcie.0".into(),
         "-device".into(),
-        format!("virtio-net-pci,id=net0,netdev=nd0,mac={FAILOVER_MAC},bus=rp1,romfile=,failover=on"),
+        format!(
+            "virtio-net-pci,id=net0,netdev=nd0,mac={FAILOVER_MAC},bus=rp1,romfile=,failover=on"
+        ),
         "-device".into(),
-        format!("vfio-pci,id=hostdev0,host={},bus=rp2,rombar=0,failover_pair_id=net0", nic.bdf),
+        format!(
+            "vfio-pci,id=hostdev0,host={},bus=rp2,rombar=0,failover_pair_id=net0",
+            nic.bdf
+        ),
     ];
     let spec = VmSpec {
         cpus: 1,
@@ -340,7 +392,12 @@ fn run_once(
     agent.run_ok(&format!(
         "for l in /sys/class/net/{m}/lower_*; do ip link set ${{l##*lower_}} up; done; ip link set {m} up; ip addr add {GUEST_IP}/24 dev {m}"
     ))?;
-    wait_guest(&mut agent, &format!("ping -c 1 -W 1 {PEER_IP} >/dev/null"), 60).map_err(fail)?;
+    wait_guest(
+        &mut agent,
+        &format!("ping -c 1 -W 1 {PEER_IP} >/dev/null"),
+        60,
+    )
+    .map_err(fail)?;
 
     // 1. Orderly removal, the peer pinging the guest.
     let ping = start_peer_ping(8)?;
@@ -420,7 +477,9 @@ fn measure(runs: usize, mode: Mode, why: &str) -> harness::Result<Report> {
     let nic = harness::vfio_nics_from_env()?
         .into_iter()
         .next()
-        .ok_or_else(|| err!("no passthrough NIC (TANDEM_VFIO_NICS); run it where the test host provides one"))?;
+        .ok_or_else(|| {
+            err!("no passthrough NIC (TANDEM_VFIO_NICS); run it where the test host provides one")
+        })?;
     let bridge = std::env::var("TANDEM_BRIDGE").unwrap_or_else(|_| "br0".into());
     let mut env = bench::env_header(mode, why);
     env.push((
@@ -457,7 +516,12 @@ fn measure(runs: usize, mode: Mode, why: &str) -> harness::Result<Report> {
 fn print_report(r: &Report) {
     bench::print_env(&r.env, 16);
     println!();
-    let ok = |vmm: &str| r.samples.iter().filter(|s| s.vmm == vmm && s.error.is_none()).count();
+    let ok = |vmm: &str| {
+        r.samples
+            .iter()
+            .filter(|s| s.vmm == vmm && s.error.is_none())
+            .count()
+    };
     let n = |vmm: &str| r.samples.iter().filter(|s| s.vmm == vmm).count();
     println!(
         "Runs ok: Tandem {}/{}, Tandem announce=off {}/{}, QEMU {}/{}",
@@ -471,11 +535,27 @@ fn print_report(r: &Report) {
     type Get = fn(&Sample) -> Option<f64>;
     let metrics: [(&str, Get, &str); 6] = [
         ("orderly removal: API -> released", |s| s.release_s, "s"),
-        ("orderly removal: peer->guest outage", |s| s.p2g_orderly_ms, "ms"),
+        (
+            "orderly removal: peer->guest outage",
+            |s| s.p2g_orderly_ms,
+            "ms",
+        ),
         ("plug: API -> primary carries traffic", |s| s.plug_s, "s"),
-        ("orderly removal: guest->peer outage", |s| s.g2p_orderly_ms, "ms"),
-        ("surprise removal: peer->guest outage", |s| s.p2g_surprise_ms, "ms"),
-        ("surprise removal: guest->peer outage", |s| s.g2p_surprise_ms, "ms"),
+        (
+            "orderly removal: guest->peer outage",
+            |s| s.g2p_orderly_ms,
+            "ms",
+        ),
+        (
+            "surprise removal: peer->guest outage",
+            |s| s.p2g_surprise_ms,
+            "ms",
+        ),
+        (
+            "surprise removal: guest->peer outage",
+            |s| s.g2p_surprise_ms,
+            "ms",
+        ),
     ];
     println!();
     println!(
@@ -493,17 +573,29 @@ fn print_report(r: &Report) {
             bench::stats(&v)
         };
         let prec = if unit == "s" { 2 } else { 0 };
-        let fmt = |x: Option<(f64, f64, f64)>| x.map_or("-".into(), |st| bench::fmt_range(st, prec, unit));
+        let fmt = |x: Option<(f64, f64, f64)>| {
+            x.map_or("-".into(), |st| bench::fmt_range(st, prec, unit))
+        };
         let (t, tn, q) = (col("tandem"), col("tandem-noannounce"), col("qemu"));
         let ratio = bench::ratio(t.map(|s| s.0), q.map(|s| s.0));
-        println!("{name:<40} {:<22} {:<22} {:<22} {ratio}", fmt(t), fmt(tn), fmt(q));
+        println!(
+            "{name:<40} {:<22} {:<22} {:<22} {ratio}",
+            fmt(t),
+            fmt(tn),
+            fmt(q)
+        );
     }
     let failed: Vec<&Sample> = r.samples.iter().filter(|s| s.error.is_some()).collect();
     if !failed.is_empty() {
         println!();
         println!("FAILED runs ({}):", failed.len());
         for s in failed {
-            println!("  {} run {}: {}", s.vmm, s.run, s.error.as_deref().unwrap_or(""));
+            println!(
+                "  {} run {}: {}",
+                s.vmm,
+                s.run,
+                s.error.as_deref().unwrap_or("")
+            );
         }
     }
 }

@@ -109,11 +109,7 @@ impl Qmp {
     ) -> Result<Instant> {
         let deadline = Instant::now() + limit;
         loop {
-            if let Some((t, _, _)) = self
-                .events
-                .iter()
-                .find(|(_, n, d)| n == name && pred(d))
-            {
+            if let Some((t, _, _)) = self.events.iter().find(|(_, n, d)| n == name && pred(d)) {
                 return Ok(*t);
             }
             self.read_line()?;
