@@ -13,6 +13,9 @@
 //!    sending to the port where it last saw the guest's MAC, so this is what an announce
 //!    through the standby is for. The removal's latency (API call → released: Tandem's
 //!    answer, QEMU's DEVICE_DELETED) is taken here too.
+//! 1b. the same removal under a one-way peer→guest UDP stream the guest does not answer:
+//!    the time from the release until the bridge sends the stream to the standby's tap
+//!    (capped at 15 s). Here nothing but an announce tells the bridge.
 //! 2. plug: API call (Tandem `add-device`, QEMU `device_add`) → the primary carries the
 //!    guest's traffic (the first frame of a 10 ms guest ping flood seen on the test
 //!    host's uplink, which only the primary's frames reach).
@@ -55,6 +58,9 @@ struct Sample {
     release_s: Option<f64>,
     /// Orderly removal: longest run of unanswered peer->guest pings (ms).
     p2g_orderly_ms: Option<f64>,
+    /// Orderly removal, a one-way peer->guest stream the guest does not answer:
+    /// released -> the first frame the bridge sends to the standby's tap (ms).
+    oneway_orderly_ms: Option<f64>,
     /// API call -> first frame of the guest's flood through the primary (s).
     plug_s: Option<f64>,
     /// Orderly removal: longest gap in the guest's frames on uplink + tap (ms).
@@ -102,8 +108,10 @@ fn parse_args() -> usize {
     runs
 }
 
+/// `dev` or `dev/stat` (default rx_packets).
 fn read_counter(dev: &str) -> u64 {
-    std::fs::read_to_string(format!("/sys/class/net/{dev}/statistics/rx_packets"))
+    let (dev, stat) = dev.split_once('/').unwrap_or((dev, "rx_packets"));
+    std::fs::read_to_string(format!("/sys/class/net/{dev}/statistics/{stat}"))
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0)
@@ -163,6 +171,21 @@ fn longest_gap(grew: &[(Instant, usize)], from: Instant) -> Option<f64> {
         prev = *t;
     }
     (prev > from).then_some(gap.as_secs_f64() * 1000.0)
+}
+
+/// A one-way UDP stream from the peer to the guest (discard port), a datagram every
+/// 10 ms, until the returned flag is set. The guest answers nothing.
+fn start_udp_stream() -> harness::Result<(Arc<AtomicBool>, std::thread::JoinHandle<()>)> {
+    let sock = std::net::UdpSocket::bind("10.0.0.1:0").map_err(|e| err!("udp: {e}"))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let t = std::thread::spawn(move || {
+        while !s.load(Ordering::Relaxed) {
+            let _ = sock.send_to(b"tandem-bench", (GUEST_IP, 9));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+    Ok((stop, t))
 }
 
 /// The host's ping of the guest: every 10 ms for `secs`, in the background.
@@ -406,6 +429,35 @@ fn run_once(
     ctl.remove(false).map_err(fail)?;
     s.release_s = Some(t0.elapsed().as_secs_f64());
     s.p2g_orderly_ms = Some(peer_outage(ping)?);
+    master(&mut agent, 1).map_err(fail)?;
+
+    // 1b. Back, then an orderly removal under a one-way stream the guest does not answer:
+    // only an announce (or the guest's own traffic) tells the bridge where it went.
+    ctl.add().map_err(fail)?;
+    master(&mut agent, 2).map_err(fail)?;
+    std::thread::sleep(Duration::from_secs(3));
+    let (stop, stream) = start_udp_stream()?;
+    std::thread::sleep(Duration::from_secs(1));
+    let sampler = Sampler::start(vec![format!("{tap_name}/tx_packets")]);
+    ctl.remove(false).map_err(fail)?;
+    let released = Instant::now();
+    let deadline = released + Duration::from_secs(15);
+    let mut first = None;
+    while Instant::now() < deadline && first.is_none() {
+        std::thread::sleep(Duration::from_millis(20));
+        first = sampler
+            .grew
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(t, _)| *t >= released)
+            .map(|(t, _)| t.duration_since(released).as_secs_f64() * 1000.0);
+    }
+    sampler.finish();
+    stop.store(true, Ordering::Relaxed);
+    let _ = stream.join();
+    // None: not within 15 s.
+    s.oneway_orderly_ms = Some(first.unwrap_or(15_000.0));
     master(&mut agent, 1).map_err(fail)?;
 
     // 2. Plug, the guest flooding the peer.

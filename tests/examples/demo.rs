@@ -1,9 +1,14 @@
 //! The demo behind `scripts/demo`: the failover story as far as it exists. Boots the
-//! Debian test guest in Tandem (2 vCPUs, 512M) with a virtio-net NIC offering STANDBY,
-//! prints the event stream as it goes, shows the guest's net_failover master over the
-//! standby, renames the standby while UP and pings the peer through the master, hot-adds
-//! a second NIC and removes it in order through the API, prints `vm.info`, powers the
-//! guest off and checks that tandem exits 0. Every line is real output.
+//! Debian test guest in Tandem (2 vCPUs, 512M) with a failover pair: a virtio-net NIC
+//! offering STANDBY and, as its primary, a passthrough NIC (VFIO; in the test host, an
+//! emulated e1000e behind L1's vIOMMU) that Tandem keeps hidden until the guest acks
+//! STANDBY. It prints the event stream as it goes, shows the guest's net_failover master
+//! with both slaves, renames them while UP, pings the peer through the master and shows
+//! which slave carried it; removes the primary in order through the API (traffic moves to
+//! the standby), adds it back into the same slot (traffic moves back), prints `vm.info`,
+//! powers the guest off and checks that tandem exits 0. Every line is real output.
+//! Without a passthrough NIC (direct mode without `TANDEM_VFIO_NICS`) it shows the
+//! standby alone and says so.
 //!
 //! When /dev/kvm cannot boot Linux (software KVM, as on the development machines) the
 //! demo runs inside a test host (see tests/README.md); its transcript is relayed here
@@ -26,8 +31,8 @@ const GUEST_COMMANDS: &[&str] = &[
     // busybox's `ip` has no `-br`; `-o` is its one-line form.
     "ip -o link",
 ];
-const MAC0: &str = "52:54:00:de:00:01";
-const MAC1: &str = "52:54:00:de:00:02";
+/// The pair's MAC: the passthrough NIC's permanent address, which the standby must share.
+const MAC0: &str = harness::FAILOVER_MAC;
 
 /// tandem, killed when dropped (unless it already exited).
 struct Tandem(Child);
@@ -132,13 +137,20 @@ fn demo(mode: Mode, why: &str) -> harness::Result<()> {
         guest.kernel_version
     );
     let _tap0 = env.tap("tdemo0")?;
-    let _tap1 = env.tap("tdemo1")?;
     println!(
-        "# taps tdemo0 and tdemo1 on bridge {} ({}, the guest's peer)",
+        "# tap tdemo0 on bridge {} ({}, the guest's peer)",
         env.bridge, env.peer_ip
     );
+    let vf = env.vfio_nics.first().cloned();
     println!("# the guest gets a virtio-net NIC with STANDBY (standby=on): its kernel builds a");
-    println!("# net_failover master over it, the pair a passthrough primary will join");
+    println!("# net_failover master over it");
+    match &vf {
+        Some(n) => println!(
+            "# and the primary: host NIC {} (bound to vfio-pci, permanent MAC {}), passed through\n# with failover=net0: hidden until the guest's virtio_net acks STANDBY, then plugged in slot 6",
+            n.bdf, n.mac
+        ),
+        None => println!("# (no passthrough NIC here, set TANDEM_VFIO_NICS=BDF=MAC: the standby alone)"),
+    }
     let args: Vec<String> = vec![
         "run".into(),
         "--kernel".into(),
@@ -158,6 +170,13 @@ fn demo(mode: Mode, why: &str) -> harness::Result<()> {
         "--net".into(),
         format!("id=net0,tap=tdemo0,mac={MAC0},standby=on,slot=3"),
     ];
+    let mut args = args;
+    let dev_spec = vf
+        .as_ref()
+        .map(|n| format!("id=vf0,path=/sys/bus/pci/devices/{},failover=net0,slot=6", n.bdf));
+    if let Some(d) = &dev_spec {
+        args.extend(["--device".into(), d.clone()]);
+    }
     let words: Vec<String> = args.iter().map(|a| shell_word(a)).collect();
     println!("$ {} {} &", tandem.display(), words.join(" "));
     let t0 = Instant::now();
@@ -224,30 +243,6 @@ fn demo(mode: Mode, why: &str) -> harness::Result<()> {
     for cmd in GUEST_COMMANDS {
         guest_cmd(&mut agent, cmd)?;
     }
-    let sby = harness::guestnet::netdev_by_mac(&mut agent, MAC0)?;
-    let master = guest_cmd(
-        &mut agent,
-        &format!("basename $(readlink /sys/class/net/{sby}/master)"),
-    )?;
-    let master = master.trim().to_string();
-    println!("# {master} is the failover master, {sby} its standby slave (phys_port_name sby):");
-    guest_cmd(
-        &mut agent,
-        &format!("cat /sys/class/net/{sby}/phys_port_name; ls -d /sys/class/net/{master}/lower_*"),
-    )?;
-    println!("# slaves may be renamed while UP (Linux 8065a779): the standby becomes {master}nsby");
-    guest_cmd(
-        &mut agent,
-        &format!("ip link set {master} up; ip link set {sby} up; ip link set {sby} name {master}nsby; ip -o link show {master}nsby"),
-    )?;
-    guest_cmd(
-        &mut agent,
-        &format!(
-            "ip addr add 10.0.0.2/24 dev {master}; i=0; while ! ping -c 1 -W 1 {p} >/dev/null 2>&1 && [ $i -lt 20 ]; do i=$((i+1)); done; ping -c 3 -W 2 {p}",
-            p = env.peer_ip
-        ),
-    )?;
-
     let remote = |args: &[&str]| -> harness::Result<()> {
         println!(
             "$ {} remote --api-socket {} {}",
@@ -275,15 +270,70 @@ fn demo(mode: Mode, why: &str) -> harness::Result<()> {
         }
         Ok(())
     };
-    println!("# ACPI PCI hotplug: a second NIC into slot 5, then an orderly removal (the guest");
-    println!("# is asked to eject it; the answer comes once it has released the device)");
-    remote(&["add-net", &format!("id=net1,tap=tdemo1,mac={MAC1},slot=5")])?;
-    guest_cmd(
+    let sby = harness::guestnet::netdev_by_mac(&mut agent, MAC0)?;
+    let master = guest_cmd(
         &mut agent,
-        "i=0; until ls /sys/bus/pci/devices/0000:00:05.0/virtio*/net >/dev/null 2>&1 || [ $i -ge 100 ]; do i=$((i+1)); usleep 100000; done; ls /sys/bus/pci/devices/0000:00:05.0/virtio*/net",
+        &format!("basename $(readlink /sys/class/net/{sby}/master)"),
     )?;
-    remote(&["remove-device", "net1"])?;
-    guest_cmd(&mut agent, "ls /sys/bus/pci/devices")?;
+    let master = master.trim().to_string();
+    let want = if vf.is_some() { 2 } else { 1 };
+    let slaves = |n: usize| {
+        format!("i=0; until [ $(ls -d /sys/class/net/{master}/lower_* | wc -l) -eq {n} ] || [ $i -ge 300 ]; do i=$((i+1)); usleep 100000; done; ls -d /sys/class/net/{master}/lower_*")
+    };
+    println!("# {master} is the failover master, {sby} its standby slave (phys_port_name sby):");
+    guest_cmd(&mut agent, &format!("cat /sys/class/net/{sby}/phys_port_name; {}", slaves(want)))?;
+    let primary = if vf.is_some() {
+        let p = guest_cmd(
+            &mut agent,
+            &format!("for l in /sys/class/net/{master}/lower_*; do n=${{l##*lower_}}; [ $n != {sby} ] && echo $n; done; true"),
+        )?;
+        let p = p.trim().to_string();
+        println!("# {p} is the primary (the passed-through NIC, driver e1000e, in slot 6):");
+        guest_cmd(&mut agent, &format!("basename $(readlink /sys/class/net/{p}/device/driver); basename $(readlink -f /sys/class/net/{p}/device)"))?;
+        Some(p)
+    } else {
+        None
+    };
+    println!("# slaves may be renamed while UP (Linux 8065a779): the standby becomes {master}nsby{}",
+        if primary.is_some() { ", the primary ens6" } else { "" });
+    guest_cmd(&mut agent, "for f in /proc/sys/net/ipv6/conf/*/disable_ipv6; do echo 1 > $f; done")?;
+    let mut rename = format!("ip link set {master} up; ip link set {sby} up; ip link set {sby} name {master}nsby");
+    if let Some(p) = &primary {
+        rename.push_str(&format!("; ip link set {p} up; ip link set {p} name ens6"));
+    }
+    rename.push_str(&format!("; ip -o link | grep {master}"));
+    guest_cmd(&mut agent, &rename)?;
+    let p = env.peer_ip.clone();
+    let counters = if primary.is_some() {
+        format!("for n in ens6 {master}nsby; do echo \"$n tx_packets $(cat /sys/class/net/$n/statistics/tx_packets 2>/dev/null || echo gone)\"; done")
+    } else {
+        format!("echo \"{master}nsby tx_packets $(cat /sys/class/net/{master}nsby/statistics/tx_packets)\"")
+    };
+    let ping = |agent: &mut Agent, n: u32| -> harness::Result<String> {
+        guest_cmd(
+            agent,
+            &format!("{counters}; i=0; while ! ping -c 1 -W 1 {p} >/dev/null 2>&1 && [ $i -lt 20 ]; do i=$((i+1)); done; ping -c {n} -i 0.2 -W 2 {p} | tail -2; {counters}"),
+        )
+    };
+    guest_cmd(&mut agent, &format!("ip addr add 10.0.0.2/24 dev {master}"))?;
+    ping(&mut agent, 20)?;
+
+    if let Some(spec) = &dev_spec {
+        println!("# the primary carried the pings. Now an orderly removal through the API: the guest");
+        println!("# is asked to eject it (ACPI), releases it, and net_failover moves to the standby;");
+        println!("# Tandem announces the guest's MAC through the standby's tap (RARP) so the bridge follows");
+        remote(&["remove-device", "vf0"])?;
+        guest_cmd(&mut agent, &slaves(1))?;
+        ping(&mut agent, 20)?;
+        println!("# and back, into the same slot: re-enslaved, traffic moves back to the primary");
+        remote(&["add-device", spec])?;
+        guest_cmd(&mut agent, &slaves(2))?;
+        guest_cmd(
+            &mut agent,
+            &format!("for l in /sys/class/net/{master}/lower_*; do n=${{l##*lower_}}; [ $n != {master}nsby ] && ip link set $n name ens6; done; ip link set ens6 up; ip -o link show ens6"),
+        )?;
+        ping(&mut agent, 20)?;
+    }
     remote(&["info"])?;
 
     println!("guest# poweroff -f");
@@ -314,7 +364,8 @@ fn demo(mode: Mode, why: &str) -> harness::Result<()> {
             log_tail()
         ));
     }
-    println!("# not yet: the passthrough primary that joins this pair, and migration");
+    println!("# not yet: live migration (the pair's primary unplugged, memory and devices moved, a");
+    println!("# primary plugged again at the destination)");
     drop(agent);
     if !harness::mode::in_testhost() {
         let _ = std::fs::remove_dir_all(&logs);

@@ -451,10 +451,12 @@ impl DeviceManager {
                     let state =
                         peek(device).map_or("device busy: held by another thread".into(), |d| {
                             let (v, dv) = d.ids();
+                            let on = |b: bool| if b { "on" } else { "off" };
                             format!(
-                                "{v:04x}:{dv:04x}, memory decoding {}, MSI-X {}",
-                                if d.memory_enabled() { "on" } else { "off" },
-                                if d.msix_enabled() { "on" } else { "off" }
+                                "{v:04x}:{dv:04x}, memory decoding {}, MSI-X {}, MSI {}",
+                                on(d.memory_enabled()),
+                                on(d.msix_enabled()),
+                                on(d.msi_enabled())
                             )
                         });
                     DeviceInfo {

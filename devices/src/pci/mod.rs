@@ -9,6 +9,7 @@
 
 mod config;
 pub mod hotplug;
+pub mod msi;
 pub mod msix;
 mod root;
 
