@@ -6,20 +6,21 @@
 //! ```text
 //! config space   0x00..0x40  ids, class, command/status: the device's own (through VFIO);
 //!                            BARs, expansion ROM, interrupt line/pin: a shadow of ours
-//!                0x40..0x100 the device's capability list, with MSI-X and MSI emulated
-//!                            (the guest's enable/mask bits drive VFIO and KVM routes)
+//!                0x40..0x100 the device's capability list, except MSI-X (emulated:
+//!                            the guest's enable/mask bits drive VFIO and KVM routes)
+//!                            and MSI (hidden, see below)
 //!                0x100..     reads 0: no extended capabilities on a conventional bus
 //! BARs           mmap-able parts: KVM memory slots over the device's own mapping (no
 //!                            exit per access), present only while the guest has memory
 //!                            decoding enabled; MSI-X table and PBA pages, I/O BARs and
 //!                            whatever VFIO does not let us mmap: trapped, forwarded
-//! interrupts     MSI-X and MSI: VFIO signals one eventfd per vector, which *is* the
-//!                            vector's KVM irqfd: nothing relays an interrupt through a thread
+//! interrupts     MSI-X: VFIO signals one eventfd per vector, which *is* the vector's
+//!                            KVM irqfd: nothing relays an interrupt through a thread
 //! DMA            the VMM maps all guest RAM in the VM's VFIO container (IOVA = GPA)
 //! ```
 //!
-//! Left out on purpose: INTx (interrupt pin reads 0, so guest drivers use MSI-X or
-//! MSI), the expansion ROM.
+//! Left out on purpose: INTx (interrupt pin reads 0, so guest drivers use MSI-X),
+//! MSI (hidden from the capability list, for the same reason), the expansion ROM.
 //! A vector the guest masks loses its KVM route: what the device raises meanwhile
 //! is dropped, not made pending (the host kernel owns the real table).
 //!
@@ -38,7 +39,6 @@ use vfio_bindings::bindings::vfio::{
 };
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioRegionInfoCap};
 
-use crate::pci::msi::{MsiState, MSI_CAP_ID};
 use crate::pci::msix::{InterruptRoutes, MsixState, MSIX_CAP_ID, MSIX_ENTRY_SIZE};
 use crate::pci::{BarKind, BarMove, PciClass, PciConfig, PciDevice};
 
@@ -51,6 +51,7 @@ const CAP_PTR_REG: usize = 13;
 const INTERRUPT_REG: usize = 15;
 const CAP_START: usize = 0x40;
 const STD_CONFIG_END: usize = 0x100;
+const MSI_CAP_ID: u8 = 0x05;
 const CMD_MEMORY: u16 = 1 << 1;
 const CMD_BUS_MASTER: u16 = 1 << 2;
 const MSIX_ENABLE: u16 = 1 << 15;
@@ -133,8 +134,6 @@ pub struct VfioPciDevice {
     visible_caps: Vec<usize>,
     all_caps: Vec<usize>,
     msix: Msix,
-    /// The MSI capability's offset and state, if the device has one.
-    msi: Option<(usize, MsiState)>,
     maps: Vec<Mapping>,
     mapper: Arc<dyn GuestMapper>,
     /// Memory decoding as the guest last set it.
@@ -227,17 +226,13 @@ impl VfioPciDevice {
         let mut visible_caps = Vec::new();
         let mut all_caps = Vec::new();
         let mut msix_at = None;
-        let mut msi_at = None;
         let mut off = (cfg(CAP_PTR_REG) & 0xfc) as usize;
         let mut seen = 0;
         while (CAP_START..STD_CONFIG_END).contains(&off) && seen < 48 {
             let head = cfg(off / 4);
             all_caps.push(off);
             match head as u8 {
-                MSI_CAP_ID => {
-                    msi_at = Some((off, (head >> 16) as u16));
-                    visible_caps.push(off);
-                }
+                MSI_CAP_ID => {}
                 MSIX_CAP_ID => {
                     msix_at = Some(off);
                     visible_caps.push(off);
@@ -262,7 +257,6 @@ impl VfioPciDevice {
                 });
             }
         }
-        let msi = msi_at.map(|(off, control)| (off, MsiState::new(control, routes.clone())));
         let state = MsixState::new_passthrough(count, routes).map_err(VfioPciError::Msix)?;
         let msix = Msix {
             cap,
@@ -280,7 +274,6 @@ impl VfioPciDevice {
             visible_caps,
             all_caps,
             msix,
-            msi,
             maps: Vec::new(),
             mapper,
             memory_on: false,
@@ -319,10 +312,6 @@ impl VfioPciDevice {
 
     pub fn msix_enabled(&self) -> bool {
         self.msix.state.enabled()
-    }
-
-    pub fn msi_enabled(&self) -> bool {
-        self.msi.as_ref().is_some_and(|(_, m)| m.enabled())
     }
 
     pub fn memory_enabled(&self) -> bool {
@@ -473,35 +462,6 @@ impl VfioPciDevice {
         }
     }
 
-    fn write_msi(&mut self, off: usize, data: &[u8]) {
-        let Some((_, msi)) = self.msi.as_mut() else {
-            return;
-        };
-        // The ID and next pointer are not the guest's.
-        if off < 2 {
-            let skip = 2 - off;
-            if data.len() <= skip {
-                return;
-            }
-            return self.write_msi(2, &data[skip..]);
-        }
-        match msi.write(off, data) {
-            Ok(Some(true)) => {
-                if let Err(e) = self.device.enable_msi(msi.irqfds()) {
-                    tracing::warn!("cannot enable MSI on the device: {}", vfio_err(e));
-                }
-                self.note_ready();
-            }
-            Ok(Some(false)) => {
-                if let Err(e) = self.device.disable_msi() {
-                    tracing::warn!("cannot disable MSI on the device: {}", vfio_err(e));
-                }
-            }
-            Ok(None) => {}
-            Err(e) => tracing::warn!("MSI: cannot set up the guest's vectors: {e}"),
-        }
-    }
-
     fn note_ready(&mut self) {
         if !self.ready {
             self.ready = true;
@@ -569,11 +529,6 @@ impl PciDevice for VfioPciDevice {
                 if self.hidden(cap) {
                     return 0;
                 }
-                if let Some((_, msi)) = self.msi.as_ref().filter(|(o, _)| *o == cap) {
-                    if !head {
-                        return msi.read(reg * 4 - cap);
-                    }
-                }
                 let real = self.real_read(reg);
                 if !head {
                     return real;
@@ -581,8 +536,6 @@ impl PciDevice for VfioPciDevice {
                 let next = u32::from(self.next_visible(Some(cap))) << 8;
                 if cap == self.msix.cap {
                     u32::from(MSIX_CAP_ID) | next | (u32::from(self.msix.state.control()) << 16)
-                } else if let Some((_, msi)) = self.msi.as_ref().filter(|(o, _)| *o == cap) {
-                    u32::from(MSI_CAP_ID) | next | (msi.read(0) & 0xffff_0000)
                 } else {
                     (real & 0xffff_00ff) | next
                 }
@@ -633,10 +586,6 @@ impl PciDevice for VfioPciDevice {
             16..=63 => {
                 let (cap, _) = self.cap_of(reg)?;
                 if self.hidden(cap) {
-                    return None;
-                }
-                if self.msi.as_ref().is_some_and(|(o, _)| *o == cap) {
-                    self.write_msi(reg * 4 + offset - cap, data);
                     return None;
                 }
                 if cap == self.msix.cap {
@@ -707,9 +656,6 @@ impl Drop for VfioPciDevice {
     fn drop(&mut self) {
         if self.msix.state.enabled() {
             let _ = self.device.disable_msix();
-        }
-        if self.msi.as_ref().is_some_and(|(_, m)| m.enabled()) {
-            let _ = self.device.disable_msi();
         }
         self.memory_on = false;
         self.sync_slots();

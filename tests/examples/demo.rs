@@ -171,9 +171,12 @@ fn demo(mode: Mode, why: &str) -> harness::Result<()> {
         format!("id=net0,tap=tdemo0,mac={MAC0},standby=on,slot=3"),
     ];
     let mut args = args;
-    let dev_spec = vf
-        .as_ref()
-        .map(|n| format!("id=vf0,path=/sys/bus/pci/devices/{},failover=net0,slot=6", n.bdf));
+    let dev_spec = vf.as_ref().map(|n| {
+        format!(
+            "id=vf0,path=/sys/bus/pci/devices/{},failover=net0,slot=6",
+            n.bdf
+        )
+    });
     if let Some(d) = &dev_spec {
         args.extend(["--device".into(), d.clone()]);
     }
@@ -281,7 +284,10 @@ fn demo(mode: Mode, why: &str) -> harness::Result<()> {
         format!("i=0; until [ $(ls -d /sys/class/net/{master}/lower_* | wc -l) -eq {n} ] || [ $i -ge 300 ]; do i=$((i+1)); usleep 100000; done; ls -d /sys/class/net/{master}/lower_*")
     };
     println!("# {master} is the failover master, {sby} its standby slave (phys_port_name sby):");
-    guest_cmd(&mut agent, &format!("cat /sys/class/net/{sby}/phys_port_name; {}", slaves(want)))?;
+    guest_cmd(
+        &mut agent,
+        &format!("cat /sys/class/net/{sby}/phys_port_name; {}", slaves(want)),
+    )?;
     let primary = if vf.is_some() {
         let p = guest_cmd(
             &mut agent,
@@ -294,10 +300,21 @@ fn demo(mode: Mode, why: &str) -> harness::Result<()> {
     } else {
         None
     };
-    println!("# slaves may be renamed while UP (Linux 8065a779): the standby becomes {master}nsby{}",
-        if primary.is_some() { ", the primary ens6" } else { "" });
-    guest_cmd(&mut agent, "for f in /proc/sys/net/ipv6/conf/*/disable_ipv6; do echo 1 > $f; done")?;
-    let mut rename = format!("ip link set {master} up; ip link set {sby} up; ip link set {sby} name {master}nsby");
+    println!(
+        "# slaves may be renamed while UP (Linux 8065a779): the standby becomes {master}nsby{}",
+        if primary.is_some() {
+            ", the primary ens6"
+        } else {
+            ""
+        }
+    );
+    guest_cmd(
+        &mut agent,
+        "for f in /proc/sys/net/ipv6/conf/*/disable_ipv6; do echo 1 > $f; done",
+    )?;
+    let mut rename = format!(
+        "ip link set {master} up; ip link set {sby} up; ip link set {sby} name {master}nsby"
+    );
     if let Some(p) = &primary {
         rename.push_str(&format!("; ip link set {p} up; ip link set {p} name ens6"));
     }
@@ -319,8 +336,12 @@ fn demo(mode: Mode, why: &str) -> harness::Result<()> {
     ping(&mut agent, 20)?;
 
     if let Some(spec) = &dev_spec {
-        println!("# the primary carried the pings. Now an orderly removal through the API: the guest");
-        println!("# is asked to eject it (ACPI), releases it, and net_failover moves to the standby;");
+        println!(
+            "# the primary carried the pings. Now an orderly removal through the API: the guest"
+        );
+        println!(
+            "# is asked to eject it (ACPI), releases it, and net_failover moves to the standby;"
+        );
         println!("# Tandem announces the guest's MAC through the standby's tap (RARP) so the bridge follows");
         remote(&["remove-device", "vf0"])?;
         guest_cmd(&mut agent, &slaves(1))?;
@@ -364,7 +385,9 @@ fn demo(mode: Mode, why: &str) -> harness::Result<()> {
             log_tail()
         ));
     }
-    println!("# not yet: live migration (the pair's primary unplugged, memory and devices moved, a");
+    println!(
+        "# not yet: live migration (the pair's primary unplugged, memory and devices moved, a"
+    );
     println!("# primary plugged again at the destination)");
     drop(agent);
     if !harness::mode::in_testhost() {

@@ -453,10 +453,9 @@ impl DeviceManager {
                             let (v, dv) = d.ids();
                             let on = |b: bool| if b { "on" } else { "off" };
                             format!(
-                                "{v:04x}:{dv:04x}, memory decoding {}, MSI-X {}, MSI {}",
+                                "{v:04x}:{dv:04x}, memory decoding {}, MSI-X {}",
                                 on(d.memory_enabled()),
-                                on(d.msix_enabled()),
-                                on(d.msi_enabled())
+                                on(d.msix_enabled())
                             )
                         });
                     DeviceInfo {

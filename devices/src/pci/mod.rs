@@ -9,7 +9,6 @@
 
 mod config;
 pub mod hotplug;
-pub mod msi;
 pub mod msix;
 mod root;
 
