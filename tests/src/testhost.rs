@@ -814,6 +814,12 @@ extern "C" fn stop_shared_at_exit() {
     }
 }
 
+/// Whether `e` says L1 froze (no heartbeat, not woken), as opposed to a job that failed,
+/// hung or crashed L1.
+pub fn is_l1_freeze(e: &Error) -> bool {
+    e.to_string().starts_with("test host froze")
+}
+
 /// Runs `argv` as job `name` in this process's shared test host, booting one first if
 /// there is none or the last one broke. Jobs run one at a time, in call order.
 pub fn run_shared(name: &str, argv: &[String]) -> Result<JobOutcome> {

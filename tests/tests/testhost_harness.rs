@@ -100,8 +100,10 @@ fn testhost_survives_broken_jobs() {
     });
     let e = s
         .run_job("frozen", &sh("sleep 300"))
-        .expect_err("a frozen L1 is an error")
-        .to_string();
+        .expect_err("a frozen L1 is an error");
+    // Guest tests run once more on a fresh L1 after exactly this kind of error.
+    assert!(testhost::is_l1_freeze(&e), "{e}");
+    let e = e.to_string();
     let _ = stopper.join();
     assert!(e.contains("froze") && e.contains("frozen"), "{e}");
     let regs = std::fs::read_to_string(s.workdir().join("l1-registers.txt")).unwrap_or_default();
