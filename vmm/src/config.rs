@@ -307,6 +307,26 @@ pub fn check_vfio_host(d: &DeviceSpec) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// What Tandem can say about a primary's MAC: the guest pairs it with its standby only if
+/// its permanent MAC equals the standby's, and the host cannot tell that here.
+pub fn primary_mac_note(d: &DeviceSpec, nets: &[NetSpec]) -> Option<String> {
+    let standby = d.failover.as_ref()?;
+    let mac = nets
+        .iter()
+        .find(|n| &n.net.id == standby)
+        .map(|n| format_mac(&n.net.mac))?;
+    let what = if d.path.join("physfn").exists() {
+        "an SR-IOV VF, whose MAC Tandem does not check against its PF's VF table yet"
+    } else {
+        "not an SR-IOV VF, so the host cannot tell its MAC"
+    };
+    Some(format!(
+        "device {}: {} is {what}; the guest pairs it with {standby} only if its permanent MAC is {mac}",
+        d.id,
+        d.path.display()
+    ))
+}
+
 /// Checks across NICs and passthrough devices: ids unique, slots distinct, each
 /// `failover=` names a standby NIC that has no other primary.
 pub fn check_devices(nets: &[NetSpec], devs: &[DeviceSpec]) -> Result<(), ConfigError> {

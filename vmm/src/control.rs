@@ -263,6 +263,11 @@ impl Vmm {
     pub fn new(mut cfg: VmConfig, signals: OwnedFd) -> Result<Self, VmmError> {
         let kvm = Kvm::new().map_err(VmmError::Kvm)?;
         let failover = Failover::new(&mut cfg).map_err(|e| VmmError::Guest(e.to_string()))?;
+        for d in &cfg.devices {
+            if let Some(note) = config::primary_mac_note(d, &cfg.nets) {
+                tracing::info!("{note}");
+            }
+        }
         crate::vcpu::install_kick_handler()
             .map_err(|e| io::Error::other(format!("cannot install the vCPU kick handler: {e}")))?;
         let events = Arc::new(VmEvents::new()?);
@@ -800,6 +805,9 @@ impl Vmm {
                     .add_primary(standby, &spec.id, slot as u8)
                     .map_err(|e| ApiError::bad_request(format!("--device {}: {e}", spec.id)))?;
                 vm.reserve_slot(slot);
+                if let Some(note) = config::primary_mac_note(&spec, &self.cfg.nets) {
+                    tracing::info!("{note}");
+                }
                 self.cfg.devices.push(spec.clone());
                 tracing::info!(
                     "device {}: failover primary of {standby}, slot {slot}",
