@@ -671,7 +671,10 @@ fn main() {
     // Three guests per run, about 5 minutes in a nested test host: more than the default
     // 15-minute limit on one test-host job for 3 runs.
     if std::env::var_os("TANDEM_TESTHOST_JOB_TIMEOUT").is_none() {
-        std::env::set_var("TANDEM_TESTHOST_JOB_TIMEOUT", (runs * 480 + 300).to_string());
+        std::env::set_var(
+            "TANDEM_TESTHOST_JOB_TIMEOUT",
+            (runs * 480 + 300).to_string(),
+        );
     }
     let relaunch = ["--runs".to_string(), runs.to_string()];
     BENCH.main(&relaunch, |mode, why| measure(runs, mode, why));
