@@ -10,12 +10,13 @@
 //! 1. peer→guest outage on an orderly removal: the peer (the test host) pings the guest
 //!    every 10 ms while the primary is removed (Tandem `remove-device`, QEMU
 //!    `device_del`); the outage is the longest run of unanswered pings. The bridge keeps
-//!    sending to the port where it last saw the guest's MAC, so this is what an announce
-//!    through the standby is for. The removal's latency (API call → released: Tandem's
+//!    sending to the port where it last saw the guest's MAC until something tells it
+//!    otherwise. The removal's latency (API call → released: Tandem's
 //!    answer, QEMU's DEVICE_DELETED) is taken here too.
-//! 1b. the same removal under a one-way peer→guest UDP stream the guest does not answer:
-//!    the time from the release until the bridge sends the stream to the standby's tap
-//!    (capped at 15 s). Here nothing but an announce tells the bridge.
+//!    Then the same removal under a one-way peer→guest UDP stream the guest does not
+//!    answer: the time from the release until the bridge sends the stream to the
+//!    standby's tap (capped at 15 s), which only an announce or the guest's own frames
+//!    can shorten.
 //! 2. plug: API call (Tandem `add-device`, QEMU `device_add`) → the primary carries the
 //!    guest's traffic (the first frame of a 10 ms guest ping flood seen on the test
 //!    host's uplink, which only the primary's frames reach).
