@@ -39,18 +39,16 @@ use vfio_bindings::bindings::vfio::{
 };
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioRegionInfoCap};
 
+use crate::pci::config::{
+    BAR0_REG, CAP_PTR_REG, COMMAND_STATUS_REG, FIRST_CAP_OFFSET as CAP_START, HEADER_REG,
+    INTERRUPT_REG, STD_CONFIG_END,
+};
 use crate::pci::msix::{InterruptRoutes, MsixState, MSIX_CAP_ID, MSIX_ENTRY_SIZE};
 use crate::pci::{BarKind, BarMove, PciClass, PciConfig, PciDevice};
 
 const PAGE: u64 = 4096;
-const COMMAND_REG: usize = 1;
-const HEADER_REG: usize = 3;
-const BAR0_REG: usize = 4;
+const COMMAND_REG: usize = COMMAND_STATUS_REG;
 const ROM_REG: usize = 12;
-const CAP_PTR_REG: usize = 13;
-const INTERRUPT_REG: usize = 15;
-const CAP_START: usize = 0x40;
-const STD_CONFIG_END: usize = 0x100;
 const MSI_CAP_ID: u8 = 0x05;
 const CMD_MEMORY: u16 = 1 << 1;
 const CMD_BUS_MASTER: u16 = 1 << 2;
@@ -462,6 +460,17 @@ impl VfioPciDevice {
         }
     }
 
+    /// The MSI-X table or PBA an access of `len` bytes at `offset` of BAR `bar` lies in.
+    fn msix_part(&self, bar: usize, offset: u64, len: usize) -> Option<MsixPart> {
+        let end = offset.checked_add(len as u64)?;
+        let within = |b: usize, r: &std::ops::Range<u64>| {
+            (bar == b && offset >= r.start && end <= r.end).then(|| offset - r.start)
+        };
+        within(self.msix.table_bar, &self.msix.table)
+            .map(MsixPart::Table)
+            .or_else(|| within(self.msix.pba_bar, &self.msix.pba).map(MsixPart::Pba))
+    }
+
     fn note_ready(&mut self) {
         if !self.ready {
             self.ready = true;
@@ -470,6 +479,12 @@ impl VfioPciDevice {
             }
         }
     }
+}
+
+/// Where a trapped BAR access falls in the emulated MSI-X structures (offset within).
+enum MsixPart {
+    Table(u64),
+    Pba(u64),
 }
 
 /// The whole pages covering `r`.
@@ -613,41 +628,22 @@ impl PciDevice for VfioPciDevice {
     }
 
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
-        let end = offset + data.len() as u64;
-        if bar == self.msix.table_bar
-            && offset >= self.msix.table.start
-            && end <= self.msix.table.end
-        {
-            self.msix
-                .state
-                .read_table(offset - self.msix.table.start, data);
-        } else if bar == self.msix.pba_bar
-            && offset >= self.msix.pba.start
-            && end <= self.msix.pba.end
-        {
-            self.msix.state.read_pba(offset - self.msix.pba.start, data);
-        } else {
-            data.fill(0xff);
-            self.device.region_read(bar as u32, data, offset);
+        match self.msix_part(bar, offset, data.len()) {
+            Some(MsixPart::Table(off)) => self.msix.state.read_table(off, data),
+            Some(MsixPart::Pba(off)) => self.msix.state.read_pba(off, data),
+            None => {
+                data.fill(0xff);
+                self.device.region_read(bar as u32, data, offset);
+            }
         }
     }
 
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
-        let end = offset + data.len() as u64;
-        if bar == self.msix.table_bar
-            && offset >= self.msix.table.start
-            && end <= self.msix.table.end
-        {
-            self.msix
-                .state
-                .write_table(offset - self.msix.table.start, data);
-        } else if bar == self.msix.pba_bar
-            && offset >= self.msix.pba.start
-            && end <= self.msix.pba.end
-        {
+        match self.msix_part(bar, offset, data.len()) {
+            Some(MsixPart::Table(off)) => self.msix.state.write_table(off, data),
             // The PBA is read-only.
-        } else {
-            self.device.region_write(bar as u32, data, offset);
+            Some(MsixPart::Pba(_)) => {}
+            None => self.device.region_write(bar as u32, data, offset),
         }
     }
 }

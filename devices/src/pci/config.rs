@@ -5,16 +5,16 @@ use serde::{Deserialize, Serialize};
 
 pub const CONFIG_DWORDS: usize = 1024;
 const VENDOR_REG: usize = 0;
-const COMMAND_STATUS_REG: usize = 1;
+pub(crate) const COMMAND_STATUS_REG: usize = 1;
 const CLASS_REG: usize = 2;
-const HEADER_REG: usize = 3;
-const BAR0_REG: usize = 4;
+pub(crate) const HEADER_REG: usize = 3;
+pub(crate) const BAR0_REG: usize = 4;
 const SUBSYSTEM_REG: usize = 11;
-const CAP_PTR_REG: usize = 13;
-const INTERRUPT_REG: usize = 15;
+pub(crate) const CAP_PTR_REG: usize = 13;
+pub(crate) const INTERRUPT_REG: usize = 15;
 const STATUS_CAP_LIST: u32 = 1 << 20;
-const FIRST_CAP_OFFSET: usize = 0x40;
-const STD_CONFIG_END: usize = 0x100;
+pub(crate) const FIRST_CAP_OFFSET: usize = 0x40;
+pub(crate) const STD_CONFIG_END: usize = 0x100;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BarKind {

@@ -7,7 +7,7 @@
 //! port I/O bus, placed (and moved, when the guest reprograms a BAR) by
 //! [`PciRoot`].
 
-mod config;
+pub(crate) mod config;
 pub mod hotplug;
 pub mod msix;
 mod root;
