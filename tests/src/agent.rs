@@ -63,6 +63,16 @@ fn base64(data: &[u8]) -> String {
     out
 }
 
+/// The last `n` console lines (and an unfinished one), indented, for an error message.
+fn console_tail(lines: &[String], partial: &str, n: usize) -> String {
+    let start = lines.len().saturating_sub(n);
+    let mut out: Vec<&str> = lines[start..].iter().map(String::as_str).collect();
+    if !partial.is_empty() {
+        out.push(partial);
+    }
+    out.iter().map(|l| format!("  | {l}\n")).collect()
+}
+
 impl Agent {
     /// Connects to the serial socket at `path`, retrying for up to 30 s while the VMM
     /// creates it. Everything the guest prints is appended to `console_log`.
@@ -158,10 +168,13 @@ impl Agent {
             }
             let now = Instant::now();
             if now >= deadline {
+                // The console's last lines (kernel warnings, a hung task's stack) go
+                // into the error: CI keeps the output, not the work dir.
+                let tail = console_tail(&st.lines, &st.partial, 90);
                 drop(st);
                 let diag = self.on_timeout.as_ref().map(|f| f()).unwrap_or_default();
                 return Err(err!(
-                    "timed out after {:.0} s waiting for {what}; console log: {}{diag}",
+                    "timed out after {:.0} s waiting for {what}; console log: {}\nthe console's last lines:\n{tail}{diag}",
                     timeout.as_secs_f64(),
                     self.console_log.display()
                 ));
@@ -212,7 +225,12 @@ impl Agent {
                 .trim()
                 .parse()
                 .unwrap_or(-1);
-            let mut out: Vec<&str> = st.lines[b + 1..e].iter().map(String::as_str).collect();
+            // The guest's watchdog (image.rs) may print while a command runs.
+            let mut out: Vec<&str> = st.lines[b + 1..e]
+                .iter()
+                .map(String::as_str)
+                .filter(|l| !l.starts_with("TANDEM-WATCHDOG "))
+                .collect();
             if out.last() == Some(&"") {
                 out.pop();
             }

@@ -32,9 +32,11 @@ pub struct GuestImage {
 impl GuestImage {
     /// The kernel command line the test guest is meant to boot with (serial console on
     /// COM1, quiet: every byte on an emulated UART is a VM exit; no KASLR, so a
-    /// hung vCPU's RIP can be looked up in the kernel's System.map).
+    /// hung vCPU's RIP can be looked up in the kernel's System.map). A task blocked for
+    /// 20 s prints its stack on the console, well inside the agent's 60 s timeout, whose
+    /// error shows the console's last lines.
     pub fn cmdline(&self) -> String {
-        "console=ttyS0 quiet panic=-1 nokaslr".to_string()
+        "console=ttyS0 quiet panic=-1 nokaslr sysctl.kernel.hung_task_timeout_secs=20".to_string()
     }
 }
 
@@ -800,6 +802,28 @@ while read -r ko params; do
 done < /etc/tandem-modules
 hostname tandem-guest
 ip link set lo up
+# A watchdog: an agent command still running after 30 s gets the tasks that are
+# blocked or running (state, kernel wait channel, kernel stack) and sysrq w's report
+# on the console, where the harness's timeout error shows them (the console
+# loglevel above hides the kernel's own report). The harness drops these lines from a
+# command's output.
+( last=; while sleep 5; do
+    read -r id since 2>/dev/null < /tmp/.agent-busy || continue
+    read up _ < /proc/uptime
+    [ "$id" != "$last" ] && [ $(( ${up%.*} - since )) -ge 30 ] || continue
+    last=$id
+    tasks=$(for p in /proc/[0-9]*; do
+        st=$(sed -n 's/^State:[[:space:]]*\([A-Z]\).*/\1/p' $p/status 2>/dev/null)
+        case $st in D|R) echo "$st ${p#/proc/} $(cat $p/comm 2>/dev/null) $(cat $p/wchan 2>/dev/null)"
+            sed 's/^/    /' $p/stack 2>/dev/null
+            sleep 1; echo "  a second later:"; sed -n 's/^/    /; 1,4p' $p/stack 2>/dev/null;; esac
+    done)
+    echo w > /proc/sysrq-trigger
+    dump=$(dmesg | awk '/sysrq: Show Blocked State/ { b = "" } { b = b $0 "\n" } END { printf "%s", b }' | tail -n 50)
+    read -r now _ 2>/dev/null < /tmp/.agent-busy && [ "$now" = "$id" ] || continue
+    printf '%s\n' "agent command $id has run for 30 s; tasks running or blocked:" "$tasks" "sysrq w:" "$dump" \
+        | sed 's/^/TANDEM-WATCHDOG /' > /dev/ttyS0
+done ) &
 while :; do /bin/tandem-agent; sleep 1; done
 "#;
 
@@ -816,8 +840,11 @@ while IFS=' ' read -r id b64; do
     b64=${b64%$(printf '\r')}
     [ -n "$id" ] || continue
     if echo "$b64" | base64 -d > /tmp/.agent-cmd 2>/dev/null; then
+        read up _ < /proc/uptime
+        echo "$id ${up%.*}" > /tmp/.agent-busy
         sh /tmp/.agent-cmd </dev/null >/tmp/.agent-out 2>&1
         st=$?
+        rm -f /tmp/.agent-busy
     else
         echo "agent: bad base64" > /tmp/.agent-out
         st=254
