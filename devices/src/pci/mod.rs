@@ -28,4 +28,13 @@ pub trait PciDevice: Send {
     /// An access to BAR `bar` at `offset` from its base.
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]);
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]);
+    /// The byte a read of this device's BARs returns once it has been removed by
+    /// surprise (see [`PciRoot::surprise_remove`]). All-ones is what a vanished
+    /// function answers on real hardware, and what hardware drivers are written
+    /// for: e1000e's register semaphore, say, is granted at once on all-ones, while
+    /// zeros make each of its PHY accesses time out and keep the guest's
+    /// hot-unplug worker (holding RTNL) busy for a minute.
+    fn vanished_fill(&self) -> u8 {
+        0xff
+    }
 }

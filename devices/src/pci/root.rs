@@ -138,15 +138,22 @@ impl PciRoot {
 
     /// Take the device out of `slot` without the guest's consent. Its config
     /// space reads as absent at once, but its BARs stay claimed by a
-    /// [`Tombstone`] that reads zero: the guest's driver, torn down after the
-    /// fact, still touches them, and a virtio driver resetting the device
-    /// polls its status until it reads 0 (all-ones, what a vanished device
-    /// answers on real hardware, keeps Linux 6.1's virtio-pci in that loop
-    /// forever). A device mapped over the range later replaces the tombstone.
+    /// [`Tombstone`]: the guest's driver, torn down after the fact, still
+    /// touches them. The tombstone reads what the device chose
+    /// ([`PciDevice::vanished_fill`]): all-ones, as on real hardware, or zero
+    /// for a virtio device, whose driver polls its status after a reset until it
+    /// reads 0 (all-ones keeps Linux 6.1's virtio-pci in that loop forever). A
+    /// device mapped over the range later replaces the tombstone.
     pub fn surprise_remove(&mut self, slot: usize) -> Result<SharedPciDevice, PciRootError> {
-        let placed: Vec<PlacedBar> = match self.slots.get(slot) {
-            Some(Some(s)) if slot != 0 => s.bars.iter().filter(|p| p.on_bus).copied().collect(),
-            _ => vec![],
+        let (placed, fill): (Vec<PlacedBar>, u8) = match self.slots.get(slot) {
+            Some(Some(s)) if slot != 0 => (
+                s.bars.iter().filter(|p| p.on_bus).copied().collect(),
+                s.device
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .vanished_fill(),
+            ),
+            _ => (vec![], 0xff),
         };
         let device = self.remove(slot)?;
         for PlacedBar {
@@ -155,7 +162,7 @@ impl PciRoot {
         {
             if self
                 .bus(kind)
-                .insert(Arc::new(Mutex::new(Tombstone)), base, len)
+                .insert(Arc::new(Mutex::new(Tombstone(fill, 0))), base, len)
                 .is_ok()
             {
                 self.tombstones.push((kind, base, len));
@@ -284,12 +291,21 @@ impl BusDevice for BarRegion {
     }
 }
 
-/// What is left at a surprise-removed device's BARs: reads zero, ignores writes.
-struct Tombstone;
+/// What is left at a surprise-removed device's BARs: reads its byte, ignores
+/// writes. The first reads are logged (debug): they show what a driver does
+/// with a device that vanished under it.
+struct Tombstone(u8, u32);
 
 impl BusDevice for Tombstone {
-    fn read(&mut self, _base: u64, _offset: u64, data: &mut [u8]) {
-        data.fill(0);
+    fn read(&mut self, base: u64, offset: u64, data: &mut [u8]) {
+        data.fill(self.0);
+        if self.1 < 8 {
+            self.1 += 1;
+            tracing::debug!(
+                "pci: read of a surprise-removed device's BAR at {base:#x}+{offset:#x}: {:#04x}s",
+                self.0
+            );
+        }
     }
     fn write(&mut self, _base: u64, _offset: u64, _data: &[u8]) {}
 }
@@ -455,6 +471,7 @@ mod tests {
     struct BarDev {
         config: PciConfig,
         last_write: Option<(usize, u64, Vec<u8>)>,
+        fill: u8,
     }
     impl PciDevice for BarDev {
         fn config_read(&mut self, reg: usize) -> u32 {
@@ -468,6 +485,9 @@ mod tests {
         }
         fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
             self.last_write = Some((bar, offset, data.to_vec()));
+        }
+        fn vanished_fill(&self) -> u8 {
+            self.fill
         }
     }
 
@@ -520,6 +540,7 @@ mod tests {
         let dev = Arc::new(Mutex::new(BarDev {
             config,
             last_write: None,
+            fill: 0xff,
         }));
         root.lock()
             .unwrap()
@@ -557,6 +578,7 @@ mod tests {
             Arc::new(Mutex::new(BarDev {
                 config,
                 last_write: None,
+                fill: 0xff,
             }))
         };
         let (a, b) = (mk(0xc000_0000), mk(0xc001_0000));
@@ -595,16 +617,18 @@ mod tests {
             Arc::new(Mutex::new(BarDev {
                 config,
                 last_write: None,
+                fill: 0xff,
             }))
         };
         let bars = [(0, BarKind::Mem32, 0xc000_0000, 0x1000)];
         root.lock().unwrap().add(4, mk(), &bars).unwrap();
         root.lock().unwrap().surprise_remove(4).unwrap();
-        // Config space says absent; the BAR still answers, with zeros.
+        // Config space says absent; the BAR still answers, with all-ones (what the
+        // device asked for: the default).
         assert_eq!(cf8(&mut io, 4, 0), 0xffff_ffff);
-        let mut b = [0xffu8; 4];
+        let mut b = [0u8; 4];
         assert!(mmio.read(0xc000_0010, &mut b));
-        assert_eq!(b, [0; 4]);
+        assert_eq!(b, [0xff; 4]);
         assert!(mmio.write(0xc000_0010, &[1]));
         // A new device over the same range replaces the tombstone.
         let dev = mk();
@@ -616,5 +640,11 @@ mod tests {
             root.lock().unwrap().surprise_remove(4),
             Err(PciRootError::SlotEmpty(4))
         ));
+        // A device that asks for zeros (virtio) gets them.
+        dev.lock().unwrap().fill = 0;
+        root.lock().unwrap().surprise_remove(6).unwrap();
+        let mut b = [0xffu8; 4];
+        assert!(mmio.read(0xc000_0010, &mut b));
+        assert_eq!(b, [0; 4]);
     }
 }

@@ -583,6 +583,12 @@ impl PciDevice for VirtioPciDevice {
             _ => {}
         }
     }
+
+    /// Zero: after a reset the virtio driver polls the device status until it
+    /// reads 0, and Linux 6.1's virtio-pci would poll all-ones forever.
+    fn vanished_fill(&self) -> u8 {
+        0
+    }
 }
 
 impl Drop for VirtioPciDevice {
