@@ -60,9 +60,10 @@ pub fn patch_cpuid(cpuid: &mut CpuId, id: u8, vcpus: u8, tsc_deadline: bool) {
                 }
             }
             4
-                // Cores per package - 1 in 31:26; one thread per cache user.
+                // Cores per package - 1 in 31:26 (six bits: 64 cores at most, so
+                // more vCPUs say 64 rather than wrap); one thread per cache user.
                 if e.eax & 0x1f != 0 => {
-                    e.eax = (e.eax & 0x3ff) | ((n - 1) << 26);
+                    e.eax = (e.eax & 0x3ff) | ((n - 1).min(63) << 26);
                 }
             LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 => {
                 e.edx = apic;
@@ -301,6 +302,20 @@ mod tests {
         let amd = leaf(&c, AMD_LEAF_SIZE, 0);
         assert_eq!((amd.ecx & 0xff, (amd.ecx >> 12) & 0xf), (2, 2));
         assert_eq!(leaf(&c, AMD_LEAF_TOPOLOGY, 0).eax, 2);
+    }
+
+    #[test]
+    fn leaf_4_core_count_saturates_above_64_vcpus() {
+        for (vcpus, want) in [(64, 63), (65, 63), (100, 63), (254, 63), (63, 62)] {
+            let mut c = base();
+            patch_cpuid(&mut c, 0, vcpus, false);
+            let l4 = leaf(&c, 4, 0);
+            assert_eq!(
+                (l4.eax >> 26, l4.eax & 0x3ff),
+                (want, 0x121),
+                "{vcpus} vCPUs"
+            );
+        }
     }
 
     #[test]
