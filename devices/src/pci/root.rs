@@ -256,7 +256,7 @@ impl PciRoot {
             Err(e) => {
                 // An overlapping placement: the BAR stays unreachable until
                 // the guest moves it somewhere sane.
-                tracing::warn!("slot {dev} BAR {} -> {:#x}: {e}", old.bar, mv.new);
+                crate::guest_warn!("slot {dev} BAR {} -> {:#x}: {e}", old.bar, mv.new);
                 false
             }
         };
