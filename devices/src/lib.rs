@@ -13,6 +13,7 @@ pub mod acpi_pm;
 pub mod bus;
 pub mod i8042;
 pub mod pci;
+pub mod ratelimit;
 pub mod rtc;
 pub mod serial;
 pub mod vfio;

@@ -402,7 +402,7 @@ impl VfioPciDevice {
             match unsafe { self.mapper.map(gpa, m.len, m.host as *mut u8) } {
                 Ok(h) => m.slot = Some((gpa, h)),
                 // The accesses still work, trapped, one exit each.
-                Err(e) => tracing::warn!(
+                Err(e) => crate::guest_warn!(
                     "BAR {} +{:#x}: cannot map at {gpa:#x} ({e}); accesses will trap",
                     m.bar,
                     m.offset
@@ -450,12 +450,12 @@ impl VfioPciDevice {
         if now && !was {
             let r = self.device.enable_msix(self.msix.state.irqfds());
             if let Err(e) = r {
-                tracing::warn!("cannot enable MSI-X on the device: {}", vfio_err(e));
+                crate::guest_warn!("cannot enable MSI-X on the device: {}", vfio_err(e));
             }
             self.note_ready();
         } else if was && !now {
             if let Err(e) = self.device.disable_msix() {
-                tracing::warn!("cannot disable MSI-X on the device: {}", vfio_err(e));
+                crate::guest_warn!("cannot disable MSI-X on the device: {}", vfio_err(e));
             }
         }
     }

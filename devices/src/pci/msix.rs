@@ -157,7 +157,7 @@ impl MsixState {
         let live = self.enabled() && !(self.passthrough && self.masked(v));
         let msg = live.then(|| self.message(v));
         if let Err(e) = self.routes.set_msi_route(*gsi, msg) {
-            tracing::warn!("MSI-X vector {v}: cannot update route: {e}");
+            crate::guest_warn!("MSI-X vector {v}: cannot update route: {e}");
         }
     }
 

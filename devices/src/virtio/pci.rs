@@ -305,7 +305,7 @@ impl VirtioPciDevice {
             match self.activate() {
                 Ok(()) => self.observe(DriverStatus::DriverOk),
                 Err(e) => {
-                    tracing::warn!("virtio device type {}: {e}", self.device.device_type());
+                    crate::guest_warn!("virtio device type {}: {e}", self.device.device_type());
                     self.status |= STATUS_NEEDS_RESET;
                     self.config_changed();
                 }
@@ -519,7 +519,7 @@ impl PciDevice for VirtioPciDevice {
                 self.unregister_ioevents(self.bar0);
                 self.bar0 = mv.new;
                 if let Err(e) = self.register_ioevents(mv.new) {
-                    tracing::warn!("virtio: cannot move notifications to {:#x}: {e}", mv.new);
+                    crate::guest_warn!("virtio: cannot move notifications to {:#x}: {e}", mv.new);
                 }
             }
         }

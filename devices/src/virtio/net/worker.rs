@@ -679,7 +679,7 @@ fn handle_ctrl(shared: &NetShared, class: u8, cmd: u8, data: &[u8]) -> u8 {
                 match shared.queues.set_active(pairs) {
                     Ok(()) => true,
                     Err(e) => {
-                        tracing::warn!("VQ_PAIRS_SET {pairs}: {e}");
+                        crate::guest_warn!("VQ_PAIRS_SET {pairs}: {e}");
                         false
                     }
                 }
