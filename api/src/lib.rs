@@ -294,6 +294,37 @@ pub struct ErrorBody {
 pub struct ApiMessage {
     pub request: ApiRequest,
     pub reply: Sender<ApiResponse>,
+    /// The control loop takes the request before carrying it out; the API thread
+    /// gives it up when it stops waiting. Whichever comes first wins, so a request
+    /// whose client was told it was not carried out never is.
+    pub claim: Claim,
+}
+
+/// Who owns an API request: see [`ApiMessage::claim`].
+#[derive(Clone, Debug, Default)]
+pub struct Claim(std::sync::Arc<std::sync::atomic::AtomicU8>);
+
+impl Claim {
+    const PENDING: u8 = 0;
+    const TAKEN: u8 = 1;
+    const ABANDONED: u8 = 2;
+
+    fn swap(&self, to: u8) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.0
+            .compare_exchange(Self::PENDING, to, SeqCst, SeqCst)
+            .is_ok()
+    }
+
+    /// The control loop: whether to carry the request out (it is now taken).
+    pub fn take(&self) -> bool {
+        self.swap(Self::TAKEN)
+    }
+
+    /// The API thread: whether the request was never taken (and now never will be).
+    pub fn abandon(&self) -> bool {
+        self.swap(Self::ABANDONED)
+    }
 }
 
 /// What `vm.info` returns.

@@ -16,7 +16,7 @@ use std::convert::Infallible;
 use std::io;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::mpsc::{channel, Sender};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::thread::{self, JoinHandle};
@@ -33,7 +33,9 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::Semaphore;
 
 use crate::events::{EventHub, Subscription};
-use crate::{ApiError, ApiMessage, ApiRequest, Endpoint, ErrorBody, RouteError, OPENAPI};
+use crate::{
+    ApiError, ApiMessage, ApiRequest, ApiResponse, Claim, Endpoint, ErrorBody, RouteError, OPENAPI,
+};
 
 /// Largest request body.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -45,6 +47,40 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time the control loop has to answer (an orderly removal waits at most 60 s).
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
+/// How much longer the API waits for a request the control loop took before
+/// [`ANSWER_TIMEOUT`] (the longest, `vm.remove-device`, waits 60 s at most).
+pub const TAKEN_GRACE: Duration = Duration::from_secs(90);
+
+/// Why a request got no answer.
+#[derive(Debug, PartialEq, Eq)]
+enum NoAnswer {
+    /// The control loop never took it; it never will.
+    NotTaken,
+    /// Taken, and still no answer: its outcome is unknown.
+    TakenUnanswered,
+    /// The control loop dropped it: the VMM is ending.
+    Gone,
+}
+
+/// Wait for the control loop's answer: up to `first` for it to be taken (else
+/// the request is abandoned), and `grace` more once it was.
+fn wait_answer(
+    answer: &Receiver<ApiResponse>,
+    claim: &Claim,
+    first: Duration,
+    grace: Duration,
+) -> Result<ApiResponse, NoAnswer> {
+    match answer.recv_timeout(first) {
+        Ok(a) => Ok(a),
+        Err(RecvTimeoutError::Disconnected) => Err(NoAnswer::Gone),
+        Err(RecvTimeoutError::Timeout) if claim.abandon() => Err(NoAnswer::NotTaken),
+        Err(RecvTimeoutError::Timeout) => match answer.recv_timeout(grace) {
+            Ok(a) => Ok(a),
+            Err(RecvTimeoutError::Disconnected) => Err(NoAnswer::Gone),
+            Err(RecvTimeoutError::Timeout) => Err(NoAnswer::TakenUnanswered),
+        },
+    }
+}
 
 /// Wakes the control loop after a message was queued.
 pub type Notifier = Arc<dyn Fn() + Send + Sync>;
@@ -66,6 +102,18 @@ pub fn start(
 ) -> io::Result<JoinHandle<()>> {
     let listener = std::os::unix::net::UnixListener::bind(path)
         .map_err(|e| io::Error::new(e.kind(), format!("api socket {}: {e}", path.display())))?;
+    // Owner only; and a client of another user that gets through anyway (the
+    // socket was reachable between bind and chmod, or someone loosened it) is
+    // answered 403.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("api socket {}: cannot make it 0600: {e}", path.display()),
+            )
+        })?;
+    }
     listener.set_nonblocking(true)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -96,6 +144,11 @@ pub fn start(
                 };
                 let permit = slots.clone().try_acquire_owned().ok();
                 let ctx = ctx.clone();
+                let stranger = match stream.peer_cred() {
+                    Ok(c) if uid_may_connect(c.uid()) => None,
+                    Ok(c) => Some(format!("user {} may not use this socket", c.uid())),
+                    Err(e) => Some(format!("cannot tell the client's user: {e}")),
+                };
                 tokio::spawn(async move {
                     let busy = permit.is_none();
                     // Set when this connection became an event stream.
@@ -103,8 +156,11 @@ pub fn start(
                     let (hub, was_stream) = (ctx.events.clone(), streamed.clone());
                     let service = service_fn(move |req| {
                         let (ctx, streamed) = (ctx.clone(), streamed.clone());
+                        let stranger = stranger.clone();
                         async move {
-                            Ok::<_, Infallible>(if busy {
+                            Ok::<_, Infallible>(if let Some(why) = stranger {
+                                error(StatusCode::FORBIDDEN, why)
+                            } else if busy {
                                 error(
                                     StatusCode::SERVICE_UNAVAILABLE,
                                     "too many API connections at once".into(),
@@ -207,9 +263,11 @@ async fn handle(
         }
     };
     let (reply, answer) = channel();
+    let claim = Claim::default();
     let msg = ApiMessage {
         request: ApiRequest { endpoint, body },
         reply,
+        claim: claim.clone(),
     };
     let sent = ctx
         .to_vmm
@@ -224,7 +282,10 @@ async fn handle(
     }
     (ctx.notify)();
     // The control loop answers on a std channel: wait for it off the runtime's thread.
-    let answer = tokio::task::spawn_blocking(move || answer.recv_timeout(ANSWER_TIMEOUT)).await;
+    let answer = tokio::task::spawn_blocking(move || {
+        wait_answer(&answer, &claim, ANSWER_TIMEOUT, TAKEN_GRACE)
+    })
+    .await;
     match answer {
         Ok(Ok(Ok(serde_json::Value::Null))) => {
             let mut r = Response::new(Full::new(Bytes::new()).boxed());
@@ -236,9 +297,23 @@ async fn handle(
             StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             message,
         ),
-        Ok(Err(_)) | Err(_) => error(
+        Ok(Err(NoAnswer::NotTaken)) => error(
             StatusCode::SERVICE_UNAVAILABLE,
-            "the VMM did not answer".into(),
+            format!(
+                "the VMM did not take the request within {} s; it was not carried out and will not be",
+                ANSWER_TIMEOUT.as_secs()
+            ),
+        ),
+        Ok(Err(NoAnswer::TakenUnanswered)) => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "the VMM took the request but did not answer within {} s: its outcome is unknown (vm.info and the event stream tell)",
+                (ANSWER_TIMEOUT + TAKEN_GRACE).as_secs()
+            ),
+        ),
+        Ok(Err(NoAnswer::Gone)) | Err(_) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the VMM ended before answering".into(),
         ),
     }
 }
@@ -287,9 +362,54 @@ impl Body for EventBody {
     }
 }
 
+/// Who may use the API: root and the user Tandem runs as.
+fn uid_may_connect(uid: u32) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    uid == 0 || uid == unsafe { libc::geteuid() }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    #[test]
+    fn a_request_is_carried_out_or_abandoned_never_both() {
+        let short = Duration::from_millis(20);
+        // Nobody takes it: abandoned, and the control loop will skip it.
+        let (_tx, rx) = channel::<ApiResponse>();
+        let claim = Claim::default();
+        assert_eq!(
+            wait_answer(&rx, &claim, short, short),
+            Err(NoAnswer::NotTaken)
+        );
+        assert!(!claim.take(), "an abandoned request is never carried out");
+        // Taken in time but never answered: the outcome is unknown.
+        let (_tx, rx) = channel::<ApiResponse>();
+        let claim = Claim::default();
+        assert!(claim.take());
+        assert_eq!(
+            wait_answer(&rx, &claim, short, short),
+            Err(NoAnswer::TakenUnanswered)
+        );
+        // Taken, answered during the grace period.
+        let (tx, rx) = channel::<ApiResponse>();
+        let claim = Claim::default();
+        assert!(claim.take());
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(60));
+            tx.send(Ok(serde_json::Value::Null)).unwrap();
+        });
+        let r = wait_answer(&rx, &claim, short, Duration::from_secs(5));
+        assert_eq!(r, Ok(Ok(serde_json::Value::Null)));
+        t.join().unwrap();
+        // The control loop went away.
+        let (tx, rx) = channel::<ApiResponse>();
+        drop(tx);
+        assert_eq!(
+            wait_answer(&rx, &Claim::default(), short, short),
+            Err(NoAnswer::Gone)
+        );
+    }
+
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
     use std::time::Instant;

@@ -307,8 +307,56 @@ fn detached_sink_with(
     ))
 }
 
+/// How big `--serial file=` grows before it is rotated.
+pub const SERIAL_FILE_CAP: u64 = 64 << 20;
+
+/// `--serial file=PATH`. A guest can print forever: when the file would pass
+/// [`SERIAL_FILE_CAP`] it becomes `PATH.old` (replacing the one before) and a
+/// fresh file starts, so the console never takes more than twice the cap.
 pub fn file_sink(path: &Path) -> io::Result<SerialSink> {
-    Ok(Box::new(File::create(path)?))
+    Ok(Box::new(RotatingFile::create(path, SERIAL_FILE_CAP)?))
+}
+
+struct RotatingFile {
+    path: PathBuf,
+    file: File,
+    written: u64,
+    cap: u64,
+}
+
+impl RotatingFile {
+    fn create(path: &Path, cap: u64) -> io::Result<Self> {
+        Ok(Self {
+            path: path.to_path_buf(),
+            file: File::create(path)?,
+            written: 0,
+            cap,
+        })
+    }
+
+    fn rotate(&mut self) -> io::Result<()> {
+        let mut old = self.path.clone().into_os_string();
+        old.push(".old");
+        std::fs::rename(&self.path, &old)?;
+        self.file = File::create(&self.path)?;
+        self.written = 0;
+        Ok(())
+    }
+}
+
+impl Write for RotatingFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.written > 0 && self.written.saturating_add(buf.len() as u64) > self.cap {
+            self.rotate()?;
+        }
+        let n = self.file.write(buf)?;
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
 }
 
 /// A unix-socket console: Tandem listens on a path; one client at a time
@@ -328,11 +376,14 @@ struct SocketState {
 }
 
 impl SocketConsole {
-    /// Bind `path` (it must not exist) and start accepting clients.
+    /// Bind `path` (it must not exist) and start accepting clients. The socket is
+    /// made 0600, and a client whose user is neither root nor Tandem's own is
+    /// turned away (a guest console is a root shell, often).
     pub fn bind(path: &Path) -> io::Result<Self> {
         let listener = UnixListener::bind(path).map_err(|e| {
             io::Error::new(e.kind(), format!("serial socket {}: {e}", path.display()))
         })?;
+        restrict_socket(path)?;
         let console = Self {
             shared: Arc::default(),
             path: path.to_path_buf(),
@@ -352,12 +403,29 @@ impl SocketConsole {
     fn accept_loop(self, listener: UnixListener) {
         for stream in listener.incoming() {
             let Ok(stream) = stream else { continue };
+            match peer_uid(&stream) {
+                Ok(uid) if uid_may_connect(uid) => {}
+                Ok(uid) => {
+                    tracing::warn!("serial socket: turned away a client of user {uid}");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!("serial socket: cannot tell a client's user ({e}); turned away");
+                    continue;
+                }
+            }
             let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
             let Ok(reader) = stream.try_clone() else {
                 continue;
             };
             {
                 let mut st = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+                // One client at a time: the newest replaces the last, whose input
+                // thread sees its socket shut and ends, so it never feeds the guest
+                // again.
+                if let Some(old) = st.client.take() {
+                    let _ = old.shutdown(std::net::Shutdown::Both);
+                }
                 let mut s = &stream;
                 let backlog: Vec<u8> = st.backlog.drain(..).collect();
                 if s.write_all(&backlog).is_err() {
@@ -419,8 +487,71 @@ impl SocketConsole {
     }
 }
 
+/// Make the socket at `path` reachable by its owner only.
+pub fn restrict_socket(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("socket {}: cannot make it 0600: {e}", path.display()),
+        )
+    })
+}
+
+/// The user at the other end of `stream`.
+pub fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED writes at most `len` bytes, a `ucred`, into `cred`,
+    // which lives across the call; the fd is the stream's own.
+    let r = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred.uid)
+}
+
+/// Who may use Tandem's sockets: root and the user Tandem runs as.
+pub fn uid_may_connect(uid: u32) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    uid == 0 || uid == unsafe { libc::geteuid() }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_serial_file_is_rotated_at_its_cap() {
+        let dir = std::env::temp_dir().join(format!("tandem-serial-rot-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("console.log");
+        let mut f = RotatingFile::create(&path, 100).unwrap();
+        for i in 0..10u8 {
+            f.write_all(&[b'a' + i; 60]).unwrap();
+        }
+        // Each 60-byte write after the first of a file passes the cap: only the
+        // last two stay, one per file.
+        assert_eq!(std::fs::read(&path).unwrap(), vec![b'j'; 60]);
+        assert_eq!(
+            std::fs::read(dir.join("console.log.old")).unwrap(),
+            vec![b'i'; 60]
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 

@@ -555,6 +555,13 @@ impl Vmm {
         let mut reboot = false;
         for msg in msgs {
             let endpoint = msg.request.endpoint;
+            if !msg.claim.take() {
+                // The API thread stopped waiting and told the client so.
+                tracing::warn!(
+                    "API request {endpoint:?} dropped: its client was told it would not be carried out"
+                );
+                continue;
+            }
             let reply: ApiResponse = match endpoint {
                 Endpoint::VmAddNet => self.add_net(vm, &msg.request.body),
                 Endpoint::VmAddDevice => self.add_device(vm, &msg.request.body),
@@ -1058,7 +1065,9 @@ impl Vmm {
             if self.failover.primary_of(&id).is_some() {
                 // net_failover would lose its standby slave under the primary; Tandem
                 // keeps a standby with a primary, as `vm.remove-device` does.
-                tracing::warn!("the guest ejected {id}, the standby of a failover pair; it stays");
+                devices::guest_warn!(
+                    "the guest ejected {id}, the standby of a failover pair; it stays"
+                );
                 continue;
             }
             if let Err(e) = self.drop_device(vm, &id, false) {

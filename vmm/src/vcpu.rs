@@ -204,6 +204,25 @@ pub struct VcpuContext {
     pub events: Arc<VmEvents>,
 }
 
+/// The width of the port I/O access the current exit reports (1, 2 or 4).
+fn io_access_size() -> usize {
+    KVM_RUN_PTR.with(|p| {
+        let run = p.get();
+        if run.is_null() {
+            return 1;
+        }
+        // SAFETY: the pointer is this thread's kvm_run mapping (set in
+        // `run_vcpu`); after a KVM_EXIT_IO the kernel has filled `io`. Only this
+        // field is read, not the data area the exit's slice borrows.
+        let size =
+            unsafe { std::ptr::read_volatile(std::ptr::addr_of!((*run).__bindgen_anon_1.io.size)) };
+        match size {
+            1 | 2 | 4 => usize::from(size),
+            _ => 1,
+        }
+    })
+}
+
 /// The vCPU thread body.
 pub fn run_vcpu(mut vcpu: VcpuFd, ctx: VcpuContext) {
     KVM_RUN_PTR.with(|p| p.set(vcpu.get_kvm_run() as *mut kvm_run));
@@ -235,13 +254,20 @@ pub fn run_vcpu(mut vcpu: VcpuFd, ctx: VcpuContext) {
 
 fn handle_exit(exit: VcpuExit, ctx: &VcpuContext) -> Result<(), String> {
     match exit {
+        // A string instruction (`rep outsb`, `rep insw`...) comes as one exit with
+        // `count` accesses of `size` bytes each, back to back: each goes to the
+        // port on its own.
         VcpuExit::IoIn(port, data) => {
-            if !ctx.pio.read(u64::from(port), data) {
-                data.fill(0xff);
+            for chunk in data.chunks_mut(io_access_size()) {
+                if !ctx.pio.read(u64::from(port), chunk) {
+                    chunk.fill(0xff);
+                }
             }
         }
         VcpuExit::IoOut(port, data) => {
-            ctx.pio.write(u64::from(port), data);
+            for chunk in data.chunks(io_access_size()) {
+                ctx.pio.write(u64::from(port), chunk);
+            }
         }
         VcpuExit::MmioRead(addr, data) => {
             if !ctx.mmio.read(addr, data) {
