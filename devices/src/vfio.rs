@@ -51,7 +51,7 @@ const COMMAND_REG: usize = COMMAND_STATUS_REG;
 const ROM_REG: usize = 12;
 const MSI_CAP_ID: u8 = 0x05;
 const CMD_MEMORY: u16 = 1 << 1;
-const CMD_BUS_MASTER: u16 = 1 << 2;
+const CMD_BUS_MASTER: u16 = crate::pci::config::COMMAND_BUS_MASTER;
 const MSIX_ENABLE: u16 = 1 << 15;
 
 /// Maps host memory (a BAR's mmap) into guest physical space: KVM memory slots,

@@ -13,6 +13,8 @@ const SUBSYSTEM_REG: usize = 11;
 pub(crate) const CAP_PTR_REG: usize = 13;
 pub(crate) const INTERRUPT_REG: usize = 15;
 const STATUS_CAP_LIST: u32 = 1 << 20;
+/// Command register: the function may master the bus (DMA, MSI writes).
+pub(crate) const COMMAND_BUS_MASTER: u16 = 1 << 2;
 pub(crate) const FIRST_CAP_OFFSET: usize = 0x40;
 pub(crate) const STD_CONFIG_END: usize = 0x100;
 

@@ -16,6 +16,7 @@ use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
+use crate::pci::config::{COMMAND_BUS_MASTER, COMMAND_STATUS_REG};
 use crate::pci::msix::{self, InterruptRoutes, MsixState, SharedMsix};
 use crate::pci::{BarKind, BarMove, PciClass, PciConfig, PciDevice};
 
@@ -106,6 +107,9 @@ pub struct VirtioPciDevice {
     isr: Arc<AtomicU8>,
     interrupt: Option<Arc<MsixInterrupt>>,
     observer: Option<StatusObserver>,
+    /// Stopped because the driver turned bus mastering off while the device ran:
+    /// only a reset starts it again.
+    dma_off: bool,
 }
 
 impl VirtioPciDevice {
@@ -183,6 +187,7 @@ impl VirtioPciDevice {
             isr: Arc::new(AtomicU8::new(0)),
             interrupt: None,
             observer: None,
+            dma_off: false,
         };
         dev.register_ioevents(bar0)?;
         Ok(dev)
@@ -255,6 +260,7 @@ impl VirtioPciDevice {
     fn reset(&mut self) {
         self.device.reset();
         self.interrupt = None;
+        self.dma_off = false;
         self.status = 0;
         self.driver_features = 0;
         self.device_feature_select = 0;
@@ -301,6 +307,11 @@ impl VirtioPciDevice {
             }
         }
         self.status = v;
+        if newly & STATUS_DRIVER_OK != 0 && self.dma_off {
+            // The driver must reset the device before it runs again.
+            self.status = (v & !STATUS_DRIVER_OK) | STATUS_NEEDS_RESET;
+            return;
+        }
         if newly & STATUS_DRIVER_OK != 0 && v & STATUS_FEATURES_OK != 0 {
             match self.activate() {
                 Ok(()) => self.observe(DriverStatus::DriverOk),
@@ -500,7 +511,24 @@ impl PciDevice for VirtioPciDevice {
     }
 
     fn config_write(&mut self, reg: usize, offset: usize, data: &[u8]) -> Option<BarMove> {
+        let master =
+            |c: &PciConfig| c.read(COMMAND_STATUS_REG) & u32::from(COMMAND_BUS_MASTER) != 0;
+        let was_master = master(&self.config);
         let moved = self.config.write(reg, offset, data);
+        if was_master && !master(&self.config) && self.status & STATUS_DRIVER_OK != 0 {
+            // No more DMA: the workers stop touching guest memory and raising
+            // interrupts, as a real function would (kexec turns bus mastering off
+            // before the next kernel reuses the memory). The driver sees DRIVER_OK
+            // gone and NEEDS_RESET; a reset starts it again.
+            tracing::debug!(
+                "virtio type {}: bus mastering off: stopped",
+                self.device.device_type()
+            );
+            self.device.reset();
+            self.interrupt = None;
+            self.status = (self.status & !STATUS_DRIVER_OK) | STATUS_NEEDS_RESET;
+            self.dma_off = true;
+        }
         if reg == self.msix_cap_off / 4 {
             let ctrl = (self.config.read(reg) >> 16) as u16;
             self.msix
@@ -606,8 +634,10 @@ mod tests {
     use super::*;
     use crate::pci::msix::tests::FakeRoutes;
 
-    /// A device with one queue that takes any feature set but bit 3.
-    struct Fake;
+    /// A device with one queue that takes any feature set but bit 3; counts its
+    /// activations and resets.
+    #[derive(Default)]
+    struct Fake(Arc<Mutex<(u32, u32)>>);
     impl VirtioDevice for Fake {
         fn device_type(&self) -> u16 {
             1
@@ -624,15 +654,18 @@ mod tests {
         fn read_config(&self, _: u64, _: &mut [u8]) {}
         fn write_config(&mut self, _: u64, _: &[u8]) {}
         fn activate(&mut self, _: ActivateArgs) -> Result<(), ActivateError> {
+            self.0.lock().unwrap().0 += 1;
             Ok(())
         }
-        fn reset(&mut self) {}
+        fn reset(&mut self) {
+            self.0.lock().unwrap().1 += 1;
+        }
     }
 
     fn device() -> (VirtioPciDevice, Arc<Mutex<Vec<DriverStatus>>>) {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let mut dev = VirtioPciDevice::new(
-            Box::new(Fake),
+            Box::new(Fake::default()),
             mem,
             Arc::new(FakeRoutes::default()),
             0xc000_0000,
@@ -694,5 +727,55 @@ mod tests {
                 DriverStatus::Reset,
             ]
         );
+    }
+
+    #[test]
+    fn bus_mastering_off_stops_a_running_device_until_a_reset() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let counts = Arc::new(Mutex::new((0, 0)));
+        let mut dev = VirtioPciDevice::new(
+            Box::new(Fake(counts.clone())),
+            mem,
+            Arc::new(FakeRoutes::default()),
+            0xc000_0000,
+        )
+        .unwrap();
+        let command = |dev: &mut VirtioPciDevice, v: u16| {
+            dev.config_write(COMMAND_STATUS_REG, 0, &v.to_le_bytes());
+        };
+        let run = |dev: &mut VirtioPciDevice| {
+            status(dev, 0);
+            status(dev, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+            features(dev, 1 << 32);
+            let ok = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
+            status(dev, ok);
+            status(dev, ok | STATUS_DRIVER_OK);
+        };
+        command(&mut dev, 0x6); // memory + bus master
+        run(&mut dev);
+        assert_eq!(counts.lock().unwrap().0, 1, "activated");
+        let resets = counts.lock().unwrap().1;
+        // Bus mastering off: stopped, and the driver is told.
+        command(&mut dev, 0x2);
+        assert_eq!(counts.lock().unwrap().1, resets + 1, "the workers stopped");
+        assert_eq!(
+            dev.status() & (STATUS_DRIVER_OK | STATUS_NEEDS_RESET),
+            STATUS_NEEDS_RESET
+        );
+        // On again, and DRIVER_OK without a reset: it stays stopped.
+        command(&mut dev, 0x6);
+        let s = dev.status() & !STATUS_NEEDS_RESET;
+        status(&mut dev, s | STATUS_DRIVER_OK);
+        assert_eq!(counts.lock().unwrap().0, 1, "not activated again");
+        assert_ne!(dev.status() & STATUS_NEEDS_RESET, 0);
+        // A reset and a new negotiation: running again.
+        run(&mut dev);
+        assert_eq!(counts.lock().unwrap().0, 2);
+        assert_eq!(dev.status() & STATUS_NEEDS_RESET, 0);
+        // Turning bus mastering off while not running changes nothing.
+        status(&mut dev, 0);
+        let resets = counts.lock().unwrap().1;
+        command(&mut dev, 0x2);
+        assert_eq!(counts.lock().unwrap().1, resets);
     }
 }
