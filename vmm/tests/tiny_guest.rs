@@ -1296,3 +1296,149 @@ fn hotplug_api_without_guest_cooperation() {
         "{text:?}"
     );
 }
+
+/// A process's thread names.
+fn thread_names(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .map(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        })
+        .collect()
+}
+
+/// A process's (open fds, threads, resident KiB). The API runtime's blocking
+/// pool (`tokio-rt-worker`: one per waiting request, bounded by the connection
+/// limit, gone after 10 s idle) is not counted.
+fn footprint(pid: u32) -> (usize, usize, u64) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    let threads = thread_names(pid)
+        .iter()
+        .filter(|n| *n != "tokio-rt-worker")
+        .count();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    (fds, threads, rss)
+}
+
+/// `cycles` hot-add/remove cycles in one VM, orderly-then-surprise (a 20 ms
+/// timeout: this guest never ejects) and surprise alternating, then `reboots`
+/// reboots with the NIC in place; the VMM's fds, threads and RSS, measured after
+/// a warm-up and at the end, must not grow. Returns the two measurements.
+fn hotplug_soak(
+    tag: &str,
+    cycles: usize,
+    reboots: u32,
+) -> ((usize, usize, u64), (usize, usize, u64)) {
+    let dir = Scratch::new(tag);
+    let k = dir.idle_kernel();
+    let ns = Netns::new(tag);
+    ns.add_tap("sk0");
+    let sock = dir.path("api.sock");
+    let child = ns
+        .exec(&[
+            TANDEM,
+            "run",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--serial",
+            "off",
+            "--api-socket",
+            sock.to_str().unwrap(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = Running(child);
+    let pid = child.0.id();
+    wait_for(&sock);
+    let put = |path: &str, body: &str| api(&sock, "PUT", &format!("/api/v1/{path}"), body);
+    let add = r#"{"id": "sk", "tap": "sk0", "mac": "52:54:00:00:05:01", "slot": 4}"#;
+    let cycle = |i: usize| {
+        let (st, b) = put("vm.add-net", add);
+        assert_eq!(st, 200, "cycle {i}: {b}");
+        let body = if i.is_multiple_of(2) {
+            r#"{"id": "sk", "timeout_ms": 20, "on_timeout": "surprise"}"#
+        } else {
+            r#"{"id": "sk", "surprise": true}"#
+        };
+        let (st, b) = put("vm.remove-device", body);
+        assert_eq!(st, 200, "cycle {i}: {b}");
+    };
+    let mut boots = 1;
+    let mut reboot = || {
+        boots += 1;
+        assert_eq!(put("vm.reboot", "").0, 204);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, info) = api(&sock, "GET", "/api/v1/vm.info", "");
+            let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+            if v["boots"] == boots && v["state"] == "running" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "boot {boots}: {info}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    // Warm-up: what is created once and kept (KVM's per-VM kernel thread comes
+    // with the first run).
+    for i in 0..10 {
+        cycle(i);
+    }
+    reboot();
+    let before = footprint(pid);
+    for i in 0..cycles {
+        cycle(i);
+    }
+    let (st, b) = put("vm.add-net", add);
+    assert_eq!(st, 200, "{b}");
+    for _ in 0..reboots {
+        reboot();
+    }
+    let (st, b) = put("vm.remove-device", r#"{"id": "sk", "surprise": true}"#);
+    assert_eq!(st, 200, "{b}");
+    // Threads of the last removal may still be finishing.
+    std::thread::sleep(Duration::from_millis(500));
+    let after = footprint(pid);
+    eprintln!("{tag}: threads at the end: {:?}", thread_names(pid));
+    assert_eq!(put("vm.shutdown", "").0, 204);
+    assert!(child.0.wait().unwrap().success());
+    eprintln!("{tag}: {cycles} hotplug cycles, {reboots} reboots: (fds, threads, RSS KiB) {before:?} -> {after:?}");
+    (before, after)
+}
+
+/// Flat: no more fds or threads, RSS within 4 MiB (allocator slack).
+fn assert_flat(cycles: usize, reboots: u32) {
+    let (before, after) = hotplug_soak(&format!("soak-{cycles}"), cycles, reboots);
+    assert!(after.0 <= before.0, "fds grew: {before:?} -> {after:?}");
+    assert!(after.1 <= before.1, "threads grew: {before:?} -> {after:?}");
+    assert!(
+        after.2 <= before.2 + 4096,
+        "RSS grew by more than 4 MiB: {before:?} -> {after:?}"
+    );
+}
+
+#[test]
+fn hotplug_and_reboot_soak_short() {
+    assert_flat(40, 10);
+}
+
+/// The long soak (issue 12): `cargo test -p vmm --test tiny_guest hotplug_and_reboot_soak
+/// -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn hotplug_and_reboot_soak() {
+    assert_flat(1000, 100);
+}
