@@ -190,6 +190,27 @@ fn wait_for(path: &Path) {
     }
 }
 
+/// `tandem run` of `kernel` with its console on the socket `serial` and the API on
+/// `api`, once both exist.
+fn run_with_sockets(kernel: &Path, serial: &Path, api: &Path) -> Running {
+    let child = tandem(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--serial",
+        &format!("socket={}", serial.display()),
+        "--api-socket",
+        api.to_str().unwrap(),
+    ])
+    .stdout(Stdio::null())
+    .spawn()
+    .unwrap();
+    let child = Running(child);
+    wait_for(serial);
+    wait_for(api);
+    child
+}
+
 struct Running(Child);
 impl Drop for Running {
     fn drop(&mut self) {
@@ -372,22 +393,7 @@ fn sockets_are_for_their_owner_and_one_console_client() {
     let dir = Scratch::new("owner");
     let k = dir.kernel(&echo_guest());
     let (sock, api_sock) = (dir.path("serial.sock"), dir.path("api.sock"));
-    let child = tandem(&[
-        "run",
-        "--kernel",
-        k.to_str().unwrap(),
-        "--serial",
-        &format!("socket={}", sock.display()),
-        "--api-socket",
-        api_sock.to_str().unwrap(),
-    ])
-    .stdout(Stdio::null())
-    .stderr(Stdio::null())
-    .spawn()
-    .unwrap();
-    let mut child = Running(child);
-    wait_for(&sock);
-    wait_for(&api_sock);
+    let mut child = run_with_sockets(&k, &sock, &api_sock);
     for p in [&sock, &api_sock] {
         let mode = std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{}", p.display());
@@ -567,21 +573,7 @@ fn a_double_reset_request_resets_once() {
     let k = dir.kernel(&a.0);
     let serial = dir.path("serial.sock");
     let sock = dir.path("api.sock");
-    let child = tandem(&[
-        "run",
-        "--kernel",
-        k.to_str().unwrap(),
-        "--serial",
-        &format!("socket={}", serial.display()),
-        "--api-socket",
-        sock.to_str().unwrap(),
-    ])
-    .stdout(Stdio::null())
-    .spawn()
-    .unwrap();
-    let mut child = Running(child);
-    wait_for(&serial);
-    wait_for(&sock);
+    let mut child = run_with_sockets(&k, &serial, &sock);
     let mut s = UnixStream::connect(&serial).unwrap();
     s.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
