@@ -5,7 +5,9 @@
 //! PCI devices additionally implement [`pci::PciDevice`] (config space and
 //! BARs); the two traits are deliberately separate.
 //!
-//! This crate knows nothing about KVM VM setup, the API or migration: the
+//! Every device saves and restores its state through [`snapshot::Snapshot`].
+//!
+//! This crate knows nothing about KVM VM setup, the API or the migration transport: the
 //! VMM hands devices the few host resources they need (an interrupt
 //! [`Interrupt`], an output sink, an event fd to signal a reset).
 
@@ -16,6 +18,7 @@ pub mod pci;
 pub mod ratelimit;
 pub mod rtc;
 pub mod serial;
+pub mod snapshot;
 pub mod vfio;
 pub mod virtio;
 

@@ -110,6 +110,38 @@ impl BusDevice for Rtc {
     }
 }
 
+/// The CMOS RAM and the index register; the time comes from the host.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct RtcState {
+    index: u8,
+    ram: Vec<u8>,
+}
+
+impl crate::snapshot::Snapshot for Rtc {
+    type State = RtcState;
+    const VERSION: u32 = 1;
+    fn snapshot_name(&self) -> String {
+        "rtc".into()
+    }
+    fn save(&self) -> Result<RtcState, crate::snapshot::SnapshotError> {
+        Ok(RtcState {
+            index: self.index,
+            ram: self.ram.clone(),
+        })
+    }
+    fn restore(&mut self, s: RtcState) -> Result<(), crate::snapshot::SnapshotError> {
+        if s.ram.len() != 128 || s.index > 0x7f {
+            return Err(crate::snapshot::SnapshotError::bad(
+                "rtc",
+                "CMOS RAM must be 128 bytes and the index below 0x80",
+            ));
+        }
+        self.index = s.index;
+        self.ram = s.ram;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,5 +173,13 @@ mod tests {
         r.write(RTC_PORT, 0, &[0x00]);
         r.write(RTC_PORT, 1, &[0x99]);
         assert_ne!(rd(&mut r, 0x00), 0x99, "the clock is not writable");
+        let mut fresh = Rtc::new();
+        crate::snapshot::testing::round_trip(&r, &mut fresh);
+        assert_eq!(rd(&mut fresh, 0x40), 0xab);
+        let bad = crate::snapshot::Saved {
+            version: 1,
+            state: serde_json::json!({"index": 0, "ram": [1, 2]}),
+        };
+        assert!(crate::snapshot::restore(&mut fresh, bad).is_err());
     }
 }

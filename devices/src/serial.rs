@@ -154,6 +154,81 @@ impl BusDevice for Serial {
     }
 }
 
+/// The UART's registers and the input the guest has not read yet.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct SerialState {
+    divisor: [u8; 2],
+    ier: u8,
+    iir: u8,
+    lcr: u8,
+    lsr: u8,
+    mcr: u8,
+    msr: u8,
+    scratch: u8,
+    input: Vec<u8>,
+}
+
+impl crate::snapshot::Snapshot for Serial {
+    type State = SerialState;
+    const VERSION: u32 = 1;
+    fn snapshot_name(&self) -> String {
+        "serial".into()
+    }
+    fn save(&self) -> Result<SerialState, crate::snapshot::SnapshotError> {
+        let st = self.uart.as_ref().map(|u| u.state()).unwrap_or_default();
+        Ok(SerialState {
+            divisor: [st.baud_divisor_low, st.baud_divisor_high],
+            ier: st.interrupt_enable,
+            iir: st.interrupt_identification,
+            lcr: st.line_control,
+            lsr: st.line_status,
+            mcr: st.modem_control,
+            msr: st.modem_status,
+            scratch: st.scratch,
+            input: st.in_buffer,
+        })
+    }
+    /// The interrupt and the host backend stay this side's.
+    fn restore(&mut self, s: SerialState) -> Result<(), crate::snapshot::SnapshotError> {
+        if s.input.len() > FIFO_SIZE {
+            return Err(crate::snapshot::SnapshotError::bad(
+                "serial",
+                format!(
+                    "{} bytes of input in a {FIFO_SIZE}-byte FIFO",
+                    s.input.len()
+                ),
+            ));
+        }
+        let Some(old) = self.uart.take() else {
+            return Ok(());
+        };
+        let trigger = old.interrupt_evt().clone();
+        let out = old.into_writer();
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: s.divisor[0],
+            baud_divisor_high: s.divisor[1],
+            interrupt_enable: s.ier,
+            interrupt_identification: s.iir,
+            line_control: s.lcr,
+            line_status: s.lsr,
+            modem_control: s.mcr,
+            modem_status: s.msr,
+            scratch: s.scratch,
+            in_buffer: s.input,
+        };
+        match vm_superio::Serial::from_state(&state, trigger, NoEvents, out) {
+            Ok(u) => {
+                self.uart = Some(u);
+                Ok(())
+            }
+            Err(e) => Err(crate::snapshot::SnapshotError::bad(
+                "serial",
+                format!("{e:?}"),
+            )),
+        }
+    }
+}
+
 /// Feed `input` into the UART until EOF, waiting while its FIFO is full.
 pub fn pump_input(serial: Arc<Mutex<Serial>>, mut input: impl Read) {
     let mut buf = [0u8; 256];

@@ -648,6 +648,28 @@ impl PciDevice for VfioPciDevice {
     }
 }
 
+/// A passthrough function's state lives in the hardware: it cannot be saved. A VM
+/// migrates once its passthrough devices are gone (a failover primary is unplugged
+/// first, and the destination plugs its own).
+impl crate::snapshot::Snapshot for VfioPciDevice {
+    type State = ();
+    const VERSION: u32 = 1;
+    fn snapshot_name(&self) -> String {
+        let (v, d) = self.ids();
+        format!("passthrough device {v:04x}:{d:04x}")
+    }
+    fn save(&self) -> Result<(), crate::snapshot::SnapshotError> {
+        Err(crate::snapshot::SnapshotError::NotMigratable(
+            self.snapshot_name(),
+        ))
+    }
+    fn restore(&mut self, _: ()) -> Result<(), crate::snapshot::SnapshotError> {
+        Err(crate::snapshot::SnapshotError::NotMigratable(
+            self.snapshot_name(),
+        ))
+    }
+}
+
 impl Drop for VfioPciDevice {
     fn drop(&mut self) {
         if self.msix.state.enabled() {

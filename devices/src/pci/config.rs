@@ -257,6 +257,27 @@ impl PciConfig {
         })
     }
 
+    /// Every register as the guest sees it (for migration).
+    pub fn guest_regs(&self) -> Vec<u32> {
+        self.regs.clone()
+    }
+
+    /// Take over what a guest wrote into `saved` (BAR bases, command, interrupt line,
+    /// writable capability bits); everything read-only stays as this device built it,
+    /// so a state cannot turn the device into another one.
+    pub fn restore_guest_regs(&mut self, saved: &[u32]) -> Result<(), String> {
+        if saved.len() != CONFIG_DWORDS {
+            return Err(format!(
+                "config space of {} dwords, not {CONFIG_DWORDS}",
+                saved.len()
+            ));
+        }
+        for ((r, w), v) in self.regs.iter_mut().zip(&self.writable).zip(saved) {
+            *r = (*r & !w) | (v & w);
+        }
+        Ok(())
+    }
+
     /// Which BAR a register belongs to (either half of a 64-bit BAR).
     fn bar_of_reg(&self, reg: usize) -> Option<usize> {
         let idx = reg.checked_sub(BAR0_REG).filter(|i| *i < 6)?;

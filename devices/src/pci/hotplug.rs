@@ -147,6 +147,34 @@ impl BusDevice for PciHotplug {
     }
 }
 
+/// Slot news the guest has not read yet (the VMM takes ejects as they come).
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct HotplugState {
+    up: u32,
+    down: u32,
+}
+
+impl crate::snapshot::Snapshot for PciHotplug {
+    type State = HotplugState;
+    const VERSION: u32 = 1;
+    fn snapshot_name(&self) -> String {
+        "pci-hotplug".into()
+    }
+    fn save(&self) -> Result<HotplugState, crate::snapshot::SnapshotError> {
+        Ok(HotplugState {
+            up: self.up,
+            down: self.down,
+        })
+    }
+    /// News still unread is raised again: the interrupt raised on the source is gone.
+    fn restore(&mut self, s: HotplugState) -> Result<(), crate::snapshot::SnapshotError> {
+        self.up = s.up & !1;
+        self.down = s.down & !1;
+        self.reraise_if_pending();
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

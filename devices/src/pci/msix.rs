@@ -247,6 +247,23 @@ impl MsixState {
     pub fn save(&self) -> MsixTableState {
         self.table.clone()
     }
+
+    /// Take over a saved table: same vector count, and the routes follow it.
+    pub fn restore(&mut self, table: MsixTableState) -> Result<(), String> {
+        let n = self.count();
+        if table.entries.len() != n || table.pending.len() != n {
+            return Err(format!(
+                "an MSI-X table of {} vectors for a device with {n}",
+                table.entries.len()
+            ));
+        }
+        self.table = table;
+        self.table.control &= CTRL_ENABLE | CTRL_FUNCTION_MASK;
+        for i in 0..n {
+            self.update_route(i);
+        }
+        Ok(())
+    }
 }
 
 impl Drop for MsixState {

@@ -16,6 +16,8 @@ use std::sync::Arc;
 use vm_memory::bitmap::AtomicBitmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::snapshot::{Saved, SnapshotError};
+
 /// Guest memory as devices see it: with the dirty bitmap migration reads.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 pub type Queue = virtio_queue::Queue;
@@ -88,6 +90,20 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, args: ActivateArgs) -> Result<(), ActivateError>;
     /// Stop processing and return to the pre-activation state.
     fn reset(&mut self);
+    /// Stop the data path and forget nothing: every worker joined, no more guest
+    /// memory access or interrupts. Returns the position (index, next_avail,
+    /// next_used) of each queue it ran; chains a worker had taken and not used are
+    /// handed back (not counted as taken), so the guest loses no buffer. The next
+    /// [`VirtioDevice::activate`] carries on from these positions.
+    fn pause(&mut self) -> Vec<(usize, u16, u16)>;
+    /// The device's own state (negotiated features, addresses, link...), for migration.
+    fn save_device(&self) -> Result<Saved, SnapshotError>;
+    /// Take a saved state over; the device is inactive and activated later.
+    fn restore_device(&mut self, saved: Saved) -> Result<(), SnapshotError>;
+    /// After a migration: tell the network the guest is behind this device now.
+    /// True if the guest was asked through the config space (the transport then
+    /// raises the configuration-change interrupt).
+    fn announce_moved(&mut self) -> bool;
     /// Has a worker hit a fatal guest error (the device needs a reset)?
     fn needs_reset(&self) -> bool {
         false

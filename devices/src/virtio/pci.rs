@@ -15,10 +15,13 @@ use std::sync::{Arc, Mutex};
 use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::EventFd;
 
+use serde::{Deserialize, Serialize};
+
 use super::*;
 use crate::pci::config::{COMMAND_BUS_MASTER, COMMAND_STATUS_REG};
 use crate::pci::msix::{self, InterruptRoutes, MsixState, SharedMsix};
 use crate::pci::{BarKind, BarMove, PciClass, PciConfig, PciDevice};
+use crate::snapshot::{Saved, SnapshotError};
 
 pub const BAR0_SIZE: u64 = 0x8000;
 const COMMON_OFF: u64 = 0x0000;
@@ -110,6 +113,40 @@ pub struct VirtioPciDevice {
     /// Stopped because the driver turned bus mastering off while the device ran:
     /// only a reset starts it again.
     dma_off: bool,
+    /// The data path is stopped for a pause or a migration; [`VirtioPciDevice::resume`]
+    /// starts it again where it stopped.
+    paused: bool,
+}
+
+/// One queue's registers and position.
+#[derive(Serialize, Deserialize)]
+pub struct QueueRegs {
+    size: u16,
+    ready: bool,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    next_avail: u16,
+    next_used: u16,
+    vector: u16,
+}
+
+/// The transport as the guest left it, with the device behind it.
+#[derive(Serialize, Deserialize)]
+pub struct VirtioPciState {
+    config: Vec<u32>,
+    msix: msix::MsixTableState,
+    status: u8,
+    device_feature_select: u32,
+    driver_feature_select: u32,
+    driver_features: u64,
+    config_vector: u16,
+    queue_select: u16,
+    config_generation: u8,
+    isr: u8,
+    dma_off: bool,
+    queues: Vec<QueueRegs>,
+    device: Saved,
 }
 
 impl VirtioPciDevice {
@@ -188,6 +225,7 @@ impl VirtioPciDevice {
             interrupt: None,
             observer: None,
             dma_off: false,
+            paused: false,
         };
         dev.register_ioevents(bar0)?;
         Ok(dev)
@@ -211,6 +249,11 @@ impl VirtioPciDevice {
                 .routes
                 .unregister_ioevent(&q.evt, Self::notify_addr(base, i));
         }
+    }
+
+    /// Where BAR 0 is now.
+    pub fn bar0(&self) -> u64 {
+        self.bar0
     }
 
     /// The device status as the driver reads it (NEEDS_RESET included).
@@ -257,10 +300,61 @@ impl VirtioPciDevice {
         }
     }
 
+    /// Stop the data path (see [`VirtioDevice::pause`]); the queues keep their
+    /// positions for [`VirtioPciDevice::resume`] or a save.
+    pub fn pause(&mut self) {
+        if self.paused {
+            return;
+        }
+        self.paused = true;
+        for (idx, next_avail, next_used) in self.device.pause() {
+            if let Some(q) = self.queues.get_mut(idx) {
+                q.queue.set_next_avail(next_avail);
+                q.queue.set_next_used(next_used);
+            }
+        }
+    }
+
+    /// Start the data path again after [`VirtioPciDevice::pause`] (or a restore). Every
+    /// queue is looked at and every vector raised once: a kick or an interrupt that
+    /// fell into the pause is not lost (a spurious one is harmless).
+    pub fn resume(&mut self) {
+        if !std::mem::take(&mut self.paused) || self.interrupt.is_none() {
+            return;
+        }
+        if let Err(e) = self.activate() {
+            crate::guest_warn!(
+                "virtio device type {}: cannot start again: {e}",
+                self.device.device_type()
+            );
+            self.status |= STATUS_NEEDS_RESET;
+            self.config_changed();
+            return;
+        }
+        for (i, q) in self.queues.iter().enumerate() {
+            if q.queue.ready() {
+                let _ = q.evt.write(1);
+                if let Some(irq) = &self.interrupt {
+                    irq.notify_queue(i);
+                }
+            }
+        }
+    }
+
+    /// After a migration: have the guest announce itself through this device.
+    pub fn announce_moved(&mut self) {
+        if self.device.announce_moved() {
+            if let Some(i) = &self.interrupt {
+                i.notify_config();
+            }
+        }
+    }
+
     fn reset(&mut self) {
         self.device.reset();
         self.interrupt = None;
         self.dma_off = false;
+        self.paused = false;
         self.status = 0;
         self.driver_features = 0;
         self.device_feature_select = 0;
@@ -325,12 +419,7 @@ impl VirtioPciDevice {
     }
 
     fn activate(&mut self) -> Result<(), ActivateError> {
-        let interrupt = Arc::new(MsixInterrupt {
-            msix: self.msix.clone(),
-            queue_vectors: self.queues.iter().map(|q| q.vector).collect(),
-            config_vector: self.config_vector,
-            isr: self.isr.clone(),
-        });
+        let interrupt = self.interrupt_for_queues();
         let mut queues = Vec::new();
         for (i, q) in self.queues.iter().enumerate() {
             if !q.queue.ready() {
@@ -360,6 +449,15 @@ impl VirtioPciDevice {
         })?;
         self.interrupt = Some(interrupt);
         Ok(())
+    }
+
+    fn interrupt_for_queues(&self) -> Arc<MsixInterrupt> {
+        Arc::new(MsixInterrupt {
+            msix: self.msix.clone(),
+            queue_vectors: self.queues.iter().map(|q| q.vector).collect(),
+            config_vector: self.config_vector,
+            isr: self.isr.clone(),
+        })
     }
 
     fn read_common(&self, offset: u64, data: &mut [u8]) {
@@ -619,6 +717,131 @@ impl PciDevice for VirtioPciDevice {
     }
 }
 
+impl crate::snapshot::Snapshot for VirtioPciDevice {
+    type State = VirtioPciState;
+    const VERSION: u32 = 1;
+    fn snapshot_name(&self) -> String {
+        format!("virtio-pci device type {}", self.device.device_type())
+    }
+
+    fn save(&self) -> Result<VirtioPciState, SnapshotError> {
+        if self.interrupt.is_some() && !self.paused {
+            return Err(SnapshotError::bad(
+                self.snapshot_name(),
+                "saved while its data path runs (pause it first)",
+            ));
+        }
+        Ok(VirtioPciState {
+            config: self.config.guest_regs(),
+            msix: self.msix.lock().unwrap_or_else(|e| e.into_inner()).save(),
+            status: self.status,
+            device_feature_select: self.device_feature_select,
+            driver_feature_select: self.driver_feature_select,
+            driver_features: self.driver_features,
+            config_vector: self.config_vector,
+            queue_select: self.queue_select,
+            config_generation: self.config_generation,
+            isr: self.isr.load(Ordering::SeqCst),
+            dma_off: self.dma_off,
+            queues: self
+                .queues
+                .iter()
+                .map(|q| QueueRegs {
+                    size: q.queue.size(),
+                    ready: q.queue.ready(),
+                    desc: q.queue.desc_table(),
+                    avail: q.queue.avail_ring(),
+                    used: q.queue.used_ring(),
+                    next_avail: q.queue.next_avail(),
+                    next_used: q.queue.next_used(),
+                    vector: q.vector,
+                })
+                .collect(),
+            device: self.device.save_device()?,
+        })
+    }
+
+    /// On a device just built for the same configuration, not yet on a running VM:
+    /// it comes back paused, and [`VirtioPciDevice::resume`] starts its data path.
+    fn restore(&mut self, s: VirtioPciState) -> Result<(), SnapshotError> {
+        let name = self.snapshot_name();
+        let bad = |why: String| SnapshotError::bad(name.clone(), why);
+        if s.queues.len() != self.queues.len() {
+            return Err(bad(format!(
+                "{} queues saved, this device has {}",
+                s.queues.len(),
+                self.queues.len()
+            )));
+        }
+        let nvec = self.msix.lock().unwrap_or_else(|e| e.into_inner()).count();
+        let vector_ok = |v: u16| v == VIRTIO_MSI_NO_VECTOR || usize::from(v) < nvec;
+        if !vector_ok(s.config_vector) {
+            return Err(bad(format!("config vector {}", s.config_vector)));
+        }
+        for (i, (slot, r)) in self.queues.iter_mut().zip(&s.queues).enumerate() {
+            if r.size > slot.queue.max_size() || !vector_ok(r.vector) {
+                return Err(bad(format!(
+                    "queue {i}: size {} vector {}",
+                    r.size, r.vector
+                )));
+            }
+            let q = &mut slot.queue;
+            q.set_size(r.size);
+            q.set_desc_table_address(Some(r.desc as u32), Some((r.desc >> 32) as u32));
+            q.set_avail_ring_address(Some(r.avail as u32), Some((r.avail >> 32) as u32));
+            q.set_used_ring_address(Some(r.used as u32), Some((r.used >> 32) as u32));
+            q.set_next_avail(r.next_avail);
+            q.set_next_used(r.next_used);
+            q.set_ready(r.ready);
+            slot.vector = r.vector;
+        }
+        let old_bar0 = self.bar0;
+        self.config.restore_guest_regs(&s.config).map_err(&bad)?;
+        self.msix
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore(s.msix)
+            .map_err(&bad)?;
+        self.device.restore_device(s.device)?;
+        self.device_feature_select = s.device_feature_select;
+        self.driver_feature_select = s.driver_feature_select;
+        self.driver_features = s.driver_features;
+        self.config_vector = s.config_vector;
+        self.queue_select = s.queue_select;
+        self.config_generation = s.config_generation;
+        self.isr.store(s.isr, Ordering::SeqCst);
+        self.dma_off = s.dma_off;
+        self.status = s.status & !STATUS_NEEDS_RESET;
+        if let Some(bar0) = self.config.bar_addr(0).filter(|b| *b != old_bar0) {
+            self.unregister_ioevents(old_bar0);
+            self.bar0 = bar0;
+            self.register_ioevents(bar0)
+                .map_err(|e| bad(format!("notifications at {bar0:#x}: {e}")))?;
+        }
+        if self.status & STATUS_FEATURES_OK != 0 {
+            if !self.device.ack_features(self.driver_features) {
+                return Err(bad(format!(
+                    "features {:#x} refused by this side's device",
+                    self.driver_features
+                )));
+            }
+            self.observe(DriverStatus::FeaturesOk(self.driver_features));
+        }
+        if self.status & STATUS_DRIVER_OK != 0 {
+            for (i, q) in self.queues.iter().enumerate() {
+                if q.queue.ready() && !q.queue.is_valid(&self.mem) {
+                    return Err(bad(format!("queue {i} has rings outside guest memory")));
+                }
+            }
+            // Running on the source: runs here from `resume`.
+            self.interrupt = Some(self.interrupt_for_queues());
+            self.paused = true;
+            self.observe(DriverStatus::DriverOk);
+        }
+        Ok(())
+    }
+}
+
 impl Drop for VirtioPciDevice {
     fn drop(&mut self) {
         self.device.reset();
@@ -659,6 +882,21 @@ mod tests {
         }
         fn reset(&mut self) {
             self.0.lock().unwrap().1 += 1;
+        }
+        fn pause(&mut self) -> Vec<(usize, u16, u16)> {
+            vec![(0, 5, 3)]
+        }
+        fn save_device(&self) -> Result<Saved, SnapshotError> {
+            Ok(Saved {
+                version: 1,
+                state: serde_json::Value::Null,
+            })
+        }
+        fn restore_device(&mut self, _: Saved) -> Result<(), SnapshotError> {
+            Ok(())
+        }
+        fn announce_moved(&mut self) -> bool {
+            false
         }
     }
 

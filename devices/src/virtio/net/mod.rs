@@ -16,12 +16,14 @@ use std::thread::JoinHandle;
 use serde::Serialize;
 use thiserror::Error;
 use virtio_bindings::virtio_net::*;
+use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
     read_bytes, ActivateArgs, ActivateError, VirtioDevice, VIRTIO_F_RING_EVENT_IDX,
     VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
 };
+use crate::snapshot::{Saved, SnapshotError};
 pub use tap::TapError;
 
 pub const VIRTIO_ID_NET: u16 = 1;
@@ -49,12 +51,12 @@ pub enum NetError {
 }
 
 /// What the user configured.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct NetConfig {
     pub id: String,
     pub tap: String,
     /// Shown as `52:54:00:12:34:56`, as the user wrote it.
-    #[serde(serialize_with = "serialize_mac")]
+    #[serde(serialize_with = "serialize_mac", deserialize_with = "deserialize_mac")]
     pub mac: [u8; 6],
     pub standby: bool,
     pub num_queues: u16,
@@ -105,7 +107,7 @@ pub type FeatureListener = Box<dyn Fn(Option<u64>) + Send>;
 
 struct Worker {
     kill: EventFd,
-    handle: JoinHandle<()>,
+    handle: JoinHandle<worker::PairQueues>,
 }
 
 pub struct Net {
@@ -116,6 +118,18 @@ pub struct Net {
     shared: Arc<NetShared>,
     workers: Vec<Worker>,
     listener: Option<FeatureListener>,
+    /// Queue pairs in use when the data path paused (or on the source): the next
+    /// activation keeps them rather than starting on the first pair only.
+    resume_pairs: Option<usize>,
+}
+
+/// What a migration carries of a NIC besides its queues.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct NetState {
+    acked_features: u64,
+    mac: [u8; 6],
+    status: u16,
+    active_pairs: usize,
 }
 
 impl Net {
@@ -175,6 +189,7 @@ impl Net {
             shared,
             workers: vec![],
             listener: None,
+            resume_pairs: None,
         })
     }
 
@@ -232,13 +247,36 @@ impl Net {
         c
     }
 
-    fn stop_workers(&mut self) {
+    /// Stop and join every worker; where each left its queues.
+    fn stop_workers(&mut self) -> Vec<(usize, u16, u16)> {
+        let mut at = Vec::new();
         for w in self.workers.drain(..) {
             let _ = w.kill.write(1);
-            if w.handle.join().is_err() {
-                tracing::error!("net {}: a worker panicked", self.cfg.id);
+            match w.handle.join() {
+                Ok(q) => {
+                    for (idx, queue, _) in [q.rx, q.tx, q.ctrl].into_iter().flatten() {
+                        at.push((idx, queue.next_avail(), queue.next_used()));
+                    }
+                }
+                Err(_) => tracing::error!("net {}: a worker panicked", self.cfg.id),
             }
         }
+        at
+    }
+
+    /// RARPs into the tap from the VMM (it works whatever the guest does) and, if the
+    /// driver negotiated GUEST_ANNOUNCE, a request that the guest announce itself.
+    fn self_announce(&mut self) -> bool {
+        let mac = *self.shared.mac.lock().unwrap_or_else(|e| e.into_inner());
+        let frame = Self::rarp_frame(&mac);
+        if let Some(tap) = self.taps.first() {
+            for _ in 0..3 {
+                if let Err(e) = std::io::Write::write(&mut &*tap, &frame) {
+                    tracing::debug!("net {}: announce on tap {}: {e}", self.cfg.id, self.cfg.tap);
+                }
+            }
+        }
+        self.request_announce()
     }
 
     fn offload_flags(features: u64) -> u32 {
@@ -320,8 +358,10 @@ impl VirtioDevice for Net {
             }
         }
         let offload = Self::offload_flags(args.features);
-        // The driver starts on the first pair; VQ_PAIRS_SET adds the others.
-        if let Err(e) = self.shared.queues.set_active(1) {
+        // The driver starts on the first pair; VQ_PAIRS_SET adds the others. A data
+        // path that paused (or migrated) goes on with the pairs it had.
+        let pairs_now = self.resume_pairs.take().unwrap_or(1);
+        if let Err(e) = self.shared.queues.set_active(pairs_now) {
             tracing::warn!(
                 "net {}: cannot detach the unused tap queues: {e}",
                 self.cfg.id
@@ -355,6 +395,7 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) {
         self.stop_workers();
+        self.resume_pairs = None;
         self.acked_features = 0;
         *self.shared.status.lock().unwrap_or_else(|e| e.into_inner()) = VIRTIO_NET_S_LINK_UP as u16;
         *self.shared.mac.lock().unwrap_or_else(|e| e.into_inner()) = self.cfg.mac;
@@ -369,23 +410,79 @@ impl VirtioDevice for Net {
     }
 
     /// Traffic for the guest's MAC must come here now (its failover primary left):
-    /// three RARPs into the tap at once, from the VMM (as QEMU's self-announce does:
-    /// it works whatever the guest does), and, if the driver negotiated
-    /// GUEST_ANNOUNCE, a request that the guest announce itself through this NIC.
+    /// three RARPs into the tap at once, from the VMM (as QEMU's self-announce does),
+    /// and a request that the guest announce itself (see [`Net::self_announce`]).
     fn announce(&mut self) -> bool {
         if !self.cfg.announce {
             return false;
         }
-        let mac = *self.shared.mac.lock().unwrap_or_else(|e| e.into_inner());
-        let frame = Self::rarp_frame(&mac);
-        if let Some(tap) = self.taps.first() {
-            for _ in 0..3 {
-                if let Err(e) = std::io::Write::write(&mut &*tap, &frame) {
-                    tracing::debug!("net {}: announce on tap {}: {e}", self.cfg.id, self.cfg.tap);
-                }
-            }
+        self.self_announce()
+    }
+
+    fn announce_moved(&mut self) -> bool {
+        self.self_announce()
+    }
+
+    fn pause(&mut self) -> Vec<(usize, u16, u16)> {
+        if self.workers.is_empty() {
+            return Vec::new();
         }
-        self.request_announce()
+        self.resume_pairs = Some(self.shared.queues.active());
+        self.stop_workers()
+    }
+
+    fn save_device(&self) -> Result<Saved, SnapshotError> {
+        crate::snapshot::save(self)
+    }
+
+    fn restore_device(&mut self, saved: Saved) -> Result<(), SnapshotError> {
+        crate::snapshot::restore(self, saved)
+    }
+}
+
+impl crate::snapshot::Snapshot for Net {
+    type State = NetState;
+    const VERSION: u32 = 1;
+    fn snapshot_name(&self) -> String {
+        format!("net {}", self.cfg.id)
+    }
+    fn save(&self) -> Result<NetState, SnapshotError> {
+        Ok(NetState {
+            acked_features: self.acked_features,
+            mac: *self.shared.mac.lock().unwrap_or_else(|e| e.into_inner()),
+            status: *self.shared.status.lock().unwrap_or_else(|e| e.into_inner()),
+            active_pairs: self
+                .resume_pairs
+                .unwrap_or_else(|| self.shared.queues.active()),
+        })
+    }
+    fn restore(&mut self, s: NetState) -> Result<(), SnapshotError> {
+        let name = self.snapshot_name();
+        if s.acked_features & !self.avail_features != 0 {
+            return Err(SnapshotError::bad(
+                name,
+                format!(
+                    "the guest negotiated features {:#x} this NIC does not offer ({:#x}): \
+                     give it the same options (queues, mtu, standby) as on the source",
+                    s.acked_features, self.avail_features
+                ),
+            ));
+        }
+        if s.active_pairs == 0 || s.active_pairs > self.cfg.pairs() {
+            return Err(SnapshotError::bad(
+                name,
+                format!(
+                    "{} queue pairs in use, this NIC has {}",
+                    s.active_pairs,
+                    self.cfg.pairs()
+                ),
+            ));
+        }
+        self.acked_features = s.acked_features;
+        *self.shared.mac.lock().unwrap_or_else(|e| e.into_inner()) = s.mac;
+        *self.shared.status.lock().unwrap_or_else(|e| e.into_inner()) = s.status;
+        self.resume_pairs = Some(s.active_pairs);
+        Ok(())
     }
 }
 
@@ -411,6 +508,11 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
 
 fn serialize_mac<S: serde::Serializer>(m: &[u8; 6], s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format_mac(m))
+}
+
+fn deserialize_mac<'de, D: serde::Deserializer<'de>>(d: D) -> Result<[u8; 6], D::Error> {
+    let s = <String as serde::Deserialize>::deserialize(d)?;
+    parse_mac(&s).ok_or_else(|| serde::de::Error::custom(format!("bad MAC {s:?}")))
 }
 
 pub fn format_mac(m: &[u8; 6]) -> String {

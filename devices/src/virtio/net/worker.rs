@@ -202,7 +202,28 @@ impl PairWorker {
         self.interrupt.notify_config();
     }
 
-    pub fn run(mut self) {
+    /// Serve the queues until killed; then hand them back (see [`PairWorker::give_back`]).
+    pub fn run(mut self) -> PairQueues {
+        self.serve();
+        self.give_back()
+    }
+
+    /// The queues, at the positions the guest may rely on: the chains of a frame
+    /// half-written into rx buffers were taken last and are not used, so they are
+    /// put back on the ring (the partial frame is dropped, as a full tap would).
+    fn give_back(&mut self) -> PairQueues {
+        if !self.rx_heads.is_empty() {
+            if let Some((_, queue, _)) = self.q.rx.as_mut() {
+                let n = self.rx_heads.len() as u16;
+                queue.set_next_avail(queue.next_avail().wrapping_sub(n));
+            }
+            self.rx_heads.clear();
+            bump(&self.shared.stats.rx_dropped, 1);
+        }
+        std::mem::take(&mut self.q)
+    }
+
+    fn serve(&mut self) {
         // A kick wakes this thread while the vCPU that kicked usually still
         // holds the guest's tx queue lock. Where the worker shares a CPU with
         // the vCPUs, a normal thread preempts that vCPU on wake-up and the

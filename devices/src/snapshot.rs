@@ -1,0 +1,101 @@
+//! Saving and restoring device state, for live migration.
+//!
+//! Every device implements [`Snapshot`]: its guest-visible state as a serde
+//! struct with a version. The VMM collects them into one tree, sends it, and
+//! on the other side builds the same devices (from the VM's configuration and
+//! the destination's host resources) and hands each its state back.
+//!
+//! A state comes off the network: restoring checks what it is given (sizes,
+//! ranges) and refuses it with an error, never panics. Host resources (fds,
+//! threads, interrupts) are never part of a state.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("{0} cannot be migrated")]
+    NotMigratable(String),
+    #[error("{what}: state version {got}, this Tandem restores version {want}")]
+    Version { what: String, got: u32, want: u32 },
+    #[error("{what}: bad state: {why}")]
+    Bad { what: String, why: String },
+}
+
+impl SnapshotError {
+    pub fn bad(what: impl Into<String>, why: impl std::fmt::Display) -> Self {
+        Self::Bad {
+            what: what.into(),
+            why: why.to_string(),
+        }
+    }
+}
+
+/// A device whose state can be saved and restored.
+pub trait Snapshot {
+    type State: Serialize + DeserializeOwned;
+    /// Raised whenever `State` changes in a way an older Tandem cannot read.
+    const VERSION: u32;
+    /// What the errors call the device.
+    fn snapshot_name(&self) -> String;
+    /// The state now. The device must be quiet (vCPUs and workers paused).
+    fn save(&self) -> Result<Self::State, SnapshotError>;
+    /// Take `state` over (the device was just built and is not running yet).
+    fn restore(&mut self, state: Self::State) -> Result<(), SnapshotError>;
+}
+
+/// A saved state with its version, as it travels.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Saved {
+    pub version: u32,
+    pub state: serde_json::Value,
+}
+
+/// Save `dev` with its version.
+pub fn save<D: Snapshot + ?Sized>(dev: &D) -> Result<Saved, SnapshotError> {
+    let state = dev.save()?;
+    let state =
+        serde_json::to_value(state).map_err(|e| SnapshotError::bad(dev.snapshot_name(), e))?;
+    Ok(Saved {
+        version: D::VERSION,
+        state,
+    })
+}
+
+/// Restore `dev` from `saved`, checking the version and the shape first.
+pub fn restore<D: Snapshot + ?Sized>(dev: &mut D, saved: Saved) -> Result<(), SnapshotError> {
+    if saved.version != D::VERSION {
+        return Err(SnapshotError::Version {
+            what: dev.snapshot_name(),
+            got: saved.version,
+            want: D::VERSION,
+        });
+    }
+    let state = serde_json::from_value(saved.state)
+        .map_err(|e| SnapshotError::bad(dev.snapshot_name(), e))?;
+    dev.restore(state)
+}
+
+#[cfg(test)]
+pub mod testing {
+    use super::*;
+
+    /// Save `a`, restore into `b`, save `b`: both saves must be equal.
+    pub fn round_trip<D: Snapshot>(a: &D, b: &mut D) {
+        let first = save(a).expect("save");
+        restore(b, first.clone()).expect("restore");
+        let second = save(b).expect("save after restore");
+        assert_eq!(
+            first.state,
+            second.state,
+            "{} does not round-trip",
+            a.snapshot_name()
+        );
+        let mut wrong = first;
+        wrong.version += 1;
+        assert!(matches!(
+            restore(b, wrong),
+            Err(SnapshotError::Version { .. })
+        ));
+    }
+}
