@@ -152,6 +152,18 @@ pub fn request(
 pub fn stream_lines(
     socket: &Path,
     path: &str,
+    on_line: impl FnMut(&str) -> bool,
+) -> io::Result<Result<(), Response>> {
+    stream_lines_from(socket, path, || true, on_line)
+}
+
+/// [`stream_lines`], calling `on_open` once the server has answered (a subscriber of
+/// the event stream is registered by then: what happens after it is on the stream).
+/// `on_open` returning false ends the stream at once.
+pub fn stream_lines_from(
+    socket: &Path,
+    path: &str,
+    on_open: impl FnOnce() -> bool,
     mut on_line: impl FnMut(&str) -> bool,
 ) -> io::Result<Result<(), Response>> {
     let (mut r, status, framing) = send(socket, "GET", path, None, None)?;
@@ -165,6 +177,9 @@ pub fn stream_lines(
             status,
             body: String::from_utf8_lossy(&raw).into_owned(),
         }));
+    }
+    if !on_open() {
+        return Ok(Ok(()));
     }
     let mut pending = Vec::new();
     read_body(&mut r, framing, |b| {

@@ -80,10 +80,49 @@ pub enum EventKind {
     PrimaryHidden {
         slot: usize,
     },
+    /// A live migration began: `url` is the destination.
+    MigrationStarted {
+        url: String,
+    },
+    /// One pre-copy round sent.
+    MigrationProgress(MigrationProgress),
+    /// The guest stopped for the last copy (the downtime starts).
+    MigrationPaused {
+        round: u32,
+        pages_left: u64,
+    },
+    /// The destination runs the guest; this VMM exits.
+    MigrationCompleted(MigrationProgress),
+    /// The migration stopped; the guest runs on here (`guest` says where it is).
+    MigrationFailed {
+        reason: String,
+        guest: String,
+    },
     /// This subscriber could not keep up and lost `count` events before this line.
     EventsLost {
         count: u64,
     },
+}
+
+/// Where a migration stands (a `migration-progress` event, and the figures of
+/// `migration-completed`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationProgress {
+    /// `precopy`, `stop-and-copy`, `done`.
+    pub phase: String,
+    pub round: u32,
+    pub bytes_sent: u64,
+    pub pages_sent: u64,
+    /// Dirty pages still to send.
+    pub pages_left: u64,
+    /// Measured over the last round, in Mbit/s.
+    pub rate_mbps: u64,
+    /// Time to send what is left at that rate.
+    pub estimated_downtime_ms: u64,
+    pub elapsed_ms: u64,
+    /// Guest stopped to running on the destination (completed only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
 }
 
 /// One line of the stream.

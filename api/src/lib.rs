@@ -55,6 +55,8 @@ pub enum Endpoint {
     VmAddNet,
     VmAddDevice,
     VmRemoveDevice,
+    VmSendMigration,
+    VmCancelMigration,
     /// The event stream (served by the API thread itself).
     Events,
 }
@@ -79,6 +81,18 @@ pub const ENDPOINTS: &[(Method, &str, Endpoint, &str)] = &[
         "vm.remove-device",
         Endpoint::VmRemoveDevice,
         "remove-device",
+    ),
+    (
+        Method::Put,
+        "vm.send-migration",
+        Endpoint::VmSendMigration,
+        "send-migration",
+    ),
+    (
+        Method::Put,
+        "vm.cancel-migration",
+        Endpoint::VmCancelMigration,
+        "cancel-migration",
     ),
     (Method::Get, "events", Endpoint::Events, "events"),
 ];

@@ -33,6 +33,8 @@ pub enum ConfigError {
     MemoryTooSmall(String),
     #[error("--memory size={size}: more than this host's {host_mib} MiB of RAM")]
     MemoryTooLarge { size: String, host_mib: u64 },
+    #[error("--incoming {0}")]
+    Incoming(String),
     #[error("--kernel {path}: {reason}")]
     Kernel { path: String, reason: String },
     #[error("--initramfs {path}: {reason}")]
@@ -67,6 +69,96 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
     pub nets: Vec<NetSpec>,
     pub devices: Vec<DeviceSpec>,
+    /// `--incoming URL`: the VM comes from a migration source, not from a kernel.
+    pub incoming: Option<IncomingSpec>,
+}
+
+/// A migration destination's own settings: where it listens and each NIC's tap.
+#[derive(Debug, Clone, Serialize)]
+pub struct IncomingSpec {
+    pub url: String,
+    pub nets: Vec<IncomingNet>,
+}
+
+/// `--net` on a destination: `id` and `tap` at least; any other key must agree
+/// with the source.
+#[derive(Debug, Clone, Serialize)]
+pub struct IncomingNet {
+    pub id: String,
+    pub given: Vec<(String, String)>,
+}
+
+pub fn parse_incoming_net(s: &str, index: usize) -> Result<IncomingNet, ConfigError> {
+    let given: Vec<(String, String)> = pairs(
+        "net",
+        s,
+        NET_KEYS,
+        "id, tap, mac, standby, num_queues, queue_size, mtu, slot, announce",
+    )?
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let get = |k: &str| given.iter().find(|(g, _)| g == k).map(|(_, v)| v.clone());
+    if get("tap").is_none() {
+        return Err(ConfigError::Net(format!(
+            "{s}: a migration destination needs tap= for each NIC"
+        )));
+    }
+    Ok(IncomingNet {
+        id: get("id").unwrap_or_else(|| format!("net{index}")),
+        given,
+    })
+}
+
+/// The source's NIC with this side's tap; a key given here that disagrees with the
+/// source is an error.
+pub fn merge_incoming_net(src: &NetSpec, dest: &IncomingNet) -> Result<NetSpec, String> {
+    let on = |b: bool| if b { "on" } else { "off" };
+    let n = &src.net;
+    let mut kv: Vec<(String, String)> = vec![
+        ("id".into(), n.id.clone()),
+        ("mac".into(), devices::virtio::net::format_mac(&n.mac)),
+        ("standby".into(), on(n.standby).into()),
+        ("num_queues".into(), n.num_queues.to_string()),
+        ("queue_size".into(), n.queue_size.to_string()),
+        ("announce".into(), on(n.announce).into()),
+    ];
+    if let Some(m) = n.mtu {
+        kv.push(("mtu".into(), m.to_string()));
+    }
+    if let Some(sl) = src.slot {
+        kv.push(("slot".into(), sl.to_string()));
+    }
+    let join = |kv: &[(String, String)]| {
+        kv.iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let source = parse_net(&join(&kv), 0).map_err(|e| format!("the source's NIC {}: {e}", n.id))?;
+    let mut mine = kv.clone();
+    for (k, v) in &dest.given {
+        mine.retain(|(m, _)| m != k);
+        mine.push((k.clone(), v.clone()));
+    }
+    let here = parse_net(&join(&mine), 0).map_err(|e| e.to_string())?;
+    let (a, b) = (&source.net, &here.net);
+    let differs = [
+        ("mac", a.mac != b.mac),
+        ("standby", a.standby != b.standby),
+        ("num_queues", a.num_queues != b.num_queues),
+        ("queue_size", a.queue_size != b.queue_size),
+        ("mtu", a.mtu != b.mtu),
+        ("slot", source.slot != here.slot),
+    ];
+    if let Some((k, _)) = differs.iter().find(|(_, d)| *d) {
+        return Err(format!(
+            "--net {}: {k} differs from the source's (the source has {})",
+            n.id,
+            join(&kv)
+        ));
+    }
+    Ok(here)
 }
 
 /// One `--device`: a host PCI function passed through with VFIO.

@@ -12,6 +12,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -32,6 +33,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::config::{self, DeviceSpec, SerialConfig, VmConfig};
 use crate::events::VmEvents;
 use crate::failover::Failover;
+use crate::migration;
 use crate::vm::{Vm, VmError};
 
 #[derive(Debug, Error)]
@@ -53,6 +55,16 @@ pub enum Exit {
     Shutdown,
     /// SIGTERM or SIGINT.
     Signal(i32),
+    /// The guest migrated: the destination runs it.
+    Migrated,
+}
+
+/// A migration this VMM is sending.
+struct Outgoing {
+    cancel: Arc<AtomicBool>,
+    rx: Receiver<migration::ToLoop>,
+    /// The guest was frozen for the last copy; `Some(was paused before)`.
+    frozen: Option<bool>,
 }
 
 #[derive(Clone, Copy)]
@@ -64,6 +76,7 @@ enum Token {
     Signal,
     Eject,
     DriverStatus,
+    Migration,
 }
 
 impl Token {
@@ -76,6 +89,7 @@ impl Token {
             Token::Signal,
             Token::Eject,
             Token::DriverStatus,
+            Token::Migration,
         ]
         .into_iter()
         .find(|t| *t as u64 == v)
@@ -256,6 +270,9 @@ pub struct Vmm {
     pending: Vec<PendingRemoval>,
     /// The failover pairs: `net_failover` decides, this loop carries it out.
     failover: Failover,
+    migration: Option<Outgoing>,
+    /// Wakes this loop when the migration thread has news.
+    migration_evt: EventFd,
     _tty: Option<TtyGuard>,
 }
 
@@ -344,6 +361,8 @@ impl Vmm {
             sockets,
             pending: Vec::new(),
             failover,
+            migration: None,
+            migration_evt: EventFd::new(libc::EFD_NONBLOCK)?,
             _tty: tty,
         })
     }
@@ -424,8 +443,12 @@ impl Vmm {
         if let Some((_, evt)) = &self.api {
             watch(evt.as_raw_fd(), Token::Api)?;
         }
+        watch(self.migration_evt.as_raw_fd(), Token::Migration)?;
 
-        let mut vm = self.boot()?;
+        let mut vm = match self.cfg.incoming.clone() {
+            Some(inc) => self.receive_migration(&inc)?,
+            None => self.boot()?,
+        };
         let mut ready = vec![epoll::Event::new(epoll::Events::empty(), 0); 8];
         let mut next_reraise = Instant::now();
         loop {
@@ -470,9 +493,18 @@ impl Vmm {
                         vm.stop();
                         return Ok(Exit::Shutdown);
                     }
+                    Token::Migration => {
+                        let _ = self.migration_evt.read();
+                        if self.handle_migration(&mut vm) {
+                            self.shutdown_event("migrated");
+                            vm.stop();
+                            return Ok(Exit::Migrated);
+                        }
+                    }
                     Token::Reset => {
                         let _ = self.events.reset_evt.read();
                         tracing::info!("the guest reset; booting again");
+                        self.cancel_migration("the guest reset");
                         vm.stop();
                         self.forget_old_resets();
                         vm = self.boot()?;
@@ -511,6 +543,7 @@ impl Vmm {
                         }
                         Some(ApiAction::Reboot) => {
                             tracing::info!("reboot requested through the API");
+                            self.cancel_migration("the VM rebooted");
                             // Stop first: the new boot reopens the same taps.
                             vm.stop();
                             self.forget_old_resets();
@@ -562,7 +595,33 @@ impl Vmm {
                 );
                 continue;
             }
+            let changes_devices = matches!(
+                endpoint,
+                Endpoint::VmAddNet
+                    | Endpoint::VmAddDevice
+                    | Endpoint::VmRemoveDevice
+                    | Endpoint::VmReboot
+                    | Endpoint::VmPause
+                    | Endpoint::VmResume
+            );
+            if changes_devices && self.migration.is_some() {
+                let _ = msg.reply.send(Err(ApiError::conflict(
+                    "a migration is under way: cancel it first (vm.cancel-migration)",
+                )));
+                continue;
+            }
             let reply: ApiResponse = match endpoint {
+                Endpoint::VmSendMigration => self.send_migration(vm, &msg.request.body),
+                Endpoint::VmCancelMigration => match &self.migration {
+                    Some(m) if m.frozen.is_none() => {
+                        m.cancel.store(true, Ordering::SeqCst);
+                        Ok(serde_json::json!({ "cancelling": true }))
+                    }
+                    Some(_) => Err(ApiError::conflict(
+                        "the migration is in its last step (the guest is stopped): too late to cancel",
+                    )),
+                    None => Err(ApiError::conflict("no migration is under way")),
+                },
                 Endpoint::VmAddNet => self.add_net(vm, &msg.request.body),
                 Endpoint::VmAddDevice => self.add_device(vm, &msg.request.body),
                 Endpoint::VmRemoveDevice => {
@@ -612,6 +671,277 @@ impl Vmm {
         }
         exit.map(ApiAction::Exit)
             .or(reboot.then_some(ApiAction::Reboot))
+    }
+
+    /// `vm.send-migration`: check the VM can go, then hand the copying to a thread.
+    fn send_migration(&mut self, vm: &mut Vm, body: &serde_json::Value) -> ApiResponse {
+        if self.migration.is_some() {
+            return Err(ApiError::conflict("a migration is under way already"));
+        }
+        let params: migration::SendParams = serde_json::from_value(body.clone())
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let url = migration::Url::parse(&params.url).map_err(ApiError::bad_request)?;
+        if params.downtime_ms == 0 || params.timeout_s == 0 {
+            return Err(ApiError::bad_request(
+                "downtime_ms and timeout_s must be at least 1",
+            ));
+        }
+        let passthrough = vm.devices().passthrough_ids();
+        if !passthrough.is_empty() || !self.cfg.devices.is_empty() {
+            return Err(ApiError::conflict(format!(
+                "the VM has passthrough devices ({}): a passthrough device cannot migrate; remove it first",
+                passthrough
+                    .into_iter()
+                    .chain(self.cfg.devices.iter().map(|d| d.id.clone()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        if !self.pending.is_empty() {
+            return Err(ApiError::conflict(
+                "a device removal is waiting for the guest: migrate once it is done",
+            ));
+        }
+        vm.log_dirty_pages(true)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let (tx, rx) = channel();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let wake = self
+            .migration_evt
+            .try_clone()
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let source = migration::Source {
+            url,
+            mem: vm.memory().clone(),
+            vm_fd: vm.vm_fd().clone(),
+            hello: migration::Hello {
+                version: migration::PROTOCOL_VERSION,
+                memory_bytes: self.cfg.memory_bytes,
+                vcpus: self.cfg.vcpus,
+                nets: self
+                    .cfg
+                    .nets
+                    .iter()
+                    .map(|n| (n.net.clone(), n.slot))
+                    .collect(),
+                cpuid: vm.cpuid().to_vec(),
+            },
+            cancel: cancel.clone(),
+            to_loop: tx,
+            wake,
+            params: params.clone(),
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("migration".into())
+            .spawn(move || source.run())
+        {
+            let _ = vm.log_dirty_pages(false);
+            return Err(ApiError::internal(format!(
+                "cannot start the migration thread: {e}"
+            )));
+        }
+        tracing::info!("migration to {} started", params.url);
+        self.hub.publish(
+            None,
+            EventKind::MigrationStarted {
+                url: params.url.clone(),
+            },
+        );
+        self.migration = Some(Outgoing {
+            cancel,
+            rx,
+            frozen: None,
+        });
+        Ok(serde_json::json!({ "url": params.url }))
+    }
+
+    fn cancel_migration(&self, why: &str) {
+        if let Some(m) = &self.migration {
+            tracing::warn!("migration cancelled: {why}");
+            m.cancel.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// News from the migration thread; true once the destination runs the guest.
+    fn handle_migration(&mut self, vm: &mut Vm) -> bool {
+        let Some(m) = self.migration.as_mut() else {
+            return false;
+        };
+        let msgs: Vec<_> = m.rx.try_iter().collect();
+        for msg in msgs {
+            match msg {
+                migration::ToLoop::Progress(p) => {
+                    tracing::info!(
+                        "migration round {}: {} pages left, {} Mbit/s",
+                        p.round,
+                        p.pages_left,
+                        p.rate_mbps
+                    );
+                    self.hub.publish(None, EventKind::MigrationProgress(p));
+                }
+                migration::ToLoop::Paused { round, pages_left } => {
+                    self.hub
+                        .publish(None, EventKind::MigrationPaused { round, pages_left });
+                }
+                migration::ToLoop::Freeze(reply) => {
+                    let answer = match vm.freeze() {
+                        Ok(was_paused) => {
+                            if let Some(m) = self.migration.as_mut() {
+                                m.frozen = Some(was_paused);
+                            }
+                            vm.save(&self.kvm, was_paused)
+                                .map_err(|e| e.to_string())
+                                .and_then(|st| serde_json::to_vec(&st).map_err(|e| e.to_string()))
+                        }
+                        Err(e) => Err(e.to_string()),
+                    };
+                    let _ = reply.send(answer);
+                }
+                migration::ToLoop::Completed(p) => {
+                    tracing::info!(
+                        "migration completed in {} ms, downtime {} ms",
+                        p.elapsed_ms,
+                        p.downtime_ms.unwrap_or(0)
+                    );
+                    self.hub.publish(None, EventKind::MigrationCompleted(p));
+                    self.migration = None;
+                    return true;
+                }
+                migration::ToLoop::Failed(reason) => {
+                    let frozen = self.migration.take().and_then(|m| m.frozen);
+                    let mut guest = "runs on here".to_string();
+                    if let Some(was_paused) = frozen {
+                        if let Err(e) = vm.thaw(was_paused) {
+                            guest = format!("could not be restarted here: {e}");
+                            self.events.fatal(format!("after a failed migration: {e}"));
+                        } else if was_paused {
+                            guest = "stays paused here, as it was".into();
+                        }
+                    }
+                    if let Err(e) = vm.log_dirty_pages(false) {
+                        tracing::warn!("cannot turn dirty logging off: {e}");
+                    }
+                    tracing::error!("migration failed: {reason}; the guest {guest}");
+                    self.hub
+                        .publish(None, EventKind::MigrationFailed { reason, guest });
+                    return false;
+                }
+            }
+        }
+        false
+    }
+
+    /// `--incoming`: take the VM a source sends, run it once the source says so.
+    fn receive_migration(&mut self, inc: &config::IncomingSpec) -> Result<Vm, VmmError> {
+        let url = migration::Url::parse(&inc.url).map_err(VmmError::Guest)?;
+        let kvm = &self.kvm;
+        let mut nets = Vec::new();
+        let mut shape = (0u64, 0u8);
+        let incoming = migration::receive(
+            &url,
+            |hello| {
+                for given in &inc.nets {
+                    if !hello.nets.iter().any(|(n, _)| n.id == given.id) {
+                        return Err(format!(
+                            "--net {}: the source has no NIC with this id (it has: {})",
+                            given.id,
+                            hello
+                                .nets
+                                .iter()
+                                .map(|(n, _)| n.id.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ));
+                    }
+                }
+                for (net, slot) in &hello.nets {
+                    let given = inc.nets.iter().find(|g| g.id == net.id).ok_or_else(|| {
+                        format!(
+                            "the source has NIC {} and the destination names no tap for it (--net id={},tap=NAME)",
+                            net.id, net.id
+                        )
+                    })?;
+                    let spec = config::NetSpec {
+                        net: net.clone(),
+                        slot: *slot,
+                    };
+                    let here = config::merge_incoming_net(&spec, given)?;
+                    if !netdev_exists(&here.net.tap) {
+                        return Err(format!(
+                            "--net {}: tap {} does not exist on the destination",
+                            here.net.id, here.net.tap
+                        ));
+                    }
+                    nets.push(here);
+                }
+                let missing = crate::vmstate::missing_features(kvm, &hello.cpuid)?;
+                if !missing.is_empty() {
+                    return Err(format!(
+                        "this host cannot give the guest the CPU features it has: {}",
+                        missing.join(", ")
+                    ));
+                }
+                if hello.vcpus == 0 {
+                    return Err("a VM without vCPUs".into());
+                }
+                shape = (hello.memory_bytes, hello.vcpus);
+                Ok(())
+            },
+            |bytes| {
+                if bytes < 64 << 20 || bytes > config::host_memory_bytes() {
+                    return Err(format!(
+                        "{} MiB of guest memory (this host has {} MiB)",
+                        bytes >> 20,
+                        config::host_memory_bytes() >> 20
+                    ));
+                }
+                crate::memory::create(bytes)
+                    .map_err(|e| format!("cannot allocate {} MiB: {e}", bytes >> 20))
+            },
+        )
+        .map_err(|e| VmmError::Guest(format!("incoming migration: {e}")))?;
+        let migration::Incoming {
+            mut conn,
+            mem,
+            state,
+            ..
+        } = incoming;
+        self.cfg.memory_bytes = shape.0;
+        self.cfg.vcpus = shape.1;
+        self.cfg.nets = nets;
+        let fail = |conn: &mut Box<dyn migration::Stream>, e: String| {
+            migration::refuse(conn.as_mut(), &e);
+            VmmError::Guest(format!("incoming migration: {e}"))
+        };
+        let state: crate::vm::VmState = match serde_json::from_slice(&state) {
+            Ok(s) => s,
+            Err(e) => return Err(fail(&mut conn, format!("bad VM state: {e}"))),
+        };
+        let paused = state.paused;
+        let mut vm = match Vm::restore(&self.kvm, &self.cfg, mem, state, &self.serial, &self.events)
+        {
+            Ok(vm) => vm,
+            Err(e) => return Err(fail(&mut conn, e.to_string())),
+        };
+        migration::ready_and_wait_go(conn.as_mut()).map_err(|e| {
+            VmmError::Guest(format!(
+                "incoming migration: {e}; the source keeps the guest"
+            ))
+        })?;
+        vm.thaw(paused)?;
+        migration::confirm_running(conn.as_mut());
+        vm.announce_moved();
+        self.boots += 1;
+        tracing::info!("the migrated guest runs here");
+        self.hub.publish(
+            None,
+            if paused {
+                EventKind::VmPaused
+            } else {
+                EventKind::VmResumed
+            },
+        );
+        Ok(vm)
     }
 
     /// `vm.add-net`: the body is `--net` as a JSON object.

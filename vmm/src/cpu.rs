@@ -113,10 +113,11 @@ pub fn setup_cpuid(
     id: u8,
     vcpus: u8,
     tsc_deadline: bool,
-) -> Result<(), CpuError> {
+) -> Result<CpuId, CpuError> {
     let mut cpuid = base.clone();
     patch_cpuid(&mut cpuid, id, vcpus, tsc_deadline);
-    vcpu.set_cpuid2(&cpuid).map_err(kvm("set CPUID"))
+    vcpu.set_cpuid2(&cpuid).map_err(kvm("set CPUID"))?;
+    Ok(cpuid)
 }
 
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;

@@ -40,6 +40,8 @@ pub enum DeviceError {
     DuplicateId(String),
     #[error("--device {id}: {what}")]
     Vfio { id: String, what: String },
+    #[error("device {id}: cannot restore: {what}")]
+    Restore { id: String, what: String },
 }
 
 /// Hands out naturally aligned BAR ranges from one window.
@@ -79,6 +81,23 @@ impl BarAllocator {
     pub fn free(&mut self, base: u64, size: u64) {
         self.freed.push((base, size));
     }
+
+    /// Take `base..base+size` as allocated (a restored device keeps its BARs where the
+    /// source put them). The space below it that was never handed out is given up.
+    pub fn claim(&mut self, base: u64, size: u64) -> bool {
+        let Some(end) = base.checked_add(size) else {
+            return false;
+        };
+        if let Some(i) = self.freed.iter().position(|f| *f == (base, size)) {
+            self.freed.swap_remove(i);
+            return true;
+        }
+        if base < self.next || end > self.end || !base.is_multiple_of(size.max(1)) {
+            return false;
+        }
+        self.next = end;
+        true
+    }
 }
 
 impl Default for BarAllocator {
@@ -108,6 +127,18 @@ struct Entry {
     /// moved the BARs since.
     bars: Vec<(BarKind, u64, u64)>,
     kind: Kind,
+}
+
+/// A pluggable device as a migration carries it.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct DeviceState {
+    pub id: String,
+    pub slot: usize,
+    /// What the allocators handed out on the source (kind, base, size).
+    pub bars: Vec<(BarKind, u64, u64)>,
+    /// The NIC's configuration on the source (its tap is the source's).
+    pub net: NetConfig,
+    pub transport: devices::snapshot::Saved,
 }
 
 /// Hold `m` without ever waiting: a vCPU or worker stuck while holding a device is
@@ -314,6 +345,124 @@ impl DeviceManager {
             slot,
             dev.clone(),
             vec![(0, BarKind::Mem32, bar0, BAR0_SIZE)],
+            Kind::Net {
+                cfg: cfg.clone(),
+                device: dev,
+            },
+        )
+    }
+
+    /// Stop every device's data path (the vCPUs are paused).
+    pub fn pause_all(&self) {
+        for e in &self.entries {
+            if let Kind::Net { device, .. } = &e.kind {
+                device.lock().unwrap_or_else(|e| e.into_inner()).pause();
+            }
+        }
+    }
+
+    pub fn resume_all(&self) {
+        for e in &self.entries {
+            if let Kind::Net { device, .. } = &e.kind {
+                device.lock().unwrap_or_else(|e| e.into_inner()).resume();
+            }
+        }
+    }
+
+    pub fn announce_moved(&self) {
+        for e in &self.entries {
+            if let Kind::Net { device, .. } = &e.kind {
+                device
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .announce_moved();
+            }
+        }
+    }
+
+    /// Every device's state; a passthrough device cannot be saved (an error).
+    pub fn save(&self) -> Result<Vec<DeviceState>, devices::snapshot::SnapshotError> {
+        let mut out = Vec::new();
+        for e in &self.entries {
+            match &e.kind {
+                Kind::Net { cfg, device } => {
+                    let d = device.lock().unwrap_or_else(|e| e.into_inner());
+                    out.push(DeviceState {
+                        id: e.id.clone(),
+                        slot: e.slot,
+                        bars: e.bars.clone(),
+                        net: cfg.clone(),
+                        transport: devices::snapshot::save(&*d)?,
+                    });
+                }
+                Kind::Vfio { device, .. } => {
+                    let d = device.lock().unwrap_or_else(|e| e.into_inner());
+                    devices::snapshot::save(&*d)?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Ids of the passthrough devices (a migration cannot carry them).
+    pub fn passthrough_ids(&self) -> Vec<String> {
+        self.entries
+            .iter()
+            .filter(|e| matches!(e.kind, Kind::Vfio { .. }))
+            .map(|e| e.id.clone())
+            .collect()
+    }
+
+    /// Build the NIC a migration source saved, with this host's `cfg` (its tap), in
+    /// the same slot with the same BARs, and take its state over. It stays paused.
+    pub fn restore_net(&mut self, cfg: &NetConfig, s: DeviceState) -> Result<usize, DeviceError> {
+        let id = cfg.id.clone();
+        let bad = |what: String| DeviceError::Restore {
+            id: id.clone(),
+            what,
+        };
+        if s.slot == 0 || s.slot >= devices::pci::PCI_SLOTS {
+            return Err(bad(format!("slot {}", s.slot)));
+        }
+        self.check_free(&id, Some(s.slot))?;
+        let net = Net::new(cfg.clone()).map_err(|source| DeviceError::Net {
+            id: id.clone(),
+            source,
+        })?;
+        let [(BarKind::Mem32, bar0, BAR0_SIZE)] = s.bars[..] else {
+            return Err(bad(format!("BARs {:?}", s.bars)));
+        };
+        if !self.mem32.claim(bar0, BAR0_SIZE) {
+            return Err(bad(format!(
+                "BAR 0 at {bar0:#x} is taken or outside the window"
+            )));
+        }
+        let mut dev = match VirtioPciDevice::new(
+            Box::new(net),
+            self.mem.clone(),
+            self.routes.clone(),
+            bar0,
+        ) {
+            Ok(d) => d,
+            Err(source) => {
+                self.mem32.free(bar0, BAR0_SIZE);
+                return Err(DeviceError::Io { id, source });
+            }
+        };
+        let (events, who) = (self.events.clone(), id.clone());
+        dev.set_status_observer(Arc::new(move |st| events.driver_status(&who, st)));
+        if let Err(e) = devices::snapshot::restore(&mut dev, s.transport) {
+            self.mem32.free(bar0, BAR0_SIZE);
+            return Err(bad(e.to_string()));
+        }
+        // Mapped where the guest has BAR 0 now, which may not be where it was allocated.
+        let at = dev.bar0();
+        let dev = Arc::new(Mutex::new(dev));
+        self.place(
+            &id,
+            Some(s.slot),
+            dev.clone(),
+            vec![(0, BarKind::Mem32, at, BAR0_SIZE)],
             Kind::Net {
                 cfg: cfg.clone(),
                 device: dev,

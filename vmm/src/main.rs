@@ -11,9 +11,11 @@ mod failover;
 mod interrupts;
 mod layout;
 mod memory;
+mod migration;
 mod vcpu;
 mod vfio;
 mod vm;
+mod vmstate;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -45,8 +47,13 @@ enum Command {
 #[derive(Args)]
 struct RunArgs {
     /// Guest kernel: a bzImage or an uncompressed 64-bit ELF vmlinux.
-    #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "incoming")]
+    kernel: Option<PathBuf>,
+    /// Receive a live migration on tcp:HOST:PORT or unix:PATH instead of booting:
+    /// the VM's configuration comes from the source; give each NIC's tap with
+    /// --net id=ID,tap=NAME (other keys, if given, must agree with the source).
+    #[arg(long, value_name = "URL", conflicts_with_all = ["kernel", "initramfs", "device"])]
+    incoming: Option<String>,
     /// Initramfs (cpio, optionally compressed) handed to the kernel.
     #[arg(long, value_name = "PATH")]
     initramfs: Option<PathBuf>,
@@ -86,12 +93,13 @@ struct RemoteArgs {
     #[arg(long, value_name = "PATH")]
     api_socket: PathBuf,
     /// One of: ping, info, pause, resume, shutdown, reboot, add-net, add-device,
-    /// remove-device, events.
+    /// remove-device, send-migration, cancel-migration, events.
     command: String,
     /// add-net: id=ID,tap=NAME,mac=MAC[,standby=on][,num_queues=N][,queue_size=N][,mtu=N][,slot=S]
     /// (the --net syntax). add-device: id=ID,path=PATH[,failover=STANDBY_ID][,slot=S]
     /// (the --device syntax). remove-device: ID [--surprise] [--timeout-ms N]
-    /// [--on-timeout error|surprise].
+    /// [--on-timeout error|surprise]. send-migration: URL [--downtime-ms N]
+    /// [--bandwidth-mbps N] [--timeout-s N] (prints progress, then the result).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     args: Vec<String>,
 }
@@ -109,6 +117,25 @@ fn remote_body(command: &str, args: &[String]) -> Result<Option<String>, String>
                 Err("add-device takes one argument: id=ID,path=/sys/bus/pci/devices/BDF,...".into())
             }
         },
+        "send-migration" => {
+            let mut it = args.iter();
+            let url = it.next().filter(|a| !a.starts_with('-')).ok_or(
+                "send-migration takes the destination URL first (tcp:HOST:PORT or unix:PATH)",
+            )?;
+            let mut body = serde_json::json!({ "url": url });
+            while let Some(a) = it.next() {
+                let key = match a.as_str() {
+                    "--downtime-ms" => "downtime_ms",
+                    "--bandwidth-mbps" => "bandwidth_mbps",
+                    "--timeout-s" => "timeout_s",
+                    other => return Err(format!("send-migration: unknown option {other}")),
+                };
+                let v = it.next().ok_or(format!("{a} needs a value"))?;
+                let n: u64 = v.parse().map_err(|_| format!("{a} {v}: not a number"))?;
+                body[key] = n.into();
+            }
+            Ok(Some(body.to_string()))
+        }
         "remove-device" => {
             let mut it = args.iter();
             let id = it
@@ -144,7 +171,36 @@ fn remote_body(command: &str, args: &[String]) -> Result<Option<String>, String>
 }
 
 fn build_config(a: RunArgs) -> Result<VmConfig, ConfigError> {
-    config::check_kernel(&a.kernel)?;
+    if let Some(url) = &a.incoming {
+        migration::Url::parse(url).map_err(ConfigError::Incoming)?;
+        let nets = a
+            .net
+            .iter()
+            .enumerate()
+            .map(|(i, s)| config::parse_incoming_net(s, i))
+            .collect::<Result<Vec<_>, _>>()?;
+        return Ok(VmConfig {
+            nets: vec![],
+            devices: vec![],
+            vcpus: 1,
+            memory_bytes: 0,
+            serial: config::parse_serial(&a.serial)?,
+            api_socket: a
+                .api_socket
+                .as_deref()
+                .map(config::parse_api_socket)
+                .transpose()?,
+            kernel: PathBuf::new(),
+            initramfs: None,
+            cmdline: String::new(),
+            incoming: Some(config::IncomingSpec {
+                url: url.clone(),
+                nets,
+            }),
+        });
+    }
+    let kernel = a.kernel.unwrap_or_default();
+    config::check_kernel(&kernel)?;
     if let Some(i) = &a.initramfs {
         config::check_initramfs(i)?;
     }
@@ -179,9 +235,10 @@ fn build_config(a: RunArgs) -> Result<VmConfig, ConfigError> {
             .as_deref()
             .map(config::parse_api_socket)
             .transpose()?,
-        kernel: a.kernel,
+        kernel,
         initramfs: a.initramfs,
         cmdline: a.cmdline,
+        incoming: None,
     })
 }
 
@@ -209,6 +266,10 @@ fn run(a: RunArgs) -> ExitCode {
     };
     match vmm.run() {
         Ok(Exit::Shutdown) => ExitCode::SUCCESS,
+        Ok(Exit::Migrated) => {
+            eprintln!("tandem: the guest migrated; it runs on the destination now");
+            ExitCode::SUCCESS
+        }
         Ok(Exit::Signal(sig)) => {
             eprintln!("tandem: stopped by signal {sig}");
             ExitCode::SUCCESS
@@ -232,6 +293,16 @@ fn remote(a: RemoteArgs) -> ExitCode {
     };
     if endpoint == api::Endpoint::Events {
         return remote_events(&a.api_socket, &endpoint.path());
+    }
+    if endpoint == api::Endpoint::VmSendMigration {
+        return match remote_body(&a.command, &a.args) {
+            Ok(Some(body)) => remote_send_migration(&a.api_socket, &body),
+            Ok(None) => ExitCode::from(2),
+            Err(e) => {
+                eprintln!("tandem remote: {e}");
+                ExitCode::from(2)
+            }
+        };
     }
     let body = match remote_body(&a.command, &a.args) {
         Ok(b) => b,
@@ -270,6 +341,96 @@ fn refused(r: api::client::Response) -> ExitCode {
         .unwrap_or(r.body);
     eprintln!("tandem remote: {} (HTTP {})", msg, r.status);
     ExitCode::FAILURE
+}
+
+/// `tandem remote send-migration`: start it, print its progress as it goes and its
+/// result at the end. Exit status 0 only if the destination runs the guest.
+fn remote_send_migration(socket: &std::path::Path, body: &str) -> ExitCode {
+    let mut outcome: Option<Result<String, String>> = None;
+    let mut start_error = None;
+    let streamed = api::client::stream_lines_from(
+        socket,
+        &api::Endpoint::Events.path(),
+        || {
+            let ep = api::Endpoint::VmSendMigration;
+            match api::client::request(socket, ep.method().as_str(), &ep.path(), Some(body)) {
+                Ok(r) if (200..300).contains(&r.status) => true,
+                Ok(r) => {
+                    start_error = Some(refused(r));
+                    false
+                }
+                Err(e) => {
+                    eprintln!("tandem remote: {e}");
+                    start_error = Some(ExitCode::FAILURE);
+                    false
+                }
+            }
+        },
+        |line| {
+            let Ok(ev) = serde_json::from_str::<serde_json::Value>(line) else {
+                return true;
+            };
+            let n = |k: &str| ev.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+            match ev.get("type").and_then(|t| t.as_str()).unwrap_or("") {
+                "migration-started" => println!("migration to {} started", ev["url"].as_str().unwrap_or("?")),
+                "migration-progress" => println!(
+                    "round {:>2}: {:>8} KiB sent, {:>7} pages left, {:>6} Mbit/s, downtime estimate {} ms",
+                    n("round"),
+                    n("bytes_sent") >> 10,
+                    n("pages_left"),
+                    n("rate_mbps"),
+                    n("estimated_downtime_ms")
+                ),
+                "migration-paused" => println!(
+                    "guest paused after round {} with {} pages left",
+                    n("round"),
+                    n("pages_left")
+                ),
+                "migration-completed" => {
+                    outcome = Some(Ok(format!(
+                        "completed in {} ms: downtime {} ms, {} rounds, {} MiB sent",
+                        n("elapsed_ms"),
+                        n("downtime_ms"),
+                        n("round") + 1,
+                        n("bytes_sent") >> 20
+                    )));
+                    return false;
+                }
+                "migration-failed" => {
+                    outcome = Some(Err(format!(
+                        "failed: {}; the guest {}",
+                        ev["reason"].as_str().unwrap_or("?"),
+                        ev["guest"].as_str().unwrap_or("?")
+                    )));
+                    return false;
+                }
+                _ => {}
+            }
+            true
+        },
+    );
+    if let Some(code) = start_error {
+        return code;
+    }
+    match (streamed, outcome) {
+        (_, Some(Ok(msg))) => {
+            println!("migration {msg}");
+            ExitCode::SUCCESS
+        }
+        (_, Some(Err(msg))) => {
+            eprintln!("tandem remote: migration {msg}");
+            ExitCode::FAILURE
+        }
+        (Ok(Err(r)), None) => refused(r),
+        (Err(e), None) => {
+            eprintln!("tandem remote: the event stream broke before the migration ended: {e}");
+            ExitCode::FAILURE
+        }
+        (Ok(Ok(())), None) => {
+            eprintln!("tandem remote: the VMM went away before the migration ended");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// `tandem remote events`: print each event line as it comes, until the VMM goes.

@@ -32,15 +32,24 @@ pub fn create(size: u64) -> Result<GuestMemoryMmap, vm_memory::mmap::FromRangesE
     GuestMemoryMmap::from_ranges(&ram_regions(size))
 }
 
-/// Give every region to KVM, one slot each.
-pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), kvm_ioctls::Error> {
+/// Give every region to KVM, one slot each (slot = region index), logging dirty
+/// pages if `log_dirty`. Called again on the same slots, it switches the log.
+pub fn register(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    log_dirty: bool,
+) -> Result<(), kvm_ioctls::Error> {
     for (slot, region) in mem.iter().enumerate() {
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
             .map_err(|_| kvm_ioctls::Error::new(libc::EFAULT))?;
         let r = kvm_userspace_memory_region {
             slot: slot as u32,
-            flags: 0,
+            flags: if log_dirty {
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: host as u64,

@@ -93,7 +93,7 @@ impl VcpuControl {
     /// Stop all `threads`; returns once every one of them is parked. If they do not all
     /// park within the pause timeout, the pause is undone (the parked ones run again)
     /// and the VM is left running, as before the call.
-    pub fn pause(&self, threads: &[JoinHandle<()>]) -> Result<(), VcpuControlError> {
+    pub fn pause<T>(&self, threads: &[JoinHandle<T>]) -> Result<(), VcpuControlError> {
         {
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
             match st.0 {
@@ -137,7 +137,7 @@ impl VcpuControl {
     }
 
     /// Ask every thread to return; the caller joins them.
-    pub fn stop(&self, threads: &[JoinHandle<()>]) {
+    pub fn stop<T>(&self, threads: &[JoinHandle<T>]) {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).0 = RunState::Stopping;
         self.cv.notify_all();
         kick_all(threads);
@@ -187,7 +187,7 @@ impl Default for VcpuControl {
     }
 }
 
-fn kick_all(threads: &[JoinHandle<()>]) {
+fn kick_all<T>(threads: &[JoinHandle<T>]) {
     for t in threads {
         if let Err(e) = t.kill(kick_signal()) {
             tracing::warn!("cannot kick a vCPU thread: {e}");
@@ -223,8 +223,10 @@ fn io_access_size() -> usize {
     })
 }
 
-/// The vCPU thread body.
-pub fn run_vcpu(mut vcpu: VcpuFd, ctx: VcpuContext) {
+/// The vCPU thread body. Returns the vCPU once told to stop, with any I/O it was
+/// in the middle of completed, so that its state can be saved (migration) or it can
+/// run again on a new thread.
+pub fn run_vcpu(mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuFd {
     KVM_RUN_PTR.with(|p| p.set(vcpu.get_kvm_run() as *mut kvm_run));
     loop {
         if !ctx.control.checkpoint(ctx.id, || parked_state(&vcpu)) {
@@ -249,7 +251,16 @@ pub fn run_vcpu(mut vcpu: VcpuFd, ctx: VcpuContext) {
             }
         }
     }
+    // An exit the VMM just handled (a port or MMIO read) is finished by KVM on the
+    // next entry: enter once with immediate_exit set so the registers are complete.
+    vcpu.set_kvm_immediate_exit(1);
+    match vcpu.run() {
+        Err(e) if e.errno() == libc::EINTR => {}
+        other => tracing::debug!("vCPU {}: completing the last exit: {other:?}", ctx.id),
+    }
+    vcpu.set_kvm_immediate_exit(0);
     KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
+    vcpu
 }
 
 fn handle_exit(exit: VcpuExit, ctx: &VcpuContext) -> Result<(), String> {

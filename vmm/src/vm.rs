@@ -15,8 +15,10 @@ use devices::pci::{
 };
 use devices::rtc::{Rtc, RTC_LEN, RTC_PORT};
 use devices::serial::{Serial, COM1_IRQ, COM1_PORT};
+use devices::snapshot::{self, Saved};
 use kvm_bindings::{kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -24,13 +26,14 @@ use crate::acpi::{self, AcpiLayout};
 use crate::boot::{self, BootError};
 use crate::config::{DeviceSpec, NetSpec, VmConfig};
 use crate::cpu::{self, CpuError};
-use crate::device_manager::{DeviceError, DeviceManager};
+use crate::device_manager::{DeviceError, DeviceManager, DeviceState};
 use crate::events::VmEvents;
 use crate::interrupts::KvmRoutes;
 use crate::layout::*;
 use crate::memory::{self, GuestMemoryMmap};
 use crate::vcpu::{run_vcpu, RunState, VcpuContext, VcpuControl, VcpuControlError};
 use crate::vfio::{KvmMapper, VfioHost};
+use crate::vmstate::{self, KvmVmState, VcpuState};
 
 #[derive(Debug, Error)]
 pub enum VmError {
@@ -57,6 +60,14 @@ pub enum VmError {
     Control(#[from] VcpuControlError),
     #[error(transparent)]
     Device(#[from] DeviceError),
+    #[error(transparent)]
+    Snapshot(#[from] devices::snapshot::SnapshotError),
+    #[error(transparent)]
+    State(#[from] vmstate::StateError),
+    #[error("cannot restore the VM: {0}")]
+    Restore(String),
+    #[error("{0}")]
+    Migration(String),
 }
 
 fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -66,7 +77,7 @@ fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 pub struct Vm {
     // Field order is drop order: threads are joined by `stop` before this
     // is dropped; the VM fd goes before the memory it maps.
-    vcpu_threads: Vec<JoinHandle<()>>,
+    vcpu_threads: Vec<JoinHandle<VcpuFd>>,
     pending_vcpus: Vec<VcpuFd>,
     control: Arc<VcpuControl>,
     pio: Arc<Bus>,
@@ -74,15 +85,59 @@ pub struct Vm {
     events: Arc<VmEvents>,
     devices: DeviceManager,
     hotplug: Arc<Mutex<PciHotplug>>,
-    _vm_fd: Arc<VmFd>,
-    _memory: GuestMemoryMmap,
+    legacy: Legacy,
+    memory_bytes: u64,
+    /// The CPUID each vCPU was given (a migration destination must be able to give it;
+    /// what KVM reads back is not always what was set).
+    cpuid: Vec<Vec<kvm_bindings::kvm_cpuid_entry2>>,
+    vm_fd: Arc<VmFd>,
+    memory: GuestMemoryMmap,
 }
 
-impl Vm {
-    /// Build and boot-prepare a VM; vCPUs start running on [`Vm::start`].
-    pub fn create(
+/// The platform devices, kept for saving and restoring their state.
+struct Legacy {
+    serial: Arc<Mutex<Serial>>,
+    i8042: Arc<Mutex<I8042>>,
+    pm: Arc<Mutex<AcpiPm>>,
+    rtc: Arc<Mutex<Rtc>>,
+}
+
+/// Everything about a running VM that a migration carries besides its memory.
+#[derive(Serialize, Deserialize)]
+pub struct VmState {
+    pub memory_bytes: u64,
+    /// Paused by the user when it left: the destination keeps it paused.
+    pub paused: bool,
+    pub vcpus: Vec<VcpuState>,
+    pub kvm: KvmVmState,
+    pub serial: Saved,
+    pub i8042: Saved,
+    pub pm: Saved,
+    pub rtc: Saved,
+    pub hotplug: Saved,
+    pub devices: Vec<DeviceState>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What `Vm::create` and `Vm::restore` share: the KVM VM with its memory, buses,
+/// platform devices and an empty PCI device table.
+struct Machine {
+    vm_fd: Arc<VmFd>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    devices: DeviceManager,
+    hotplug: Arc<Mutex<PciHotplug>>,
+    legacy: Legacy,
+}
+
+impl Machine {
+    fn new(
         kvm_handle: &Kvm,
         cfg: &VmConfig,
+        mem: &GuestMemoryMmap,
         serial: &Arc<Mutex<Serial>>,
         events: &Arc<VmEvents>,
     ) -> Result<Self, VmError> {
@@ -96,28 +151,7 @@ impl Vm {
             ..Default::default()
         };
         vm_fd.create_pit2(pit).map_err(kvm("create PIT"))?;
-
-        let mem = memory::create(cfg.memory_bytes).map_err(|e| VmError::Memory {
-            size: cfg.memory_bytes >> 20,
-            reason: e.to_string(),
-        })?;
-        memory::register(&vm_fd, &mem).map_err(kvm("register guest memory"))?;
-
-        let entry = boot::load_linux(
-            &mem,
-            &cfg.kernel,
-            cfg.initramfs.as_deref(),
-            &cfg.cmdline,
-            cfg.memory_bytes,
-        )?;
-        boot::write_boot_tables(&mem)?;
-        let ram_end = memory::ram_end(cfg.memory_bytes);
-        let layout = AcpiLayout {
-            vcpus: cfg.vcpus,
-            mmio64_start: ram_end.next_multiple_of(PCI_MMIO64_ALIGN),
-            mmio64_size: PCI_MMIO64_SIZE,
-        };
-        acpi::write_tables(&mem, &layout)?;
+        memory::register(&vm_fd, mem, false).map_err(kvm("register guest memory"))?;
 
         // Buses and the legacy devices.
         let pio = Arc::new(Bus::new());
@@ -126,23 +160,18 @@ impl Vm {
         vm_fd
             .register_irqfd(&serial_irq, COM1_IRQ)
             .map_err(kvm("register the serial irqfd"))?;
-        serial
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .reset(Arc::new(serial_irq));
+        lock(serial).reset(Arc::new(serial_irq));
         pio.insert(serial.clone(), COM1_PORT, 8)?;
         let i8042_reset = events.reset_evt.try_clone().map_err(VmError::EventFd)?;
-        pio.insert(
-            Arc::new(Mutex::new(I8042::new(i8042_reset))),
-            I8042_BASE,
-            I8042_LEN,
-        )?;
-        let pm = AcpiPm::new(
+        let i8042 = Arc::new(Mutex::new(I8042::new(i8042_reset)));
+        pio.insert(i8042.clone(), I8042_BASE, I8042_LEN)?;
+        let pm = Arc::new(Mutex::new(AcpiPm::new(
             events.shutdown_evt.try_clone().map_err(VmError::EventFd)?,
             events.reset_evt.try_clone().map_err(VmError::EventFd)?,
-        );
-        pio.insert(Arc::new(Mutex::new(pm)), PM_BASE, PM_LEN)?;
-        pio.insert(Arc::new(Mutex::new(Rtc::new())), RTC_PORT, RTC_LEN)?;
+        )));
+        pio.insert(pm.clone(), PM_BASE, PM_LEN)?;
+        let rtc = Arc::new(Mutex::new(Rtc::new()));
+        pio.insert(rtc.clone(), RTC_PORT, RTC_LEN)?;
         let pci = Arc::new(Mutex::new(PciRoot::new(mmio.clone(), pio.clone())));
         pio.insert(
             Arc::new(Mutex::new(PciConfigIo::new(&pci))),
@@ -168,26 +197,103 @@ impl Vm {
 
         let routes = Arc::new(KvmRoutes::new(vm_fd.clone()).map_err(VmError::EventFd)?);
         let max_slots = kvm_handle.get_nr_memslots() as u32;
-        let ram_slots = vm_memory::GuestMemoryBackend::num_regions(&mem) as u32;
+        let ram_slots = vm_memory::GuestMemoryBackend::num_regions(mem) as u32;
         let mapper = Arc::new(KvmMapper::new(vm_fd.clone(), ram_slots, max_slots));
         let vfio = VfioHost::new(vm_fd.clone(), mem.clone(), routes.clone(), mapper);
-        let mut devices = DeviceManager::new(
-            pci.clone(),
+        let (mmio64_start, mmio64_size) = mmio64_window(cfg.memory_bytes);
+        let devices = DeviceManager::new(
+            pci,
             routes,
             mem.clone(),
             events.clone(),
             vfio,
-            (layout.mmio64_start, layout.mmio64_size),
+            (mmio64_start, mmio64_size),
         );
+        Ok(Self {
+            vm_fd,
+            pio,
+            mmio,
+            devices,
+            hotplug,
+            legacy: Legacy {
+                serial: serial.clone(),
+                i8042,
+                pm,
+                rtc,
+            },
+        })
+    }
+
+    fn into_vm(
+        self,
+        vcpus: Vec<VcpuFd>,
+        cpuid: Vec<Vec<kvm_bindings::kvm_cpuid_entry2>>,
+        events: &Arc<VmEvents>,
+        cfg: &VmConfig,
+        mem: GuestMemoryMmap,
+    ) -> Result<Vm, VmError> {
+        Ok(Vm {
+            vcpu_threads: vec![],
+            pending_vcpus: vcpus,
+            control: Arc::new(VcpuControl::new()),
+            pio: self.pio,
+            mmio: self.mmio,
+            events: events.clone(),
+            devices: self.devices,
+            hotplug: self.hotplug,
+            legacy: self.legacy,
+            memory_bytes: cfg.memory_bytes,
+            cpuid,
+            vm_fd: self.vm_fd,
+            memory: mem,
+        })
+    }
+}
+
+/// The 64-bit BAR window: after RAM, aligned.
+fn mmio64_window(memory_bytes: u64) -> (u64, u64) {
+    let ram_end = memory::ram_end(memory_bytes);
+    (ram_end.next_multiple_of(PCI_MMIO64_ALIGN), PCI_MMIO64_SIZE)
+}
+
+impl Vm {
+    /// Build and boot-prepare a VM; vCPUs start running on [`Vm::start`].
+    pub fn create(
+        kvm_handle: &Kvm,
+        cfg: &VmConfig,
+        serial: &Arc<Mutex<Serial>>,
+        events: &Arc<VmEvents>,
+    ) -> Result<Self, VmError> {
+        let mem = memory::create(cfg.memory_bytes).map_err(|e| VmError::Memory {
+            size: cfg.memory_bytes >> 20,
+            reason: e.to_string(),
+        })?;
+        let mut m = Machine::new(kvm_handle, cfg, &mem, serial, events)?;
+        let entry = boot::load_linux(
+            &mem,
+            &cfg.kernel,
+            cfg.initramfs.as_deref(),
+            &cfg.cmdline,
+            cfg.memory_bytes,
+        )?;
+        boot::write_boot_tables(&mem)?;
+        let (mmio64_start, mmio64_size) = mmio64_window(cfg.memory_bytes);
+        let layout = AcpiLayout {
+            vcpus: cfg.vcpus,
+            mmio64_start,
+            mmio64_size,
+        };
+        acpi::write_tables(&mem, &layout)?;
+
         for d in cfg.devices.iter().filter(|d| d.failover.is_some()) {
-            devices.reserve(d.slot.unwrap_or(0));
+            m.devices.reserve(d.slot.unwrap_or(0));
         }
         for n in &cfg.nets {
-            devices.add_net(&n.net, n.slot)?;
+            m.devices.add_net(&n.net, n.slot)?;
         }
         // Failover primaries wait for their standby's STANDBY ack (the control loop plugs them).
         for d in cfg.devices.iter().filter(|d| d.failover.is_none()) {
-            devices.add_vfio(&d.id, &d.path, d.slot)?;
+            m.devices.add_vfio(&d.id, &d.path, d.slot)?;
         }
 
         // vCPUs.
@@ -196,11 +302,14 @@ impl Vm {
             .map_err(kvm("get supported CPUID"))?;
         let tsc_deadline = kvm_handle.check_extension(Cap::TscDeadlineTimer);
         let mut vcpus = Vec::new();
+        let mut cpuids = Vec::new();
         for id in 0..cfg.vcpus {
-            let vcpu = vm_fd
+            let vcpu = m
+                .vm_fd
                 .create_vcpu(u64::from(id))
                 .map_err(kvm("create vCPU"))?;
-            cpu::setup_cpuid(&vcpu, &base_cpuid, id, cfg.vcpus, tsc_deadline)?;
+            let cpuid = cpu::setup_cpuid(&vcpu, &base_cpuid, id, cfg.vcpus, tsc_deadline)?;
+            cpuids.push(cpuid.as_slice().to_vec());
             cpu::setup_msrs(&vcpu)?;
             cpu::setup_fpu(&vcpu)?;
             cpu::setup_lapic(&vcpu)?;
@@ -210,19 +319,56 @@ impl Vm {
             }
             vcpus.push(vcpu);
         }
-        let control = Arc::new(VcpuControl::new());
-        Ok(Self {
-            vcpu_threads: vec![],
-            pending_vcpus: vcpus,
-            control,
-            pio,
-            mmio,
-            events: events.clone(),
-            devices,
-            hotplug,
-            _vm_fd: vm_fd,
-            _memory: mem,
-        })
+        m.into_vm(vcpus, cpuids, events, cfg, mem)
+    }
+
+    /// Build the VM a migration source saved: `mem` holds its memory already, `cfg`
+    /// has this host's taps. Devices come back paused and vCPUs stopped; [`Vm::start`]
+    /// and [`Vm::resume_devices`] run them.
+    pub fn restore(
+        kvm_handle: &Kvm,
+        cfg: &VmConfig,
+        mem: GuestMemoryMmap,
+        state: VmState,
+        serial: &Arc<Mutex<Serial>>,
+        events: &Arc<VmEvents>,
+    ) -> Result<Self, VmError> {
+        if state.vcpus.len() != usize::from(cfg.vcpus) || state.memory_bytes != cfg.memory_bytes {
+            return Err(VmError::Restore(format!(
+                "the state is of {} vCPUs and {} MiB, the VM has {} and {} MiB",
+                state.vcpus.len(),
+                state.memory_bytes >> 20,
+                cfg.vcpus,
+                cfg.memory_bytes >> 20
+            )));
+        }
+        let mut m = Machine::new(kvm_handle, cfg, &mem, serial, events)?;
+        snapshot::restore(&mut *lock(&m.legacy.serial), state.serial)?;
+        snapshot::restore(&mut *lock(&m.legacy.i8042), state.i8042)?;
+        snapshot::restore(&mut *lock(&m.legacy.pm), state.pm)?;
+        snapshot::restore(&mut *lock(&m.legacy.rtc), state.rtc)?;
+        for d in state.devices {
+            let net = cfg
+                .nets
+                .iter()
+                .find(|n| n.net.id == d.id)
+                .ok_or_else(|| VmError::Restore(format!("no NIC {} configured here", d.id)))?;
+            m.devices.restore_net(&net.net, d)?;
+        }
+        let mut vcpus = Vec::new();
+        for s in &state.vcpus {
+            let vcpu = m
+                .vm_fd
+                .create_vcpu(u64::from(s.id))
+                .map_err(kvm("create vCPU"))?;
+            vmstate::restore_vcpu(&vcpu, s)?;
+            vcpus.push(vcpu);
+        }
+        let cpuids = state.vcpus.iter().map(|v| v.cpuid.clone()).collect();
+        vmstate::restore_vm(&m.vm_fd, &state.kvm)?;
+        // After the devices: news for slots they are in.
+        snapshot::restore(&mut *lock(&m.hotplug), state.hotplug)?;
+        m.into_vm(vcpus, cpuids, events, cfg, mem)
     }
 
     /// Start one thread per vCPU.
@@ -244,12 +390,98 @@ impl Vm {
         Ok(())
     }
 
+    /// Stop the guest: every vCPU parked, then every device's data path (no more
+    /// guest memory writes, no interrupts). Undone whole on failure.
     pub fn pause(&self) -> Result<(), VmError> {
-        Ok(self.control.pause(&self.vcpu_threads)?)
+        self.control.pause(&self.vcpu_threads)?;
+        self.devices.pause_all();
+        Ok(())
     }
 
     pub fn resume(&self) -> Result<(), VmError> {
+        if !self.paused() {
+            return Err(VcpuControlError::NotPaused.into());
+        }
+        self.devices.resume_all();
         Ok(self.control.resume()?)
+    }
+
+    /// For a migration's last step: the guest paused and its vCPU threads ended,
+    /// their vCPUs kept for [`Vm::save`]. Returns whether the guest was paused
+    /// already (by the user). [`Vm::thaw`] undoes it.
+    pub fn freeze(&mut self) -> Result<bool, VmError> {
+        let was_paused = self.paused();
+        if !was_paused {
+            self.pause()?;
+        }
+        self.control.stop(&self.vcpu_threads);
+        for t in self.vcpu_threads.drain(..) {
+            match t.join() {
+                Ok(vcpu) => self.pending_vcpus.push(vcpu),
+                Err(_) => return Err(VmError::Migration("a vCPU thread panicked".into())),
+            }
+        }
+        self.control = Arc::new(VcpuControl::new());
+        Ok(was_paused)
+    }
+
+    /// Run again after [`Vm::freeze`] (the migration failed): paused if it was.
+    pub fn thaw(&mut self, was_paused: bool) -> Result<(), VmError> {
+        self.start()?;
+        if was_paused {
+            self.control.pause(&self.vcpu_threads)?;
+        } else {
+            self.devices.resume_all();
+        }
+        Ok(())
+    }
+
+    /// The whole state of a frozen VM (see [`Vm::freeze`]).
+    pub fn save(&self, kvm_handle: &Kvm, paused: bool) -> Result<VmState, VmError> {
+        if self.pending_vcpus.is_empty() {
+            return Err(VmError::Migration("saved while its vCPUs run".into()));
+        }
+        let mut vcpus = Vec::new();
+        for (id, vcpu) in self.pending_vcpus.iter().enumerate() {
+            let cpuid = self.cpuid.get(id).cloned().unwrap_or_default();
+            vcpus.push(vmstate::save_vcpu(kvm_handle, vcpu, id as u8, cpuid)?);
+        }
+        Ok(VmState {
+            memory_bytes: self.memory_bytes,
+            paused,
+            vcpus,
+            kvm: vmstate::save_vm(&self.vm_fd)?,
+            serial: snapshot::save(&*lock(&self.legacy.serial))?,
+            i8042: snapshot::save(&*lock(&self.legacy.i8042))?,
+            pm: snapshot::save(&*lock(&self.legacy.pm))?,
+            rtc: snapshot::save(&*lock(&self.legacy.rtc))?,
+            hotplug: snapshot::save(&*self.hotplug())?,
+            devices: self.devices.save()?,
+        })
+    }
+
+    /// The CPUID the guest was given.
+    pub fn cpuid(&self) -> &[kvm_bindings::kvm_cpuid_entry2] {
+        self.cpuid.first().map_or(&[], Vec::as_slice)
+    }
+
+    /// The guest's memory (the migration sends it).
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    pub fn vm_fd(&self) -> &Arc<VmFd> {
+        &self.vm_fd
+    }
+
+    /// Turn KVM's dirty page log on or off on every RAM slot.
+    pub fn log_dirty_pages(&self, on: bool) -> Result<(), VmError> {
+        memory::register(&self.vm_fd, &self.memory, on).map_err(kvm("switch dirty logging"))
+    }
+
+    /// After a migration: every NIC asks the guest to announce itself.
+    pub fn announce_moved(&self) {
+        self.devices.announce_moved();
     }
 
     pub fn paused(&self) -> bool {

@@ -1,0 +1,749 @@
+//! Live migration: the wire protocol, the source's sender and the destination's
+//! receiver.
+//!
+//! ```text
+//! source                                   destination (tandem run --incoming URL)
+//!   Hello {version, memory, vCPUs, NICs, CPUID} ->
+//!                                          <- Accept | Refuse {reason}   (checked before any memory)
+//!   Pages (all RAM), then Pages (dirty) per round ... ->
+//!   [guest paused] Pages (last dirty) ->
+//!   State {vCPUs, irqchip, PIT, clock, devices} ->
+//!                                          <- Ready (VM built, not running) | Refuse
+//!   Go ->
+//!                                          <- Running                    (the guest runs there)
+//!   source exits 0
+//! ```
+//! Every message is a frame: one kind byte, a little-endian u64 length, the body.
+//! Bodies are JSON, except Pages: (u64 guest address, u64 length, bytes)* runs.
+//! Anything malformed, too long or out of order ends the migration with an error.
+//!
+//! Until the source has sent Go, it owns the guest: any failure (the destination
+//! refused or died, the connection broke, a cancel, the timeout) resumes the guest on
+//! the source. The destination runs the guest only on Go.
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use api::events::MigrationProgress;
+use devices::virtio::net::NetConfig;
+use kvm_bindings::kvm_cpuid_entry2;
+use kvm_ioctls::VmFd;
+use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+
+use crate::memory::GuestMemoryMmap;
+
+pub const PROTOCOL_VERSION: u32 = 1;
+const PAGE: u64 = 4096;
+/// Largest frame: a JSON state (vCPU XSAVE areas included) or a run of pages.
+const MAX_FRAME: u64 = 64 << 20;
+/// Pages per Pages frame.
+const CHUNK: u64 = 4 << 20;
+/// Pre-copy rounds before the guest is stopped whatever is left.
+pub const MAX_ROUNDS: u32 = 30;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Kind {
+    Hello = 1,
+    Accept = 2,
+    Refuse = 3,
+    Pages = 4,
+    State = 5,
+    Ready = 6,
+    Go = 7,
+    Running = 8,
+    Abort = 9,
+    /// The source is done with memory rounds (the next frame is State).
+    MemoryDone = 10,
+}
+
+impl Kind {
+    fn from_u8(v: u8) -> Option<Self> {
+        use Kind::*;
+        [
+            Hello, Accept, Refuse, Pages, State, Ready, Go, Running, Abort, MemoryDone,
+        ]
+        .into_iter()
+        .find(|k| *k as u8 == v)
+    }
+}
+
+/// Where to migrate to or from: `tcp:HOST:PORT` or `unix:PATH`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Url {
+    Tcp(String),
+    Unix(std::path::PathBuf),
+}
+
+impl Url {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if let Some(a) = s.strip_prefix("tcp:") {
+            if a.rsplit_once(':')
+                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+            {
+                return Err(format!("{s:?}: expected tcp:HOST:PORT"));
+            }
+            return Ok(Url::Tcp(a.to_string()));
+        }
+        if let Some(p) = s.strip_prefix("unix:") {
+            if p.is_empty() {
+                return Err(format!("{s:?}: expected unix:PATH"));
+            }
+            return Ok(Url::Unix(p.into()));
+        }
+        Err(format!(
+            "{s:?}: a migration URL is tcp:HOST:PORT or unix:PATH"
+        ))
+    }
+}
+
+/// A connection either way.
+pub trait Stream: Read + Write + Send {
+    fn set_timeout(&self, t: Option<Duration>) -> io::Result<()>;
+    fn shutdown(&self);
+}
+
+impl Stream for std::net::TcpStream {
+    fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(t)?;
+        self.set_write_timeout(t)
+    }
+    fn shutdown(&self) {
+        let _ = std::net::TcpStream::shutdown(self, std::net::Shutdown::Both);
+    }
+}
+
+impl Stream for UnixStream {
+    fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(t)?;
+        self.set_write_timeout(t)
+    }
+    fn shutdown(&self) {
+        let _ = UnixStream::shutdown(self, std::net::Shutdown::Both);
+    }
+}
+
+pub fn connect(url: &Url) -> io::Result<Box<dyn Stream>> {
+    Ok(match url {
+        Url::Tcp(a) => {
+            let s = std::net::TcpStream::connect(a)?;
+            s.set_nodelay(true)?;
+            Box::new(s)
+        }
+        Url::Unix(p) => Box::new(UnixStream::connect(p)?),
+    })
+}
+
+/// Wait for the one source of an incoming migration.
+pub fn accept(url: &Url) -> io::Result<Box<dyn Stream>> {
+    Ok(match url {
+        Url::Tcp(a) => {
+            let l = std::net::TcpListener::bind(a)
+                .map_err(|e| io::Error::new(e.kind(), format!("--incoming tcp:{a}: {e}")))?;
+            tracing::info!("waiting for a migration on tcp:{a}");
+            let (s, peer) = l.accept()?;
+            tracing::info!("incoming migration from {peer}");
+            s.set_nodelay(true)?;
+            Box::new(s)
+        }
+        Url::Unix(p) => {
+            let l = UnixListener::bind(p).map_err(|e| {
+                io::Error::new(e.kind(), format!("--incoming unix:{}: {e}", p.display()))
+            })?;
+            tracing::info!("waiting for a migration on unix:{}", p.display());
+            let (s, _) = l.accept()?;
+            let _ = std::fs::remove_file(p);
+            Box::new(s)
+        }
+    })
+}
+
+fn proto(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+fn write_frame(w: &mut dyn Stream, kind: Kind, body: &[u8]) -> io::Result<()> {
+    let mut head = [0u8; 9];
+    head[0] = kind as u8;
+    head[1..].copy_from_slice(&(body.len() as u64).to_le_bytes());
+    w.write_all(&head)?;
+    w.write_all(body)
+}
+
+fn write_json<T: Serialize>(w: &mut dyn Stream, kind: Kind, v: &T) -> io::Result<()> {
+    let body = serde_json::to_vec(v).map_err(|e| proto(e.to_string()))?;
+    write_frame(w, kind, &body)
+}
+
+fn read_frame(r: &mut dyn Stream) -> io::Result<(Kind, Vec<u8>)> {
+    let mut head = [0u8; 9];
+    r.read_exact(&mut head).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            io::Error::new(e.kind(), "the other side closed the connection")
+        } else {
+            e
+        }
+    })?;
+    let kind =
+        Kind::from_u8(head[0]).ok_or_else(|| proto(format!("unknown frame kind {}", head[0])))?;
+    let mut len = [0u8; 8];
+    len.copy_from_slice(&head[1..]);
+    let len = u64::from_le_bytes(len);
+    if len > MAX_FRAME {
+        return Err(proto(format!("a {len}-byte frame (at most {MAX_FRAME})")));
+    }
+    let mut body = vec![0u8; len as usize];
+    r.read_exact(&mut body)
+        .map_err(|e| proto(format!("truncated {kind:?} frame: {e}")))?;
+    Ok((kind, body))
+}
+
+/// Read a frame of kind `want`; a Refuse or Abort from the other side is its reason.
+fn expect(r: &mut dyn Stream, want: Kind) -> io::Result<Vec<u8>> {
+    let (kind, body) = read_frame(r)?;
+    match kind {
+        k if k == want => Ok(body),
+        Kind::Refuse | Kind::Abort => {
+            let why: Reason = serde_json::from_slice(&body).unwrap_or(Reason {
+                reason: String::from_utf8_lossy(&body).into_owned(),
+            });
+            Err(io::Error::other(format!(
+                "the other side refused: {}",
+                why.reason
+            )))
+        }
+        other => Err(proto(format!("expected {want:?}, got {other:?}"))),
+    }
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(what: &str, body: &[u8]) -> io::Result<T> {
+    serde_json::from_slice(body).map_err(|e| proto(format!("bad {what}: {e}")))
+}
+
+#[derive(Serialize, Deserialize)]
+struct Reason {
+    reason: String,
+}
+
+/// What the destination checks before any memory moves.
+#[derive(Serialize, Deserialize)]
+pub struct Hello {
+    pub version: u32,
+    pub memory_bytes: u64,
+    pub vcpus: u8,
+    pub nets: Vec<(NetConfig, Option<usize>)>,
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+}
+
+/// The source's settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendParams {
+    pub url: String,
+    #[serde(default = "default_downtime")]
+    pub downtime_ms: u64,
+    /// 0: no limit.
+    #[serde(default)]
+    pub bandwidth_mbps: u64,
+    #[serde(default = "default_timeout")]
+    pub timeout_s: u64,
+}
+
+fn default_downtime() -> u64 {
+    300
+}
+
+fn default_timeout() -> u64 {
+    600
+}
+
+/// What the migration thread asks of the control loop.
+pub enum ToLoop {
+    /// Stop the guest and return its saved state (JSON), or why not.
+    Freeze(Sender<Result<Vec<u8>, String>>),
+    Progress(MigrationProgress),
+    Paused {
+        round: u32,
+        pages_left: u64,
+    },
+    /// The destination runs the guest.
+    Completed(MigrationProgress),
+    /// The migration ended without the destination running the guest: the source
+    /// runs it on.
+    Failed(String),
+}
+
+/// What the source's migration thread works with.
+pub struct Source {
+    pub params: SendParams,
+    pub url: Url,
+    pub mem: GuestMemoryMmap,
+    pub vm_fd: Arc<VmFd>,
+    pub hello: Hello,
+    pub cancel: Arc<AtomicBool>,
+    pub to_loop: Sender<ToLoop>,
+    pub wake: vmm_sys_util::eventfd::EventFd,
+}
+
+/// One bitmap of dirty pages per RAM region.
+fn take_dirty(mem: &GuestMemoryMmap, vm: &VmFd) -> io::Result<Vec<Vec<u64>>> {
+    let mut out = Vec::new();
+    for (slot, region) in mem.iter().enumerate() {
+        let mut bits = vm
+            .get_dirty_log(slot as u32, region.len() as usize)
+            .map_err(|e| io::Error::other(format!("KVM dirty log of slot {slot}: {e}")))?;
+        let ours = vm_memory::mmap::MmapRegion::bitmap(region).get_and_reset();
+        for (i, w) in ours.iter().enumerate() {
+            if let Some(b) = bits.get_mut(i) {
+                *b |= w;
+            }
+        }
+        out.push(bits);
+    }
+    Ok(out)
+}
+
+fn count_pages(dirty: &[Vec<u64>]) -> u64 {
+    dirty
+        .iter()
+        .flatten()
+        .map(|w| u64::from(w.count_ones()))
+        .sum()
+}
+
+impl Source {
+    fn tell(&self, m: ToLoop) {
+        let _ = self.to_loop.send(m);
+        let _ = self.wake.write(1);
+    }
+
+    fn check_cancel(&self, started: Instant) -> io::Result<()> {
+        if self.cancel.load(Ordering::SeqCst) {
+            return Err(io::Error::other("cancelled"));
+        }
+        if started.elapsed() > Duration::from_secs(self.params.timeout_s) {
+            return Err(io::Error::other(format!(
+                "timed out after {} s",
+                self.params.timeout_s
+            )));
+        }
+        Ok(())
+    }
+
+    /// Send the pages `dirty` marks (all of them if None); returns bytes sent.
+    fn send_pages(
+        &self,
+        s: &mut dyn Stream,
+        dirty: Option<&[Vec<u64>]>,
+        started: Instant,
+    ) -> io::Result<u64> {
+        let mut frame: Vec<u8> = Vec::with_capacity(CHUNK as usize + 64);
+        let mut sent = 0u64;
+        let throttle_start = Instant::now();
+        for (ri, region) in self.mem.iter().enumerate() {
+            let pages = region.len() / PAGE;
+            let is_dirty = |p: u64| match dirty {
+                None => true,
+                Some(d) => d
+                    .get(ri)
+                    .and_then(|b| b.get((p / 64) as usize))
+                    .is_some_and(|w| w & (1 << (p % 64)) != 0),
+            };
+            let mut p = 0;
+            while p < pages {
+                if !is_dirty(p) {
+                    p += 1;
+                    continue;
+                }
+                let mut end = p + 1;
+                while end < pages && is_dirty(end) && (end - p) * PAGE < CHUNK {
+                    end += 1;
+                }
+                let len = (end - p) * PAGE;
+                let gpa = region.start_addr().0 + p * PAGE;
+                frame.extend_from_slice(&gpa.to_le_bytes());
+                frame.extend_from_slice(&len.to_le_bytes());
+                let at = frame.len();
+                frame.resize(at + len as usize, 0);
+                region
+                    .read_slice(&mut frame[at..], MemoryRegionAddress(p * PAGE))
+                    .map_err(|e| io::Error::other(format!("read guest memory at {gpa:#x}: {e}")))?;
+                if frame.len() as u64 >= CHUNK {
+                    write_frame(s, Kind::Pages, &frame)?;
+                    sent += frame.len() as u64;
+                    frame.clear();
+                    self.check_cancel(started)?;
+                    self.throttle(sent, throttle_start);
+                }
+                p = end;
+            }
+        }
+        if !frame.is_empty() {
+            write_frame(s, Kind::Pages, &frame)?;
+            sent += frame.len() as u64;
+        }
+        Ok(sent)
+    }
+
+    fn throttle(&self, sent: u64, since: Instant) {
+        if self.params.bandwidth_mbps == 0 {
+            return;
+        }
+        let should_take =
+            Duration::from_secs_f64(sent as f64 * 8.0 / (self.params.bandwidth_mbps as f64 * 1e6));
+        if let Some(wait) = should_take.checked_sub(since.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+
+    /// Run the migration; tells the control loop how it ended.
+    pub fn run(self) {
+        let started = Instant::now();
+        let mut conn: Option<Box<dyn Stream>> = None;
+        let result = self.migrate(started, &mut conn);
+        match result {
+            Ok(p) => self.tell(ToLoop::Completed(p)),
+            Err(e) => {
+                if let Some(c) = conn.as_mut() {
+                    let _ = write_json(
+                        c.as_mut(),
+                        Kind::Abort,
+                        &Reason {
+                            reason: e.to_string(),
+                        },
+                    );
+                    c.shutdown();
+                }
+                self.tell(ToLoop::Failed(e.to_string()));
+            }
+        }
+    }
+
+    fn migrate(
+        &self,
+        started: Instant,
+        conn: &mut Option<Box<dyn Stream>>,
+    ) -> io::Result<MigrationProgress> {
+        let url_text = &self.params.url;
+        let c = conn.insert(
+            connect(&self.url)
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot reach {url_text}: {e}")))?,
+        );
+        let s = c.as_mut();
+        s.set_timeout(Some(Duration::from_secs(30)))?;
+        write_json(s, Kind::Hello, &self.hello)?;
+        expect(s, Kind::Accept)?;
+
+        // Round 0: everything. The logs are cleared first, so what is dirtied while
+        // it goes is what round 1 sends.
+        take_dirty(&self.mem, &self.vm_fd)?;
+        let mut progress = MigrationProgress {
+            phase: "precopy".into(),
+            ..Default::default()
+        };
+        let total_pages: u64 = self.mem.iter().map(|r| r.len() / PAGE).sum();
+        let t = Instant::now();
+        let mut bytes = self.send_pages(s, None, started)?;
+        let mut round_time = t.elapsed();
+        progress.pages_sent = total_pages;
+        progress.bytes_sent = bytes;
+        let downtime = Duration::from_millis(self.params.downtime_ms);
+        let mut dirty;
+        loop {
+            self.check_cancel(started)?;
+            dirty = take_dirty(&self.mem, &self.vm_fd)?;
+            let left = count_pages(&dirty);
+            // Bytes per second over the last round.
+            let rate = bytes as f64 / round_time.as_secs_f64().max(1e-6);
+            let estimate = Duration::from_secs_f64(left as f64 * PAGE as f64 / rate.max(1.0));
+            progress.pages_left = left;
+            progress.rate_mbps = (rate * 8.0 / 1e6) as u64;
+            progress.estimated_downtime_ms = estimate.as_millis() as u64;
+            progress.elapsed_ms = started.elapsed().as_millis() as u64;
+            self.tell(ToLoop::Progress(progress.clone()));
+            if estimate <= downtime || progress.round >= MAX_ROUNDS {
+                if estimate > downtime {
+                    tracing::warn!(
+                        "migration: not converged after {MAX_ROUNDS} rounds ({left} pages dirty, about {} ms to send); stopping the guest anyway",
+                        estimate.as_millis()
+                    );
+                }
+                break;
+            }
+            progress.round += 1;
+            let t = Instant::now();
+            bytes = self.send_pages(s, Some(&dirty), started)?;
+            round_time = t.elapsed();
+            progress.bytes_sent += bytes;
+            progress.pages_sent += left;
+        }
+
+        // Stop and copy.
+        self.tell(ToLoop::Paused {
+            round: progress.round,
+            pages_left: progress.pages_left,
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.tell(ToLoop::Freeze(tx));
+        let state = wait_answer(&rx)?;
+        let paused_at = Instant::now();
+        let dirty_last = take_dirty(&self.mem, &self.vm_fd)?;
+        // What was dirty at the last look and what was dirtied since.
+        let merged: Vec<Vec<u64>> = dirty
+            .iter()
+            .zip(&dirty_last)
+            .map(|(a, b)| a.iter().zip(b).map(|(x, y)| x | y).collect())
+            .collect();
+        let last = count_pages(&merged);
+        progress.phase = "stop-and-copy".into();
+        progress.bytes_sent += self.send_pages(s, Some(&merged), started)?;
+        progress.pages_sent += last;
+        write_frame(s, Kind::MemoryDone, &[])?;
+        write_frame(s, Kind::State, &state)?;
+        progress.bytes_sent += state.len() as u64;
+        // The destination builds the VM; it may take a while for a big one.
+        s.set_timeout(Some(Duration::from_secs(60)))?;
+        expect(s, Kind::Ready)?;
+        self.check_cancel(started)?;
+        // From here the destination owns the guest.
+        write_frame(s, Kind::Go, &[])?;
+        match expect(s, Kind::Running) {
+            Ok(_) => {}
+            Err(e) => {
+                // Go was sent: the destination may be running it. Resuming here could
+                // run the guest twice; this side stops instead and says so.
+                tracing::error!(
+                    "migration: the destination did not confirm it runs the guest ({e}); it was told to, so this side does not resume it"
+                );
+            }
+        }
+        progress.phase = "done".into();
+        progress.pages_left = 0;
+        progress.downtime_ms = Some(paused_at.elapsed().as_millis() as u64);
+        progress.elapsed_ms = started.elapsed().as_millis() as u64;
+        Ok(progress)
+    }
+}
+
+fn wait_answer(rx: &Receiver<Result<Vec<u8>, String>>) -> io::Result<Vec<u8>> {
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(Ok(state)) => Ok(state),
+        Ok(Err(e)) => Err(io::Error::other(format!("cannot stop the guest: {e}"))),
+        Err(_) => Err(io::Error::other("the VMM did not stop the guest in 30 s")),
+    }
+}
+
+/// The destination's side, up to the built VM: checks the Hello with `check`,
+/// fills `mem` (made by `make_mem` from the Hello), returns the state and the
+/// connection, on which the caller answers Ready or Refuse.
+pub struct Incoming {
+    pub conn: Box<dyn Stream>,
+    pub mem: GuestMemoryMmap,
+    pub state: Vec<u8>,
+}
+
+pub fn receive(
+    url: &Url,
+    check: impl FnOnce(&Hello) -> Result<(), String>,
+    make_mem: impl FnOnce(u64) -> Result<GuestMemoryMmap, String>,
+) -> io::Result<Incoming> {
+    let mut conn = accept(url)?;
+    let s = conn.as_mut();
+    s.set_timeout(Some(Duration::from_secs(60)))?;
+    let hello: Hello = parse("hello", &expect(s, Kind::Hello)?)?;
+    let refuse = |s: &mut dyn Stream, reason: String| -> io::Error {
+        let _ = write_json(
+            s,
+            Kind::Refuse,
+            &Reason {
+                reason: reason.clone(),
+            },
+        );
+        io::Error::other(reason)
+    };
+    if hello.version != PROTOCOL_VERSION {
+        return Err(refuse(
+            s,
+            format!(
+                "protocol version {} (this Tandem speaks {PROTOCOL_VERSION})",
+                hello.version
+            ),
+        ));
+    }
+    if let Err(e) = check(&hello) {
+        return Err(refuse(s, e));
+    }
+    let mem = match make_mem(hello.memory_bytes) {
+        Ok(m) => m,
+        Err(e) => return Err(refuse(s, e)),
+    };
+    write_frame(s, Kind::Accept, &[])?;
+    let mut pages = 0u64;
+    loop {
+        let (kind, body) = read_frame(s)?;
+        match kind {
+            Kind::Pages => pages += write_pages(&mem, &body)?,
+            Kind::MemoryDone => break,
+            Kind::Abort => {
+                let r: Reason = parse("abort", &body)?;
+                return Err(io::Error::other(format!(
+                    "the source gave up: {}",
+                    r.reason
+                )));
+            }
+            other => return Err(proto(format!("expected pages, got {other:?}"))),
+        }
+    }
+    tracing::info!("migration: received {pages} pages");
+    let state = expect(s, Kind::State)?;
+    Ok(Incoming { conn, mem, state })
+}
+
+/// Copy one Pages frame into guest memory; every run must lie inside RAM.
+fn write_pages(mem: &GuestMemoryMmap, mut body: &[u8]) -> io::Result<u64> {
+    let mut pages = 0;
+    while !body.is_empty() {
+        if body.len() < 16 {
+            return Err(proto("a truncated page run header"));
+        }
+        let gpa = u64::from_le_bytes(body[..8].try_into().unwrap_or([0; 8]));
+        let len = u64::from_le_bytes(body[8..16].try_into().unwrap_or([0; 8]));
+        body = &body[16..];
+        if len as usize > body.len() || len % PAGE != 0 || gpa % PAGE != 0 {
+            return Err(proto(format!("a bad page run: {len} bytes at {gpa:#x}")));
+        }
+        let (data, rest) = body.split_at(len as usize);
+        if !mem.check_range(GuestAddress(gpa), len as usize) {
+            return Err(proto(format!(
+                "pages at {gpa:#x}..{:#x} are outside guest RAM",
+                gpa.saturating_add(len)
+            )));
+        }
+        mem.write_slice(data, GuestAddress(gpa))
+            .map_err(|e| proto(format!("pages at {gpa:#x}: {e}")))?;
+        pages += len / PAGE;
+        body = rest;
+    }
+    Ok(pages)
+}
+
+/// The destination built the VM: Ready, then wait for Go. Err: do not run it.
+pub fn ready_and_wait_go(conn: &mut dyn Stream) -> io::Result<()> {
+    write_frame(conn, Kind::Ready, &[])?;
+    expect(conn, Kind::Go)?;
+    Ok(())
+}
+
+pub fn confirm_running(conn: &mut dyn Stream) {
+    if let Err(e) = write_frame(conn, Kind::Running, &[]) {
+        tracing::warn!("migration: cannot confirm to the source that the guest runs: {e}");
+    }
+}
+
+pub fn refuse(conn: &mut dyn Stream, reason: &str) {
+    let _ = write_json(
+        conn,
+        Kind::Refuse,
+        &Reason {
+            reason: reason.into(),
+        },
+    );
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            Url::parse("tcp:1.2.3.4:6000").unwrap(),
+            Url::Tcp("1.2.3.4:6000".into())
+        );
+        assert_eq!(Url::parse("unix:/a/b").unwrap(), Url::Unix("/a/b".into()));
+        for bad in [
+            "tcp:1.2.3.4",
+            "tcp::5",
+            "tcp:h:99999",
+            "unix:",
+            "http://x",
+            "",
+        ] {
+            assert!(Url::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    fn pair() -> (Box<dyn Stream>, Box<dyn Stream>) {
+        let (a, b) = UnixStream::pair().unwrap();
+        (Box::new(a), Box::new(b))
+    }
+
+    #[test]
+    fn frames_and_bad_frames() {
+        let (mut a, mut b) = pair();
+        write_frame(a.as_mut(), Kind::Go, b"x").unwrap();
+        assert_eq!(read_frame(b.as_mut()).unwrap(), (Kind::Go, b"x".to_vec()));
+        // Unknown kind.
+        a.write_all(&[99, 0, 0, 0, 0, 0, 0, 0, 0]).unwrap();
+        assert!(read_frame(b.as_mut())
+            .unwrap_err()
+            .to_string()
+            .contains("unknown frame kind"));
+        // Too long.
+        let mut h = vec![Kind::Pages as u8];
+        h.extend_from_slice(&u64::MAX.to_le_bytes());
+        a.write_all(&h).unwrap();
+        assert!(read_frame(b.as_mut())
+            .unwrap_err()
+            .to_string()
+            .contains("frame (at most"));
+        // Out of order, and a refusal is its reason.
+        write_frame(a.as_mut(), Kind::Ready, &[]).unwrap();
+        assert!(expect(b.as_mut(), Kind::Accept)
+            .unwrap_err()
+            .to_string()
+            .contains("expected Accept"));
+        refuse(a.as_mut(), "no tap for net0");
+        assert!(expect(b.as_mut(), Kind::Accept)
+            .unwrap_err()
+            .to_string()
+            .contains("no tap for net0"));
+        // Truncated.
+        let mut h = vec![Kind::State as u8];
+        h.extend_from_slice(&100u64.to_le_bytes());
+        h.extend_from_slice(b"short");
+        a.write_all(&h).unwrap();
+        drop(a);
+        assert!(read_frame(b.as_mut())
+            .unwrap_err()
+            .to_string()
+            .contains("truncated"));
+    }
+
+    #[test]
+    fn page_runs_must_lie_in_ram() {
+        let mem = crate::memory::create(1 << 20).unwrap();
+        let mut run = Vec::new();
+        run.extend_from_slice(&0x1000u64.to_le_bytes());
+        run.extend_from_slice(&PAGE.to_le_bytes());
+        run.extend_from_slice(&[7u8; PAGE as usize]);
+        assert_eq!(write_pages(&mem, &run).unwrap(), 1);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x1fff)).unwrap(), 7);
+        let mut out = Vec::new();
+        out.extend_from_slice(&(1u64 << 20).to_le_bytes());
+        out.extend_from_slice(&PAGE.to_le_bytes());
+        out.extend_from_slice(&[7u8; PAGE as usize]);
+        assert!(write_pages(&mem, &out)
+            .unwrap_err()
+            .to_string()
+            .contains("outside guest RAM"));
+        assert!(write_pages(&mem, &run[..20]).is_err());
+        assert!(write_pages(&mem, &run[..10]).is_err());
+    }
+}

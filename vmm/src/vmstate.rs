@@ -1,0 +1,260 @@
+//! The KVM side of a VM's state: each vCPU's (registers, FPU/XSAVE, MSRs, LAPIC,
+//! pending events...), the in-kernel interrupt controllers, the PIT and the KVM
+//! clock. Saved on the migration source while the vCPUs are stopped, restored on
+//! the destination before they start.
+//!
+//! Restore order follows what KVM needs: CPUID before anything that depends on
+//! it (MSRs, XSAVE), special registers before the LAPIC (the APIC base MSR lives in
+//! sregs), the LAPIC before pending events, and the clock last.
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
+    kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    CpuId, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MAX_CPUID_ENTRIES,
+};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("vCPU {id}: {what}: {source}")]
+    Vcpu {
+        id: u8,
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("VM {what}: {source}")]
+    Vm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("{0}")]
+    Bad(String),
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct VcpuState {
+    pub id: u8,
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    mp_state: kvm_mp_state,
+    regs: kvm_regs,
+    sregs: kvm_sregs,
+    xsave: kvm_xsave,
+    xcrs: kvm_xcrs,
+    lapic: kvm_lapic_state,
+    msrs: Vec<kvm_msr_entry>,
+    events: kvm_vcpu_events,
+    debug: kvm_debugregs,
+    tsc_khz: Option<u32>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct KvmVmState {
+    pic_master: kvm_irqchip,
+    pic_slave: kvm_irqchip,
+    ioapic: kvm_irqchip,
+    pit: kvm_pit_state2,
+    clock: kvm_clock_data,
+}
+
+/// Every MSR KVM lists that this vCPU lets us read. KVM stops a batch at the first
+/// MSR it refuses, so refused ones are dropped one by one.
+fn readable_msrs(kvm: &Kvm, vcpu: &VcpuFd, id: u8) -> Result<Vec<kvm_msr_entry>, StateError> {
+    let list = kvm
+        .get_msr_index_list()
+        .map_err(|source| StateError::Vcpu {
+            id,
+            what: "list MSRs",
+            source,
+        })?;
+    let mut entries: Vec<kvm_msr_entry> = list
+        .as_slice()
+        .iter()
+        .map(|&index| kvm_msr_entry {
+            index,
+            ..Default::default()
+        })
+        .collect();
+    let mut out = Vec::with_capacity(entries.len());
+    while !entries.is_empty() {
+        let mut msrs = Msrs::from_entries(&entries)
+            .map_err(|e| StateError::Bad(format!("vCPU {id}: MSR list: {e:?}")))?;
+        let n = vcpu
+            .get_msrs(&mut msrs)
+            .map_err(|source| StateError::Vcpu {
+                id,
+                what: "read MSRs",
+                source,
+            })?;
+        out.extend_from_slice(&msrs.as_slice()[..n]);
+        // Entry n was refused: skip it and read on.
+        entries.drain(..(n + 1).min(entries.len()));
+    }
+    Ok(out)
+}
+
+/// `cpuid` is what the vCPU was given (KVM does not always read back what was set).
+pub fn save_vcpu(
+    kvm: &Kvm,
+    vcpu: &VcpuFd,
+    id: u8,
+    cpuid: Vec<kvm_cpuid_entry2>,
+) -> Result<VcpuState, StateError> {
+    let e = |what: &'static str| move |source| StateError::Vcpu { id, what, source };
+    Ok(VcpuState {
+        id,
+        cpuid,
+        mp_state: vcpu.get_mp_state().map_err(e("read MP state"))?,
+        regs: vcpu.get_regs().map_err(e("read registers"))?,
+        sregs: vcpu.get_sregs().map_err(e("read special registers"))?,
+        xsave: vcpu.get_xsave().map_err(e("read XSAVE"))?,
+        xcrs: vcpu.get_xcrs().map_err(e("read XCRs"))?,
+        lapic: vcpu.get_lapic().map_err(e("read LAPIC"))?,
+        msrs: readable_msrs(kvm, vcpu, id)?,
+        events: vcpu.get_vcpu_events().map_err(e("read pending events"))?,
+        debug: vcpu.get_debug_regs().map_err(e("read debug registers"))?,
+        tsc_khz: vcpu.get_tsc_khz().ok(),
+    })
+}
+
+/// CPU features the guest was given that this host's KVM cannot give: the
+/// feature words of leaves 1, 7 and 0x80000001.
+pub fn missing_features(kvm: &Kvm, guest: &[kvm_cpuid_entry2]) -> Result<Vec<String>, String> {
+    // With a VM in existence, as when the guest got its CPUID: some KVM modules
+    // (kvm_pvm) answer differently without one.
+    let _vm = kvm
+        .create_vm()
+        .map_err(|e| format!("cannot create a VM: {e}"))?;
+    let host = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| format!("cannot read this host's CPUID: {e}"))?;
+    let find = |f: u32, i: u32| {
+        host.as_slice()
+            .iter()
+            .find(|h| h.function == f && h.index == i)
+            .copied()
+    };
+    let mut missing = Vec::new();
+    for g in guest {
+        let words: &[(&str, u32, u32)] = match (g.function, g.index) {
+            // Leaf 1 ecx bit 27 (OSXSAVE) and the APIC id bits follow the guest.
+            (1, _) => &[("ecx", g.ecx & !(1 << 27), 0), ("edx", g.edx, 0)],
+            (7, 0) => &[
+                ("ebx", g.ebx, 0),
+                ("ecx", g.ecx & !(1 << 4), 0),
+                ("edx", g.edx, 0),
+            ],
+            (0x8000_0001, _) => &[("ecx", g.ecx, 0), ("edx", g.edx, 0)],
+            _ => continue,
+        };
+        let Some(h) = find(g.function, g.index) else {
+            missing.push(format!("leaf {:#x}", g.function));
+            continue;
+        };
+        for &(reg, want, _) in words {
+            let have = match reg {
+                "ebx" => h.ebx,
+                "ecx" => h.ecx,
+                _ => h.edx,
+            };
+            let lacking = want & !have;
+            if lacking != 0 {
+                missing.push(format!(
+                    "leaf {:#x}.{} {reg} bits {lacking:#x}",
+                    g.function, g.index
+                ));
+            }
+        }
+    }
+    Ok(missing)
+}
+
+pub fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), StateError> {
+    let id = s.id;
+    let e = |what: &'static str| move |source| StateError::Vcpu { id, what, source };
+    let cpuid = CpuId::from_entries(&s.cpuid)
+        .map_err(|err| StateError::Bad(format!("vCPU {id}: CPUID: {err:?}")))?;
+    vcpu.set_cpuid2(&cpuid).map_err(e("set CPUID"))?;
+    if let Some(khz) = s.tsc_khz {
+        if let Err(err) = vcpu.set_tsc_khz(khz) {
+            tracing::debug!("vCPU {id}: TSC frequency {khz} kHz not settable: {err}");
+        }
+    }
+    vcpu.set_mp_state(s.mp_state).map_err(e("set MP state"))?;
+    vcpu.set_regs(&s.regs).map_err(e("set registers"))?;
+    vcpu.set_sregs(&s.sregs)
+        .map_err(e("set special registers"))?;
+    // SAFETY: the XSAVE area is a plain byte image KVM validates itself.
+    unsafe { vcpu.set_xsave(&s.xsave) }.map_err(e("set XSAVE"))?;
+    vcpu.set_xcrs(&s.xcrs).map_err(e("set XCRs"))?;
+    vcpu.set_lapic(&s.lapic).map_err(e("set LAPIC"))?;
+    let mut rest: &[kvm_msr_entry] = &s.msrs;
+    let mut refused = Vec::new();
+    while !rest.is_empty() {
+        let msrs = Msrs::from_entries(rest)
+            .map_err(|err| StateError::Bad(format!("vCPU {id}: MSRs: {err:?}")))?;
+        let n = vcpu.set_msrs(&msrs).map_err(e("set MSRs"))?;
+        if let Some(bad) = rest.get(n) {
+            refused.push(format!("{:#x}", bad.index));
+        }
+        rest = rest.get(n + 1..).unwrap_or(&[]);
+    }
+    if !refused.is_empty() {
+        tracing::warn!("vCPU {id}: this host refused MSRs {}", refused.join(" "));
+    }
+    vcpu.set_vcpu_events(&s.events)
+        .map_err(e("set pending events"))?;
+    vcpu.set_debug_regs(&s.debug)
+        .map_err(e("set debug registers"))?;
+    Ok(())
+}
+
+fn irqchip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip, StateError> {
+    let mut c = kvm_irqchip {
+        chip_id,
+        ..Default::default()
+    };
+    vm.get_irqchip(&mut c).map_err(|source| StateError::Vm {
+        what: "read the interrupt controllers",
+        source,
+    })?;
+    Ok(c)
+}
+
+pub fn save_vm(vm: &VmFd) -> Result<KvmVmState, StateError> {
+    let e = |what: &'static str| move |source| StateError::Vm { what, source };
+    Ok(KvmVmState {
+        pic_master: irqchip(vm, KVM_IRQCHIP_PIC_MASTER)?,
+        pic_slave: irqchip(vm, KVM_IRQCHIP_PIC_SLAVE)?,
+        ioapic: irqchip(vm, KVM_IRQCHIP_IOAPIC)?,
+        pit: vm.get_pit2().map_err(e("read the PIT"))?,
+        clock: vm.get_clock().map_err(e("read the KVM clock"))?,
+    })
+}
+
+pub fn restore_vm(vm: &VmFd, s: &KvmVmState) -> Result<(), StateError> {
+    let e = |what: &'static str| move |source| StateError::Vm { what, source };
+    for (chip, id) in [
+        (&s.pic_master, KVM_IRQCHIP_PIC_MASTER),
+        (&s.pic_slave, KVM_IRQCHIP_PIC_SLAVE),
+        (&s.ioapic, KVM_IRQCHIP_IOAPIC),
+    ] {
+        if chip.chip_id != id {
+            return Err(StateError::Bad(format!(
+                "interrupt controller {} saved as {id}",
+                chip.chip_id
+            )));
+        }
+        vm.set_irqchip(chip)
+            .map_err(e("set the interrupt controllers"))?;
+    }
+    vm.set_pit2(&s.pit).map_err(e("set the PIT"))?;
+    // The guest's clock goes on from where it stopped; only the value is taken.
+    let clock = kvm_clock_data {
+        clock: s.clock.clock,
+        ..Default::default()
+    };
+    vm.set_clock(&clock).map_err(e("set the KVM clock"))?;
+    Ok(())
+}
