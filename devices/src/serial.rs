@@ -628,6 +628,47 @@ mod tests {
     }
 
     use super::*;
+
+    /// Registers and unread input move with the guest; the output stays this side's.
+    #[test]
+    fn registers_and_unread_input_round_trip() {
+        let out = Arc::new(Mutex::new(Vec::new()));
+        struct Shared(Arc<Mutex<Vec<u8>>>);
+        impl Write for Shared {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let irq = Arc::new(vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let mut a = Serial::new(irq.clone(), Box::new(io::sink()));
+        a.write(COM1_PORT, 3, &[0x03]); // LCR: 8N1
+        a.write(COM1_PORT, 7, &[0x5a]); // scratch
+        a.write(COM1_PORT, 1, &[IER_RDA]);
+        assert_eq!(a.enqueue_input(b"hi"), 2);
+        let mut b = Serial::new(irq, Box::new(Shared(out.clone())));
+        crate::snapshot::testing::round_trip(&a, &mut b);
+        let mut v = [0u8];
+        b.read(COM1_PORT, 7, &mut v);
+        assert_eq!(v[0], 0x5a);
+        b.read(COM1_PORT, 0, &mut v);
+        assert_eq!(v[0], b'h', "unread input moved");
+        b.write(COM1_PORT, 0, b"x");
+        assert_eq!(
+            *out.lock().unwrap(),
+            b"x",
+            "output goes to this side's sink"
+        );
+        let too_much = crate::snapshot::Saved {
+            version: 1,
+            state: serde_json::json!({"divisor": [0, 0], "ier": 0, "iir": 1, "lcr": 0, "lsr": 0x60,
+                "mcr": 0, "msr": 0, "scratch": 0, "input": vec![0u8; 65]}),
+        };
+        assert!(crate::snapshot::restore(&mut b, too_much).is_err());
+    }
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     #[derive(Default)]

@@ -186,6 +186,13 @@ impl Agent {
         }
     }
 
+    /// The guest agent runs already (a migrated guest): do not wait for its banner.
+    pub fn assume_ready(&mut self) {
+        if let Ok(mut st) = self.shared.0.lock() {
+            st.ready = true;
+        }
+    }
+
     /// Waits for the agent's `@@AGENT-READY@@`.
     pub fn wait_ready(&self, timeout: Duration) -> Result<()> {
         self.wait(timeout, "the guest agent (@@AGENT-READY@@)", |st| {

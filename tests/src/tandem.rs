@@ -24,23 +24,49 @@ impl Tandem {
     /// the run dir, the guest image's command line unless `extra` has a
     /// `--cmdline`, and the `extra` arguments.
     pub fn spawn(env: &GuestEnv, name: &str, extra: &[&str]) -> crate::Result<Self> {
+        Self::spawn_in(env, name, None, None, extra)
+    }
+
+    /// [`Tandem::spawn`] inside network namespace `netns` (a "host" of its own), and
+    /// with `incoming` a migration destination (`--incoming URL`, no kernel).
+    pub fn spawn_in(
+        env: &GuestEnv,
+        name: &str,
+        netns: Option<&str>,
+        incoming: Option<&str>,
+        extra: &[&str],
+    ) -> crate::Result<Self> {
         let bin = env.tandem_bin()?;
         let api = env.socket_path(&format!("{name}.api"));
         let serial = env.socket_path(&format!("{name}.serial"));
         let stderr = env.workdir.join(format!("{name}.tandem.log"));
-        let mut cmd = Command::new(&bin);
-        cmd.arg("run")
-            .arg("--kernel")
-            .arg(&env.guest.kernel)
-            .arg("--initramfs")
-            .arg(&env.guest.initramfs)
-            .arg("--serial")
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        cmd.arg("run");
+        match incoming {
+            Some(url) => {
+                cmd.arg("--incoming").arg(url);
+            }
+            None => {
+                cmd.arg("--kernel")
+                    .arg(&env.guest.kernel)
+                    .arg("--initramfs")
+                    .arg(&env.guest.initramfs);
+                if !extra.contains(&"--cmdline") {
+                    cmd.arg("--cmdline").arg(env.guest.cmdline());
+                }
+            }
+        }
+        cmd.arg("--serial")
             .arg(format!("socket={}", serial.display()))
             .arg("--api-socket")
             .arg(&api);
-        if !extra.contains(&"--cmdline") {
-            cmd.arg("--cmdline").arg(env.guest.cmdline());
-        }
         cmd.args(extra)
             .env(
                 "TANDEM_LOG",
@@ -79,6 +105,34 @@ impl Tandem {
             t0.elapsed().as_secs_f64()
         );
         Ok(agent)
+    }
+
+    /// The agent of a guest that migrated here: it is running already, so no
+    /// `@@AGENT-READY@@` comes.
+    pub fn migrated_agent(&mut self, env: &GuestEnv, name: &str) -> crate::Result<Agent> {
+        let mut agent = Agent::connect_unix(
+            &self.serial,
+            env.workdir.join(format!("{name}.console.log")),
+        )?;
+        agent.assume_ready();
+        let (bin, api, pid) = (self.bin.clone(), self.api.clone(), self.child.id());
+        agent.on_timeout = Some(Box::new(move || vcpu_dump(&bin, &api, pid)));
+        Ok(agent)
+    }
+
+    /// Wait until this tandem's log has a line containing `what`.
+    pub fn wait_log(&self, what: &str, limit: Duration) -> crate::Result<()> {
+        let deadline = Instant::now() + limit;
+        while !self.log().contains(what) {
+            if Instant::now() > deadline {
+                return Err(err!(
+                    "no {what:?} in the tandem log within {limit:?}: {}",
+                    self.log()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
     }
 
     /// What tandem printed on stderr so far.

@@ -328,3 +328,209 @@ harness::guest_test!(
     }
     Ok(())
 });
+
+/// A "host" for migration tests: a network namespace with a bridge of its own,
+/// joined to the test bridge by a veth, holding tap `tdmtap` and the address `ip`
+/// (where its Tandem listens for migrations). Removed on drop.
+struct Host {
+    ns: String,
+    veth: String,
+}
+
+impl Host {
+    fn new(env: &GuestEnv, name: &str, ip: &str) -> harness::Result<Self> {
+        let ns = format!("tdh{name}");
+        let veth = format!("tdv{name}");
+        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        let _ = Command::new("ip").args(["link", "del", &veth]).output();
+        let host = Host {
+            ns: ns.clone(),
+            veth: veth.clone(),
+        };
+        let inner = format!("{veth}p");
+        let steps: Vec<Vec<&str>> = vec![
+            vec!["ip", "netns", "add", &ns],
+            vec![
+                "ip", "link", "add", &veth, "type", "veth", "peer", "name", &inner,
+            ],
+            vec!["ip", "link", "set", &inner, "netns", &ns],
+            vec!["ip", "link", "set", &veth, "master", &env.bridge],
+            vec!["ip", "link", "set", &veth, "up"],
+            vec![
+                "ip", "netns", "exec", &ns, "ip", "link", "add", "hbr", "type", "bridge",
+            ],
+            vec![
+                "ip", "netns", "exec", &ns, "ip", "link", "set", &inner, "master", "hbr",
+            ],
+            vec![
+                "ip", "netns", "exec", &ns, "ip", "tuntap", "add", "dev", "tdmtap", "mode", "tap",
+            ],
+            vec![
+                "ip", "netns", "exec", &ns, "ip", "link", "set", "tdmtap", "master", "hbr",
+            ],
+            vec![
+                "ip", "netns", "exec", &ns, "ip", "addr", "add", ip, "dev", "hbr",
+            ],
+            vec!["ip", "netns", "exec", &ns, "ip", "link", "set", "lo", "up"],
+        ];
+        for s in steps {
+            let out = Command::new(s[0])
+                .args(&s[1..])
+                .output()
+                .map_err(|e| err!("{s:?}: {e}"))?;
+            if !out.status.success() {
+                return Err(err!("{s:?}: {}", String::from_utf8_lossy(&out.stderr)));
+            }
+        }
+        for dev in [inner.as_str(), "hbr", "tdmtap"] {
+            let st = Command::new("ip")
+                .args(["netns", "exec", &ns, "ip", "link", "set", dev, "up"])
+                .status()
+                .map_err(|e| err!("{e}"))?;
+            if !st.success() {
+                return Err(err!("cannot bring {dev} up in {ns}"));
+            }
+        }
+        Ok(host)
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.veth])
+            .output();
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
+    }
+}
+
+/// Counts the bytes of one TCP stream of `0123456789abcdef\n` lines (what `yes`
+/// sends) and checks every byte: a lost, repeated or reordered byte, or a reset,
+/// is an error. (bytes so far, error) are shared with the test.
+fn pattern_sink(
+    addr: &str,
+) -> harness::Result<std::sync::Arc<std::sync::Mutex<(u64, Option<String>, bool)>>> {
+    use std::io::Read;
+    let l = std::net::TcpListener::bind(addr).map_err(|e| err!("listen {addr}: {e}"))?;
+    let state = std::sync::Arc::new(std::sync::Mutex::new((0u64, None::<String>, false)));
+    let st = state.clone();
+    std::thread::spawn(move || {
+        let set_err = |e: String| {
+            if let Ok(mut s) = st.lock() {
+                s.1.get_or_insert(e);
+                s.2 = true;
+            }
+        };
+        let (mut c, _) = match l.accept() {
+            Ok(c) => c,
+            Err(e) => return set_err(format!("accept: {e}")),
+        };
+        const LINE: &[u8] = b"0123456789abcdef\n";
+        let mut buf = [0u8; 65536];
+        let mut at = 0u64;
+        loop {
+            match c.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    for (i, b) in buf[..n].iter().enumerate() {
+                        let want = LINE[((at + i as u64) % LINE.len() as u64) as usize];
+                        if *b != want {
+                            return set_err(format!(
+                                "byte {} is {b:#x}, not {want:#x}",
+                                at + i as u64
+                            ));
+                        }
+                    }
+                    at += n as u64;
+                    if let Ok(mut s) = st.lock() {
+                        s.0 = at;
+                    }
+                }
+                Err(e) => return set_err(format!("the stream broke after {at} bytes: {e}")),
+            }
+        }
+        if let Ok(mut s) = st.lock() {
+            s.2 = true;
+        }
+    });
+    Ok(state)
+}
+
+harness::guest_test_kernels!(fn tandem_live_migration_round_trips(env) {
+    // Two hosts on the test network, each a namespace with its own tap; the guest
+    // has a STANDBY NIC, so its failover master and renamed standby must survive.
+    let hosts = [Host::new(env, "a", "10.0.0.201/24")?, Host::new(env, "b", "10.0.0.202/24")?];
+    let ips = ["10.0.0.201", "10.0.0.202"];
+    let net = format!("id=net0,tap=tdmtap,mac={MAC_A},standby=on");
+    let mut vm = Tandem::spawn_in(env, "mig0", Some(&hosts[0].ns), None, &["--memory", "size=256M", "--net", &net])?;
+    let mut agent = vm.agent(env, "mig0")?;
+    let sby = netdev_by_mac(&mut agent, MAC_A)?;
+    let master = agent.run_ok(&format!("basename $(readlink /sys/class/net/{sby}/master)"))?.trim().to_string();
+    agent.run_ok(&format!("ip link set {master} up; ip link set {sby} up; ip link set dev {sby} name ens3nsby"))?;
+    up_and_ping(&mut agent, &master, "10.0.0.2")?;
+    // An open TCP connection, guest to peer, that must neither reset nor lose a byte.
+    let sink = pattern_sink(&format!("{}:7000", harness::PEER_IP))?;
+    agent.run_ok(&format!("(yes 0123456789abcdef | nc {} 7000 >/dev/null 2>&1 &); sleep 1", harness::PEER_IP))?;
+    // The peer pings the guest throughout.
+    let ping_log = env.workdir.join("peer-ping.log");
+    let mut ping = Command::new("ping")
+        .args(["-i", "0.05", "-W", "1", "10.0.0.2"])
+        .stdout(std::fs::File::create(&ping_log).map_err(|e| err!("{e}"))?)
+        .spawn()
+        .map_err(|e| err!("ping: {e}"))?;
+    let round_trips = 10;
+    let mut downtimes = Vec::new();
+    for i in 1..=2 * round_trips {
+        let here = i % 2;
+        let url = format!("tcp:{}:6000", ips[here]);
+        let name = format!("mig{i}");
+        let dest = Tandem::spawn_in(env, &name, Some(&hosts[here].ns), Some(&url), &["--net", "id=net0,tap=tdmtap"])?;
+        dest.wait_log("waiting for a migration", Duration::from_secs(30))?;
+        let before = sink.lock().map(|s| s.0).unwrap_or(0);
+        let out = vm.remote_args(&["send-migration", &url])?;
+        let line = out.lines().find(|l| l.contains("completed in")).unwrap_or("").to_string();
+        assert!(!line.is_empty(), "migration {i}: {out}");
+        let code = vm.wait_exit(Duration::from_secs(30))?;
+        assert_eq!(code, 0, "migration {i}: the source's exit status; log: {}", vm.log());
+        vm = dest;
+        agent = vm.migrated_agent(env, &name)?;
+        let addr = agent.run_ok(&format!("ip -4 -o addr show dev {master}"))?;
+        assert!(addr.contains("10.0.0.2/24"), "migration {i}: the guest's address: {addr}");
+        let slaves = agent.run_ok(&format!("ls /sys/class/net/{master}/ | grep lower_ || true; cat /sys/class/net/ens3nsby/operstate"))?;
+        assert!(slaves.contains("lower_ens3nsby") && slaves.contains("up"), "migration {i}: the standby slave: {slaves}");
+        // The stream goes on.
+        let t0 = std::time::Instant::now();
+        loop {
+            let (n, e, _) = sink.lock().map(|s| s.clone()).map_err(|_| err!("sink"))?;
+            if let Some(e) = e {
+                return Err(err!("migration {i}: the TCP stream: {e}").into());
+            }
+            if n > before + 100_000 {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(30), "migration {i}: the TCP stream stalled at {n} bytes");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("migration {i}: {line}");
+        downtimes.push(line);
+    }
+    let _ = ping.kill();
+    let _ = ping.wait();
+    agent.run_ok("killall yes nc; true")?;
+    std::thread::sleep(Duration::from_secs(1));
+    let (n, e, _) = sink.lock().map(|s| s.clone()).map_err(|_| err!("sink"))?;
+    assert!(e.is_none(), "the TCP stream: {e:?}");
+    let log = std::fs::read_to_string(&ping_log).unwrap_or_default();
+    let replies = log.lines().filter(|l| l.contains("bytes from")).count();
+    let seqs: Vec<u64> = log
+        .lines()
+        .filter_map(|l| l.split("icmp_seq=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .collect();
+    let sent = seqs.last().copied().unwrap_or(0);
+    eprintln!(
+        "{} migrations: {n} bytes streamed without a loss or a reset; the peer's pings: {replies} of {sent} answered",
+        2 * round_trips
+    );
+    assert!(replies as u64 * 10 >= sent * 9, "the peer lost more than 10% of its pings: {replies} of {sent}");
+    Ok(())
+});

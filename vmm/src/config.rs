@@ -117,6 +117,7 @@ pub fn merge_incoming_net(src: &NetSpec, dest: &IncomingNet) -> Result<NetSpec, 
     let n = &src.net;
     let mut kv: Vec<(String, String)> = vec![
         ("id".into(), n.id.clone()),
+        ("tap".into(), n.tap.clone()),
         ("mac".into(), devices::virtio::net::format_mac(&n.mac)),
         ("standby".into(), on(n.standby).into()),
         ("num_queues".into(), n.num_queues.to_string()),
@@ -873,5 +874,30 @@ mod tests {
         std::fs::write(&p, b"").unwrap();
         assert!(check_initramfs(&p).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_incoming_nic_takes_the_source_config_with_its_own_tap() {
+        let src = parse_net(
+            "id=net0,tap=tapA,mac=52:54:00:aa:00:01,standby=on,slot=4",
+            0,
+        )
+        .unwrap();
+        let mine = parse_incoming_net("id=net0,tap=tapB", 0).unwrap();
+        let got = merge_incoming_net(&src, &mine).unwrap();
+        assert_eq!(got.net.tap, "tapB");
+        assert!(got.net.standby);
+        assert_eq!(got.slot, Some(4));
+        assert_eq!(got.net.mac, src.net.mac);
+        let agrees =
+            parse_incoming_net("id=net0,tap=tapB,standby=on,mac=52:54:00:aa:00:01", 0).unwrap();
+        assert!(merge_incoming_net(&src, &agrees).is_ok());
+        let differs = parse_incoming_net("id=net0,tap=tapB,mac=52:54:00:aa:00:02", 0).unwrap();
+        let e = merge_incoming_net(&src, &differs).unwrap_err();
+        assert!(e.contains("mac differs"), "{e}");
+        assert!(
+            parse_incoming_net("id=net0", 0).is_err(),
+            "tap= is required"
+        );
     }
 }

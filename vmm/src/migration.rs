@@ -43,6 +43,7 @@ const PAGE: u64 = 4096;
 const MAX_FRAME: u64 = 64 << 20;
 /// Pages per Pages frame.
 const CHUNK: u64 = 4 << 20;
+static ZERO_PAGE: [u8; PAGE as usize] = [0; PAGE as usize];
 /// Pre-copy rounds before the guest is stopped whatever is left.
 pub const MAX_ROUNDS: u32 = 30;
 
@@ -335,59 +336,81 @@ impl Source {
         Ok(())
     }
 
-    /// Send the pages `dirty` marks (all of them if None); returns bytes sent.
+    /// Send the pages `dirty` marks, or every page that is not all zeros if None
+    /// (the destination's memory starts zeroed, and an idle guest's RAM mostly is);
+    /// returns (bytes, pages) sent.
     fn send_pages(
         &self,
         s: &mut dyn Stream,
         dirty: Option<&[Vec<u64>]>,
         started: Instant,
-    ) -> io::Result<u64> {
+    ) -> io::Result<(u64, u64)> {
+        let mut pages = 0u64;
         let mut frame: Vec<u8> = Vec::with_capacity(CHUNK as usize + 64);
+        let mut page = [0u8; PAGE as usize];
         let mut sent = 0u64;
         let throttle_start = Instant::now();
+        // The run being built: where its header is in `frame`, and its next address.
+        let mut run: Option<(usize, u64)> = None;
+        let close = |frame: &mut Vec<u8>, run: &mut Option<(usize, u64)>| {
+            if let Some((at, _)) = run.take() {
+                let len = (frame.len() - at - 16) as u64;
+                frame[at + 8..at + 16].copy_from_slice(&len.to_le_bytes());
+            }
+        };
         for (ri, region) in self.mem.iter().enumerate() {
-            let pages = region.len() / PAGE;
-            let is_dirty = |p: u64| match dirty {
-                None => true,
-                Some(d) => d
-                    .get(ri)
-                    .and_then(|b| b.get((p / 64) as usize))
-                    .is_some_and(|w| w & (1 << (p % 64)) != 0),
-            };
-            let mut p = 0;
-            while p < pages {
-                if !is_dirty(p) {
-                    p += 1;
+            close(&mut frame, &mut run);
+            let bits = dirty.map(|d| d.get(ri).map_or(&[][..], Vec::as_slice));
+            for p in 0..region.len() / PAGE {
+                if let Some(b) = bits {
+                    let word = b.get((p / 64) as usize).copied().unwrap_or(0);
+                    if word == 0 {
+                        // Skip to the next word quickly.
+                        close(&mut frame, &mut run);
+                        continue;
+                    }
+                    if word & (1 << (p % 64)) == 0 {
+                        close(&mut frame, &mut run);
+                        continue;
+                    }
+                }
+                let gpa = region.start_addr().0 + p * PAGE;
+                region
+                    .read_slice(&mut page, MemoryRegionAddress(p * PAGE))
+                    .map_err(|e| io::Error::other(format!("read guest memory at {gpa:#x}: {e}")))?;
+                // A slice comparison is a memcmp, fast even in a debug build.
+                if dirty.is_none() && page[..] == ZERO_PAGE[..] {
+                    close(&mut frame, &mut run);
                     continue;
                 }
-                let mut end = p + 1;
-                while end < pages && is_dirty(end) && (end - p) * PAGE < CHUNK {
-                    end += 1;
+                if run.is_none_or(|(_, next)| next != gpa) {
+                    close(&mut frame, &mut run);
+                    let at = frame.len();
+                    frame.extend_from_slice(&gpa.to_le_bytes());
+                    frame.extend_from_slice(&0u64.to_le_bytes());
+                    run = Some((at, gpa));
                 }
-                let len = (end - p) * PAGE;
-                let gpa = region.start_addr().0 + p * PAGE;
-                frame.extend_from_slice(&gpa.to_le_bytes());
-                frame.extend_from_slice(&len.to_le_bytes());
-                let at = frame.len();
-                frame.resize(at + len as usize, 0);
-                region
-                    .read_slice(&mut frame[at..], MemoryRegionAddress(p * PAGE))
-                    .map_err(|e| io::Error::other(format!("read guest memory at {gpa:#x}: {e}")))?;
+                frame.extend_from_slice(&page);
+                pages += 1;
+                if let Some(r) = run.as_mut() {
+                    r.1 = gpa + PAGE;
+                }
                 if frame.len() as u64 >= CHUNK {
+                    close(&mut frame, &mut run);
                     write_frame(s, Kind::Pages, &frame)?;
                     sent += frame.len() as u64;
                     frame.clear();
                     self.check_cancel(started)?;
                     self.throttle(sent, throttle_start);
                 }
-                p = end;
             }
         }
+        close(&mut frame, &mut run);
         if !frame.is_empty() {
             write_frame(s, Kind::Pages, &frame)?;
             sent += frame.len() as u64;
         }
-        Ok(sent)
+        Ok((sent, pages))
     }
 
     fn throttle(&self, sent: u64, since: Instant) {
@@ -446,11 +469,10 @@ impl Source {
             phase: "precopy".into(),
             ..Default::default()
         };
-        let total_pages: u64 = self.mem.iter().map(|r| r.len() / PAGE).sum();
         let t = Instant::now();
-        let mut bytes = self.send_pages(s, None, started)?;
+        let (mut bytes, pages) = self.send_pages(s, None, started)?;
         let mut round_time = t.elapsed();
-        progress.pages_sent = total_pages;
+        progress.pages_sent = pages;
         progress.bytes_sent = bytes;
         let downtime = Duration::from_millis(self.params.downtime_ms);
         let mut dirty;
@@ -477,10 +499,11 @@ impl Source {
             }
             progress.round += 1;
             let t = Instant::now();
-            bytes = self.send_pages(s, Some(&dirty), started)?;
+            let pages;
+            (bytes, pages) = self.send_pages(s, Some(&dirty), started)?;
             round_time = t.elapsed();
             progress.bytes_sent += bytes;
-            progress.pages_sent += left;
+            progress.pages_sent += pages;
         }
 
         // Stop and copy.
@@ -489,9 +512,10 @@ impl Source {
             pages_left: progress.pages_left,
         });
         let (tx, rx) = std::sync::mpsc::channel();
+        // The downtime runs from here: the control loop stops the guest first thing.
+        let paused_at = Instant::now();
         self.tell(ToLoop::Freeze(tx));
         let state = wait_answer(&rx)?;
-        let paused_at = Instant::now();
         let dirty_last = take_dirty(&self.mem, &self.vm_fd)?;
         // What was dirty at the last look and what was dirtied since.
         let merged: Vec<Vec<u64>> = dirty
@@ -499,10 +523,10 @@ impl Source {
             .zip(&dirty_last)
             .map(|(a, b)| a.iter().zip(b).map(|(x, y)| x | y).collect())
             .collect();
-        let last = count_pages(&merged);
         progress.phase = "stop-and-copy".into();
-        progress.bytes_sent += self.send_pages(s, Some(&merged), started)?;
-        progress.pages_sent += last;
+        let (b, p) = self.send_pages(s, Some(&merged), started)?;
+        progress.bytes_sent += b;
+        progress.pages_sent += p;
         write_frame(s, Kind::MemoryDone, &[])?;
         write_frame(s, Kind::State, &state)?;
         progress.bytes_sent += state.len() as u64;

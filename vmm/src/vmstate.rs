@@ -10,8 +10,8 @@
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
     kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
-    CpuId, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
-    KVM_MAX_CPUID_ENTRIES,
+    CpuId, Msrs, KVM_CLOCK_REALTIME, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
@@ -138,8 +138,12 @@ pub fn missing_features(kvm: &Kvm, guest: &[kvm_cpuid_entry2]) -> Result<Vec<Str
     let mut missing = Vec::new();
     for g in guest {
         let words: &[(&str, u32, u32)] = match (g.function, g.index) {
-            // Leaf 1 ecx bit 27 (OSXSAVE) and the APIC id bits follow the guest.
-            (1, _) => &[("ecx", g.ecx & !(1 << 27), 0), ("edx", g.edx, 0)],
+            // Leaf 1 ecx: OSXSAVE (27) follows the guest, the hypervisor bit (31) is
+            // the VMM's, TSC-deadline (24) is a KVM capability, checked below.
+            (1, _) => &[
+                ("ecx", g.ecx & !((1 << 27) | (1 << 31) | (1 << 24)), 0),
+                ("edx", g.edx, 0),
+            ],
             (7, 0) => &[
                 ("ebx", g.ebx, 0),
                 ("ecx", g.ecx & !(1 << 4), 0),
@@ -166,6 +170,12 @@ pub fn missing_features(kvm: &Kvm, guest: &[kvm_cpuid_entry2]) -> Result<Vec<Str
                 ));
             }
         }
+    }
+    let deadline = guest
+        .iter()
+        .any(|g| g.function == 1 && g.ecx & (1 << 24) != 0);
+    if deadline && !kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer) {
+        missing.push("the TSC-deadline timer".into());
     }
     Ok(missing)
 }
@@ -250,10 +260,21 @@ pub fn restore_vm(vm: &VmFd, s: &KvmVmState) -> Result<(), StateError> {
             .map_err(e("set the interrupt controllers"))?;
     }
     vm.set_pit2(&s.pit).map_err(e("set the PIT"))?;
-    // The guest's clock goes on from where it stopped; only the value is taken.
-    let clock = kvm_clock_data {
-        clock: s.clock.clock,
-        ..Default::default()
+    // Where the source read the host's real time with the clock, KVM advances the
+    // guest's clock by the real time since (the downtime): the guest's time stays the
+    // world's. Otherwise it goes on from where it stopped.
+    let clock = if s.clock.flags & KVM_CLOCK_REALTIME != 0 {
+        kvm_clock_data {
+            clock: s.clock.clock,
+            flags: KVM_CLOCK_REALTIME,
+            realtime: s.clock.realtime,
+            ..Default::default()
+        }
+    } else {
+        kvm_clock_data {
+            clock: s.clock.clock,
+            ..Default::default()
+        }
     };
     vm.set_clock(&clock).map_err(e("set the KVM clock"))?;
     Ok(())

@@ -346,6 +346,28 @@ mod tests {
         assert_eq!(c.bar_size(2), Some(0x10_0000));
     }
 
+    /// A restored config space takes what the guest wrote, never the read-only
+    /// identity of the device.
+    #[test]
+    fn restore_takes_only_guest_writable_bits() {
+        let with_bar = || {
+            let mut c = dev();
+            c.add_bar(0, BarKind::Mem32, 0x1000, 0xc000_0000, false);
+            c
+        };
+        let mut a = with_bar();
+        a.write(BAR0_REG, 0, &0xd000_0000u32.to_le_bytes());
+        a.write(COMMAND_STATUS_REG, 0, &[0x06, 0]);
+        let mut saved = a.guest_regs();
+        saved[VENDOR_REG] = 0xdead_beef;
+        let mut b = with_bar();
+        b.restore_guest_regs(&saved).unwrap();
+        assert_eq!(b.bar_addr(0), Some(0xd000_0000));
+        assert_eq!(b.command(), 0x06);
+        assert_eq!(b.read(VENDOR_REG), a.read(VENDOR_REG));
+        assert!(b.restore_guest_regs(&saved[..10]).is_err());
+    }
+
     #[test]
     fn capability_chain() {
         let mut c = dev();

@@ -185,6 +185,22 @@ mod tests {
         u32::from_le_bytes(b)
     }
 
+    /// Unread news moves with the guest, and is raised again on the new side.
+    #[test]
+    fn unread_news_round_trips() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let ej = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut a = PciHotplug::new(irq.try_clone().unwrap(), ej.try_clone().unwrap());
+        a.notify_changed(3);
+        a.request_eject(9);
+        let irq2 = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut b = PciHotplug::new(irq2.try_clone().unwrap(), ej.try_clone().unwrap());
+        crate::snapshot::testing::round_trip(&a, &mut b);
+        assert!(irq2.read().unwrap() >= 1, "raised again after the restore");
+        assert_eq!(read32(&mut b, UP_OFFSET), 1 << 3);
+        assert_eq!(read32(&mut b, DOWN_OFFSET), 1 << 9);
+    }
+
     #[test]
     fn insert_eject_and_release() {
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();

@@ -967,6 +967,49 @@ mod tests {
         );
     }
 
+    /// A running device pauses (its queues keep the positions the data path
+    /// reached), saves, and a fresh device takes the state over: same registers,
+    /// same queue positions, paused until resumed; a state for another queue count
+    /// or with a vector past the table is refused.
+    #[test]
+    fn a_paused_device_round_trips() {
+        let (mut a, _) = device();
+        status(&mut a, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        features(&mut a, 1 << 32);
+        write32(&mut a, 0x16, 0); // queue_select
+        a.bar_write(0, 0x18, &8u16.to_le_bytes());
+        write32(&mut a, 0x20, 0x1000);
+        write32(&mut a, 0x28, 0x2000);
+        write32(&mut a, 0x30, 0x3000);
+        a.bar_write(0, 0x1a, &0u16.to_le_bytes());
+        a.bar_write(0, 0x1c, &1u16.to_le_bytes());
+        let ok = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
+        status(&mut a, ok);
+        status(&mut a, ok | STATUS_DRIVER_OK);
+        assert!(crate::snapshot::save(&a).is_err(), "saved while running");
+        a.pause();
+        let (mut b, seen) = device();
+        crate::snapshot::testing::round_trip(&a, &mut b);
+        assert_eq!(b.status(), ok | STATUS_DRIVER_OK);
+        assert_eq!(
+            b.queues[0].queue.next_avail(),
+            5,
+            "the position the data path reached"
+        );
+        assert_eq!(b.queues[0].queue.next_used(), 3);
+        assert_eq!(b.queues[0].queue.desc_table(), 0x1000);
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [DriverStatus::FeaturesOk(1 << 32), DriverStatus::DriverOk]
+        );
+        let mut st = crate::snapshot::save(&a).unwrap();
+        st.state["queues"][0]["vector"] = 7.into();
+        let (mut c, _) = device();
+        assert!(crate::snapshot::restore(&mut c, st.clone()).is_err());
+        st.state["queues"] = serde_json::json!([]);
+        assert!(crate::snapshot::restore(&mut c, st).is_err());
+    }
+
     #[test]
     fn bus_mastering_off_stops_a_running_device_until_a_reset() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
