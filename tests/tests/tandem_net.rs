@@ -404,12 +404,12 @@ impl Drop for Host {
     }
 }
 
+type SinkState = std::sync::Arc<std::sync::Mutex<(u64, Option<String>, bool)>>;
+
 /// Counts the bytes of one TCP stream of `0123456789abcdef\n` lines (what `yes`
 /// sends) and checks every byte: a lost, repeated or reordered byte, or a reset,
-/// is an error. (bytes so far, error) are shared with the test.
-fn pattern_sink(
-    addr: &str,
-) -> harness::Result<std::sync::Arc<std::sync::Mutex<(u64, Option<String>, bool)>>> {
+/// is an error. (bytes so far, error, ended) are shared with the test.
+fn pattern_sink(addr: &str) -> harness::Result<SinkState> {
     use std::io::Read;
     let l = std::net::TcpListener::bind(addr).map_err(|e| err!("listen {addr}: {e}"))?;
     let state = std::sync::Arc::new(std::sync::Mutex::new((0u64, None::<String>, false)));
