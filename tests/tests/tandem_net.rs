@@ -534,3 +534,136 @@ harness::guest_test_kernels!(fn tandem_live_migration_round_trips(env) {
     assert!(replies as u64 * 10 >= sent * 9, "the peer lost more than 10% of its pings: {replies} of {sent}");
     Ok(())
 });
+
+/// `tandem remote send-migration` with options; its stdout, or an error with stderr.
+fn send_migration(vm: &Tandem, url: &str, opts: &[&str]) -> harness::Result<String> {
+    let mut args = vec!["send-migration", url];
+    args.extend_from_slice(opts);
+    vm.remote_args(&args)
+}
+
+harness::guest_test_kernels!(fn tandem_live_migration_failures_paused_and_busy(env) {
+    let hosts = [Host::new(env, "c", "10.0.0.203/24")?, Host::new(env, "d", "10.0.0.204/24")?];
+    let net = format!("id=net0,tap=tdmtap,mac={MAC_A}");
+    let mut vm = Tandem::spawn_in(
+        env,
+        "mf0",
+        Some(&hosts[0].ns),
+        None,
+        &["--memory", "size=256M", "--cpus", "boot=2", "--net", &net],
+    )?;
+    let events = vm.events()?;
+    let mut agent = vm.agent(env, "mf0")?;
+    let dev = netdev_by_mac(&mut agent, MAC_A)?;
+    up_and_ping(&mut agent, &dev, "10.0.0.2")?;
+    let url = "tcp:10.0.0.204:6000";
+    let dest_args = ["--net", "id=net0,tap=tdmtap"];
+    let answers = |agent: &mut harness::Agent, what: &str| -> harness::Result<()> {
+        let out = agent.run(&format!("ping -c 2 -W 2 {}", harness::PEER_IP), Duration::from_secs(30))?;
+        if out.status != 0 {
+            return Err(err!("{what}: the guest on the source does not answer: {}", out.stdout));
+        }
+        Ok(())
+    };
+
+    // 1. The destination dies in the middle of the copy (slowed to 50 Mbit/s).
+    let dest = Tandem::spawn_in(env, "mf-killed", Some(&hosts[1].ns), Some(url), &dest_args)?;
+    dest.wait_log("waiting for a migration", Duration::from_secs(30))?;
+    let killer = std::thread::spawn({
+        let pid = dest.child.id();
+        move || {
+            std::thread::sleep(Duration::from_secs(2));
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+    });
+    let e = send_migration(&vm, url, &["--bandwidth-mbps", "50"]).unwrap_err().to_string();
+    let _ = killer.join();
+    assert!(e.contains("migration failed") && e.contains("runs on here"), "{e}");
+    assert!(
+        !e.contains("refused") && dest.log().contains("incoming migration from"),
+        "the copy had started when the destination died: {e}"
+    );
+    answers(&mut agent, "after the destination died")?;
+    events.wait_for(|e| e["type"] == "migration-failed", Duration::from_secs(10))?;
+
+    // 2. A cancel in the middle of the copy.
+    let dest = Tandem::spawn_in(env, "mf-cancel", Some(&hosts[1].ns), Some(url), &dest_args)?;
+    dest.wait_log("waiting for a migration", Duration::from_secs(30))?;
+    let canceller = std::thread::spawn({
+        let (bin, api) = (vm.bin.clone(), vm.api.clone());
+        move || {
+            std::thread::sleep(Duration::from_secs(2));
+            Command::new(bin).args(["remote", "--api-socket"]).arg(api).arg("cancel-migration").output()
+        }
+    });
+    let e = send_migration(&vm, url, &["--bandwidth-mbps", "50"]).unwrap_err().to_string();
+    let cancel = canceller.join().map_err(|_| err!("canceller"))?.map_err(|e| err!("{e}"))?;
+    assert!(e.contains("cancelled"), "{e}; dest: {}", dest.log());
+    assert!(cancel.status.success(), "{}", String::from_utf8_lossy(&cancel.stderr));
+    answers(&mut agent, "after a cancel")?;
+    drop(dest);
+
+    // 3. The timeout.
+    let dest = Tandem::spawn_in(env, "mf-timeout", Some(&hosts[1].ns), Some(url), &dest_args)?;
+    dest.wait_log("waiting for a migration", Duration::from_secs(30))?;
+    let e = send_migration(&vm, url, &["--bandwidth-mbps", "50", "--timeout-s", "2"]).unwrap_err().to_string();
+    assert!(e.contains("timed out after 2 s"), "{e}");
+    answers(&mut agent, "after a timeout")?;
+    drop(dest);
+
+    // 4. A destination whose tap does not exist refuses before any memory moves.
+    let dest = Tandem::spawn_in(env, "mf-notap", Some(&hosts[1].ns), Some(url), &["--net", "id=net0,tap=nosuchtap"])?;
+    dest.wait_log("waiting for a migration", Duration::from_secs(30))?;
+    let e = send_migration(&vm, url, &[]).unwrap_err().to_string();
+    assert!(e.contains("tap nosuchtap does not exist"), "{e}");
+    answers(&mut agent, "after a refusal")?;
+    drop(dest);
+
+    // 5. Two vCPUs rewriting 24 MiB over and over: pre-copy goes round after round,
+    // and either converges or stops at its bound and says so.
+    agent.run_ok(
+        "mkdir -p /dev/shm; rm -f /tmp/stop; for f in a b; do \
+         (while [ ! -e /tmp/stop ]; do dd if=/dev/urandom of=/dev/shm/$f bs=1M count=12 2>/dev/null; done &) ; done; sleep 1",
+    )?;
+    let dest = Tandem::spawn_in(env, "mf-busy", Some(&hosts[1].ns), Some(url), &dest_args)?;
+    dest.wait_log("waiting for a migration", Duration::from_secs(30))?;
+    let out = send_migration(&vm, url, &["--downtime-ms", "100"])?;
+    eprintln!("busy guest:\n{out}");
+    let rounds = out.lines().filter(|l| l.starts_with("round")).count();
+    assert!(rounds >= 2, "a guest dirtying memory needs several rounds: {out}");
+    assert!(out.contains("completed in"), "{out}");
+    assert_eq!(vm.wait_exit(Duration::from_secs(30))?, 0);
+    // The source's stream showed every step, in order.
+    let kinds: Vec<String> = events
+        .all()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap_or("").to_string())
+        .filter(|t| t.starts_with("migration-"))
+        .collect();
+    let last = kinds.iter().rposition(|k| k == "migration-started").unwrap_or(0);
+    let tail: Vec<&str> = kinds[last..].iter().map(String::as_str).collect();
+    assert_eq!(tail.first(), Some(&"migration-started"), "{kinds:?}");
+    assert!(tail.contains(&"migration-progress"), "{kinds:?}");
+    assert_eq!(&tail[tail.len() - 2..], ["migration-paused", "migration-completed"], "{kinds:?}");
+    let mut vm = dest;
+    let mut agent = vm.migrated_agent(env, "mf-busy")?;
+    agent.run_ok("touch /tmp/stop; sleep 1")?;
+    let out = agent.run(&format!("ping -c 2 -W 2 {}", harness::PEER_IP), Duration::from_secs(30))?;
+    assert_eq!(out.status, 0, "after the busy migration: {}", out.stdout);
+
+    // 6. A paused guest migrates and stays paused; resumed there, it runs.
+    vm.remote("pause")?;
+    let url_back = "tcp:10.0.0.203:6000";
+    let dest = Tandem::spawn_in(env, "mf-paused", Some(&hosts[0].ns), Some(url_back), &dest_args)?;
+    dest.wait_log("waiting for a migration", Duration::from_secs(30))?;
+    send_migration(&vm, url_back, &[])?;
+    assert_eq!(vm.wait_exit(Duration::from_secs(30))?, 0);
+    let mut vm = dest;
+    let info = vm.remote("info")?;
+    assert!(info.contains("\"paused\""), "the destination keeps it paused: {info}");
+    vm.remote("resume")?;
+    let mut agent = vm.migrated_agent(env, "mf-paused")?;
+    let out = agent.run(&format!("ping -c 2 -W 2 {}", harness::PEER_IP), Duration::from_secs(30))?;
+    assert_eq!(out.status, 0, "after the paused migration: {}", out.stdout);
+    Ok(())
+});

@@ -140,16 +140,18 @@ pub fn missing_features(kvm: &Kvm, guest: &[kvm_cpuid_entry2]) -> Result<Vec<Str
         let words: &[(&str, u32, u32)] = match (g.function, g.index) {
             // Leaf 1 ecx: OSXSAVE (27) follows the guest, the hypervisor bit (31) is
             // the VMM's, TSC-deadline (24) is a KVM capability, checked below.
+            // Leaf 1 edx HTT (28) and leaf 0x80000001 ecx CmpLegacy (1) describe the
+            // topology the VMM gave the guest, not a host feature.
             (1, _) => &[
                 ("ecx", g.ecx & !((1 << 27) | (1 << 31) | (1 << 24)), 0),
-                ("edx", g.edx, 0),
+                ("edx", g.edx & !(1 << 28), 0),
             ],
             (7, 0) => &[
                 ("ebx", g.ebx, 0),
                 ("ecx", g.ecx & !(1 << 4), 0),
                 ("edx", g.edx, 0),
             ],
-            (0x8000_0001, _) => &[("ecx", g.ecx, 0), ("edx", g.edx, 0)],
+            (0x8000_0001, _) => &[("ecx", g.ecx & !(1 << 1), 0), ("edx", g.edx, 0)],
             _ => continue,
         };
         let Some(h) = find(g.function, g.index) else {
