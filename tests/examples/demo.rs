@@ -5,8 +5,11 @@
 //! STANDBY. It prints the event stream as it goes, shows the guest's net_failover master
 //! with both slaves, renames them while UP, pings the peer through the master and shows
 //! which slave carried it; removes the primary in order through the API (traffic moves to
-//! the standby), adds it back into the same slot (traffic moves back), prints `vm.info`,
-//! powers the guest off and checks that tandem exits 0. Every line is real output.
+//! the standby), adds it back into the same slot (traffic moves back), prints `vm.info`.
+//! Then it live-migrates the guest to a second Tandem while the guest pings the peer: the
+//! primary leaves first, the guest moves over TCP, a primary with the same MAC is added
+//! into the same slot at the destination. It powers the guest off there and checks that
+//! tandem exits 0. Every line is real output.
 //! Without a passthrough NIC (direct mode without `TANDEM_VFIO_NICS`) it shows the
 //! standby alone and says so.
 //!
@@ -246,7 +249,7 @@ fn demo(mode: Mode, why: &str) -> harness::Result<()> {
     for cmd in GUEST_COMMANDS {
         guest_cmd(&mut agent, cmd)?;
     }
-    let remote = |args: &[&str]| -> harness::Result<()> {
+    let remote_at = |api: &Path, args: &[&str]| -> harness::Result<()> {
         println!(
             "$ {} remote --api-socket {} {}",
             tandem.display(),
@@ -255,7 +258,7 @@ fn demo(mode: Mode, why: &str) -> harness::Result<()> {
         );
         let out = Command::new(&tandem)
             .args(["remote", "--api-socket"])
-            .arg(&api)
+            .arg(api)
             .args(args)
             .output()
             .map_err(|e| err!("tandem remote: {e}"))?;
@@ -273,6 +276,7 @@ fn demo(mode: Mode, why: &str) -> harness::Result<()> {
         }
         Ok(())
     };
+    let remote = |args: &[&str]| remote_at(&api, args);
     let sby = harness::guestnet::netdev_by_mac(&mut agent, MAC0)?;
     let master = guest_cmd(
         &mut agent,
@@ -357,6 +361,99 @@ fn demo(mode: Mode, why: &str) -> harness::Result<()> {
     }
     remote(&["info"])?;
 
+    // Live migration to a second Tandem on this host, with its own tap.
+    println!(
+        "# live migration: a passthrough NIC cannot move, so the primary leaves first (orderly);"
+    );
+    println!(
+        "# then the guest moves over TCP to a second Tandem with its own tap (tdemo1) while it"
+    );
+    println!("# pings the peer, and gets a primary with the same MAC in the same slot there");
+    if vf.is_some() {
+        remote(&["remove-device", "vf0"])?;
+        guest_cmd(&mut agent, &slaves(1))?;
+    }
+    let _tap1 = env.tap("tdemo1")?;
+    let (serial2, api2) = (run.join("serial2.sock"), run.join("api2.sock"));
+    let url = "tcp:127.0.0.1:7700";
+    let args2: Vec<String> = vec![
+        "run".into(),
+        "--incoming".into(),
+        url.into(),
+        "--serial".into(),
+        format!("socket={}", serial2.display()),
+        "--api-socket".into(),
+        api2.display().to_string(),
+        "--net".into(),
+        "id=net0,tap=tdemo1".into(),
+    ];
+    println!("$ {} {} &", tandem.display(), args2.join(" "));
+    let tandem_log2 = logs.join("tandem-destination.log");
+    let child2 = Command::new(&tandem)
+        .args(&args2)
+        .env("TANDEM_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::File::create(&tandem_log2)
+                .map_err(|e| err!("cannot create {}: {e}", tandem_log2.display()))?,
+        )
+        .spawn()
+        .map_err(|e| err!("cannot start {}: {e}", tandem.display()))?;
+    let vm2 = Tandem(child2);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&tandem_log2)
+        .unwrap_or_default()
+        .contains("waiting for a migration")
+    {
+        if Instant::now() > deadline {
+            return Err(err!("the destination does not listen on {url}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    guest_cmd(
+        &mut agent,
+        &format!("(ping -i 0.1 {p} > /tmp/ping.log 2>&1 &); sleep 1; tail -1 /tmp/ping.log"),
+    )?;
+    remote(&["send-migration", url])?;
+    let status = vm.0.wait().map_err(|e| err!("{e}"))?;
+    let _ = events.0.wait();
+    println!("# the source tandem exited ({status}); the guest runs in the destination now");
+    drop(agent);
+    let mut agent = Agent::connect_unix(&serial2, logs.join("guest-console-destination.log"))?;
+    agent.assume_ready();
+    println!(
+        "$ {} remote --api-socket {} events &   # the destination's events",
+        tandem.display(),
+        api2.display()
+    );
+    events = Tandem(print_events(&tandem, &api2)?);
+    println!("# the ping never stopped: the guest's own count, then its address and slaves");
+    guest_cmd(
+        &mut agent,
+        "killall -INT ping; sleep 0.5; tail -2 /tmp/ping.log",
+    )?;
+    guest_cmd(
+        &mut agent,
+        &format!("ip -o -4 addr show {master}; ls -d /sys/class/net/{master}/lower_*"),
+    )?;
+    if let Some(n) = env.vfio_nics.get(1) {
+        println!("# a primary with the same MAC, into the same slot (here the test host's second e1000e)");
+        let spec = format!(
+            "id=vf0,path=/sys/bus/pci/devices/{},failover=net0,slot=6",
+            n.bdf
+        );
+        remote_at(&api2, &["add-device", &spec])?;
+        guest_cmd(&mut agent, &slaves(2))?;
+        guest_cmd(
+            &mut agent,
+            &format!("for l in /sys/class/net/{master}/lower_*; do n=${{l##*lower_}}; [ $n != {master}nsby ] && ip link set $n name ens6; done; ip link set ens6 up; ip -o link show ens6"),
+        )?;
+        ping(&mut agent, 20)?;
+    }
+    remote_at(&api2, &["info"])?;
+    let mut vm = vm2;
+
     println!("guest# poweroff -f");
     let t_off = Instant::now();
     // The agent never answers: the guest is gone.
@@ -385,10 +482,7 @@ fn demo(mode: Mode, why: &str) -> harness::Result<()> {
             log_tail()
         ));
     }
-    println!(
-        "# not yet: live migration (the pair's primary unplugged, memory and devices moved, a"
-    );
-    println!("# primary plugged again at the destination)");
+    println!("# not yet: Tandem doing the unplug / migrate / re-plug itself, with rollback");
     drop(agent);
     if !harness::mode::in_testhost() {
         let _ = std::fs::remove_dir_all(&logs);

@@ -909,6 +909,9 @@ impl Vmm {
         self.cfg.memory_bytes = shape.0;
         self.cfg.vcpus = shape.1;
         self.cfg.nets = nets;
+        // The standbys came with the VM: a primary can pair with them here (the guest's
+        // STANDBY ack reaches the machine as the restored NICs report their status).
+        self.failover = Failover::new(&mut self.cfg).map_err(|e| VmmError::Guest(e.to_string()))?;
         let fail = |conn: &mut Box<dyn migration::Stream>, e: String| {
             migration::refuse(conn.as_mut(), &e);
             VmmError::Guest(format!("incoming migration: {e}"))

@@ -1,0 +1,503 @@
+//! Live-migration benchmark: Tandem against the reference QEMU, same guest, same host.
+//!
+//! `cargo run --release -p tests --example bench-migrate [-- --runs N] [--sizes 512,2048]`
+//!
+//! For each guest size (MiB) and load (idle, or two loops rewriting 64 MiB with
+//! `dd if=/dev/urandom` the whole time) and each VMM, N runs: boot the test guest (2
+//! vCPUs) with a virtio-net NIC on tap `tbm0`, give it an address, start a destination
+//! on this host with its own tap `tbm1` (Tandem `--incoming tcp:...`, QEMU `-incoming
+//! tcp:...`), and migrate over TCP on the loopback (Tandem `send-migration`, QEMU QMP
+//! `migrate`, both with their default 300 ms downtime target). Measured:
+//!
+//! - total time and the downtime as the VMM reports it, bytes sent;
+//! - the pause the guest sees: a guest loop stamps /proc/uptime (10 ms resolution,
+//!   the guest's own clock) about every millisecond; the largest step between two
+//!   stamps across the migration. If a VMM leaves the guest's clock stopped while
+//!   it is paused, the guest sees no pause here; the peer's figure below still does;
+//! - the pause the network sees: the peer pings the guest every 10 ms; the longest run
+//!   of unanswered pings (ms).
+//!
+//! Medians with min–max over the runs. When /dev/kvm cannot boot Linux, everything runs
+//! inside ONE test host (L1: QEMU TCG, 1 vCPU, 4 GiB): figures are slow in absolute terms
+//! and swing between runs; compare the two VMMs, not the numbers with bare metal.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use harness::bench::{self, Bench, BenchReport, Dirs, VmSpec};
+use harness::qmp::Qmp;
+use harness::{err, Agent, GuestImage, Mode, PEER_IP};
+use serde::{Deserialize, Serialize};
+
+const RESULT_TAG: &str = "@@BENCH-RESULT@@ ";
+const GUEST_IP: &str = "10.0.0.2";
+const MAC: &str = "52:54:00:bb:00:01";
+const PORT: u16 = 7711;
+
+const BENCH: Bench = Bench {
+    name: "bench-migrate",
+    result_tag: RESULT_TAG,
+    build_hint: "cargo build --release -p vmm --bins",
+    testhost_note: "all runs use one test host; source and destination both run in it",
+    failed_note: "some runs failed",
+};
+
+const VMMS: [&str; 2] = ["tandem", "qemu"];
+const LOADS: [&str; 2] = ["idle", "dirty"];
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Sample {
+    vmm: String,
+    mem_mib: u32,
+    load: String,
+    run: usize,
+    error: Option<String>,
+    total_ms: Option<f64>,
+    reported_downtime_ms: Option<f64>,
+    guest_pause_ms: Option<f64>,
+    ping_gap_ms: Option<f64>,
+    mib_sent: Option<f64>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Report {
+    env: Vec<(String, String)>,
+    samples: Vec<Sample>,
+}
+
+struct Args {
+    runs: usize,
+    sizes: Vec<u32>,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        runs: 3,
+        sizes: vec![512, 2048],
+    };
+    let usage = "usage: bench-migrate [--runs N] [--sizes MiB,MiB...]";
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let val = |it: &mut dyn Iterator<Item = String>| {
+            it.next().unwrap_or_else(|| {
+                eprintln!("bench-migrate: {arg} needs a value ({usage})");
+                std::process::exit(2)
+            })
+        };
+        match arg.as_str() {
+            "--runs" => {
+                a.runs = val(&mut it)
+                    .parse()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .unwrap_or_else(|| {
+                        eprintln!("bench-migrate: --runs needs a positive number");
+                        std::process::exit(2)
+                    })
+            }
+            "--sizes" => {
+                let v = val(&mut it);
+                a.sizes = v
+                    .split(',')
+                    .map(|s| s.trim().parse::<u32>().ok().filter(|m| *m >= 128))
+                    .collect::<Option<Vec<_>>>()
+                    .unwrap_or_else(|| {
+                        eprintln!("bench-migrate: --sizes {v}: MiB values of at least 128");
+                        std::process::exit(2)
+                    });
+            }
+            "-h" | "--help" => {
+                println!("{usage}");
+                std::process::exit(0)
+            }
+            other => {
+                eprintln!("bench-migrate: unknown argument {other:?} ({usage})");
+                std::process::exit(2)
+            }
+        }
+    }
+    a
+}
+
+/// A tap on the test bridge for the benchmark, deleted on drop.
+fn tap(name: &str) -> harness::Result<harness::Tap> {
+    harness::tap_on(
+        name,
+        &std::env::var("TANDEM_BRIDGE").unwrap_or_else(|_| "br0".into()),
+        false,
+    )
+}
+
+/// The longest run of unanswered pings in `ping -i 0.01` output (by icmp_seq), in ms.
+fn ping_gap(log: &str) -> Option<f64> {
+    let seqs: Vec<u64> = log
+        .lines()
+        .filter_map(|l| {
+            l.split("icmp_seq=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    let gap = seqs.windows(2).map(|w| w[1].saturating_sub(w[0])).max()?;
+    Some(gap.saturating_sub(1) as f64 * 10.0)
+}
+
+/// The guest's stamp loop: /proc/uptime about every millisecond into /tmp/up.
+const STAMP_START: &str = "rm -f /tmp/up /tmp/stopup; (while [ ! -e /tmp/stopup ]; do read u i < /proc/uptime; echo $u; usleep 1000; done > /tmp/up &); sleep 0.5";
+/// Stops it and prints the largest step, in seconds.
+const STAMP_END: &str = "touch /tmp/stopup; sleep 0.2; awk 'NR>1{d=$1-p; if(d>m)m=d} {p=$1} END{printf \"%.3f\\n\", m}' /tmp/up";
+
+fn one(
+    vmm: &str,
+    mem: u32,
+    load: &str,
+    run: usize,
+    tandem: &std::path::Path,
+    guest: &GuestImage,
+    dirs: &Dirs,
+) -> Sample {
+    let mut s = Sample {
+        vmm: vmm.into(),
+        mem_mib: mem,
+        load: load.into(),
+        run,
+        ..Default::default()
+    };
+    if let Err(e) = measure_one(vmm, mem, load, run, tandem, guest, dirs, &mut s) {
+        s.error = Some(e.to_string());
+    }
+    s
+}
+
+#[allow(clippy::too_many_arguments)]
+fn measure_one(
+    vmm: &str,
+    mem: u32,
+    load: &str,
+    run: usize,
+    tandem: &std::path::Path,
+    guest: &GuestImage,
+    dirs: &Dirs,
+    s: &mut Sample,
+) -> harness::Result<()> {
+    let _t0 = tap("tbm0")?;
+    let _t1 = tap("tbm1")?;
+    let name = format!("{vmm}-{mem}-{load}-{run}");
+    let url = format!("tcp:127.0.0.1:{PORT}");
+    let tandem_args = vec!["--net".to_string(), format!("id=net0,tap=tbm0,mac={MAC}")];
+    let qemu_net = |tap: &str| {
+        vec![
+            "-netdev".to_string(),
+            format!("tap,id=nd0,ifname={tap},script=no,downscript=no"),
+            "-device".into(),
+            format!("virtio-net-pci,id=net0,netdev=nd0,mac={MAC},romfile="),
+        ]
+    };
+    let qemu_args = qemu_net("tbm0");
+    let spec = VmSpec {
+        cpus: 2,
+        mem_mib: mem,
+        tandem_args: &tandem_args,
+        qemu_args: &qemu_args,
+    };
+    let src = bench::spawn_vmm(vmm, &format!("{name}-src"), tandem, guest, dirs, &spec)?;
+    let mut agent = src.connect()?;
+    agent
+        .wait_ready(Duration::from_secs(180))
+        .map_err(|e| src.fail(e))?;
+    let dev = agent
+        .run_ok(&format!("for n in /sys/class/net/*; do [ \"$(cat $n/address)\" = {MAC} ] && echo ${{n##*/}}; done"))?
+        .trim()
+        .to_string();
+    harness::guestnet::up_and_ping(&mut agent, &dev, GUEST_IP)?;
+    if load == "dirty" {
+        agent.run_ok(
+            "mkdir -p /dev/shm; rm -f /tmp/stop; for f in a b; do \
+             (while [ ! -e /tmp/stop ]; do dd if=/dev/urandom of=/dev/shm/$f bs=1M count=32 2>/dev/null; done &); done; sleep 1",
+        )?;
+    }
+    // The destination.
+    let dest_serial = dirs.run.join(format!("{name}-dst.serial"));
+    let dest_api = dirs.run.join(format!("{name}-dst.api"));
+    let dest_log = dirs.logs.join(format!("{name}-dst.log"));
+    let _dest: Box<dyn std::any::Any> = if vmm == "tandem" {
+        let child = Command::new(tandem)
+            .args(["run", "--incoming", &url, "--net", "id=net0,tap=tbm1"])
+            .arg("--serial")
+            .arg(format!("socket={}", dest_serial.display()))
+            .arg("--api-socket")
+            .arg(&dest_api)
+            .env("TANDEM_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&dest_log).map_err(|e| err!("{e}"))?)
+            .spawn()
+            .map_err(|e| err!("{e}"))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !std::fs::read_to_string(&dest_log)
+            .unwrap_or_default()
+            .contains("waiting for a migration")
+        {
+            if Instant::now() > deadline {
+                return Err(err!(
+                    "the destination tandem does not listen: {}",
+                    bench::tail(&dest_log, 3)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Box::new(KillOnDrop(child))
+    } else {
+        let mut b = harness::qemu::QemuVm::builder(guest, &dirs.run, &format!("{name}-dst"))
+            .cpus(2)
+            .mem_mib(mem);
+        for a in qemu_net("tbm1") {
+            b = b.arg(&a);
+        }
+        let q = b.arg("-incoming").arg(&url).spawn()?;
+        std::thread::sleep(Duration::from_secs(1));
+        Box::new(q)
+    };
+    let dest_serial = if vmm == "tandem" {
+        dest_serial
+    } else {
+        dirs.run.join(format!("{name}-dst.serial"))
+    };
+    // Measure.
+    agent.run_ok(STAMP_START)?;
+    let ping_log = dirs.logs.join(format!("{name}-ping.log"));
+    let mut ping = Command::new("ping")
+        .args(["-i", "0.01", "-W", "1", GUEST_IP])
+        .stdout(std::fs::File::create(&ping_log).map_err(|e| err!("{e}"))?)
+        .spawn()
+        .map_err(|e| err!("ping: {e}"))?;
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    if vmm == "tandem" {
+        let src_api = dirs.run.join(format!("{name}-src.api"));
+        let out = Command::new(tandem)
+            .args(["remote", "--api-socket"])
+            .arg(&src_api)
+            .args(["send-migration", &url])
+            .output()
+            .map_err(|e| err!("{e}"))?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            return Err(err!(
+                "send-migration: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        // "migration completed in X ms: downtime Y ms, R rounds, B MiB sent"
+        let line = text
+            .lines()
+            .find(|l| l.contains("completed in"))
+            .unwrap_or("");
+        let num = |after: &str| -> Option<f64> {
+            line.split(after)
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .trim_end_matches(',')
+                .parse()
+                .ok()
+        };
+        s.total_ms = num("completed in ");
+        s.reported_downtime_ms = num("downtime ");
+        s.mib_sent = line
+            .split(" rounds, ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next()?.parse().ok());
+    } else {
+        let bench::Vmm::Qemu(q) = &src.vmm else {
+            return Err(err!("no QMP socket"));
+        };
+        let mut qmp = Qmp::connect(&q.qmp, Duration::from_secs(10))?;
+        qmp.execute("migrate", serde_json::json!({ "uri": url }))?;
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let st = qmp.execute("query-migrate", serde_json::json!({}))?;
+            match st["status"].as_str().unwrap_or("") {
+                "completed" => {
+                    s.total_ms = st["total-time"].as_f64();
+                    s.reported_downtime_ms = st["downtime"].as_f64();
+                    s.mib_sent = st["ram"]["transferred"].as_f64().map(|b| b / 1048576.0);
+                    break;
+                }
+                "failed" | "cancelled" => return Err(err!("QEMU migration: {st}")),
+                _ => {}
+            }
+            if Instant::now() > deadline {
+                return Err(err!("QEMU migration did not end in 600 s"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    eprintln!("{name}: migrated in {:.2} s", t.elapsed().as_secs_f64());
+    std::thread::sleep(Duration::from_secs(1));
+    let _ = ping.kill();
+    let _ = ping.wait();
+    s.ping_gap_ms = ping_gap(&std::fs::read_to_string(&ping_log).unwrap_or_default());
+    drop(agent);
+    let mut agent = Agent::connect_unix(
+        &dest_serial,
+        dirs.logs.join(format!("{name}-dst.console.log")),
+    )?;
+    agent.assume_ready();
+    let up = agent.run_ok(STAMP_END)?;
+    s.guest_pause_ms = up.trim().parse::<f64>().ok().map(|v| v * 1000.0);
+    agent.run_ok("touch /tmp/stop; true")?;
+    drop(src);
+    Ok(())
+}
+
+/// (label, the figure of a sample, decimals, unit).
+type Metric = (
+    &'static str,
+    fn(&Sample) -> Option<f64>,
+    usize,
+    &'static str,
+);
+
+struct KillOnDrop(std::process::Child);
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl BenchReport for Report {
+    fn env_mut(&mut self) -> &mut Vec<(String, String)> {
+        &mut self.env
+    }
+
+    fn print(&self) {
+        println!("bench-migrate: live migration, Tandem against the reference QEMU");
+        bench::print_env(&self.env, 18);
+        let metrics: [Metric; 5] = [
+            ("total time", |s| s.total_ms, 0, " ms"),
+            (
+                "downtime (VMM's own figure)",
+                |s| s.reported_downtime_ms,
+                0,
+                " ms",
+            ),
+            (
+                "pause the guest sees (its clock)",
+                |s| s.guest_pause_ms,
+                0,
+                " ms",
+            ),
+            (
+                "pause the network sees (ping gap)",
+                |s| s.ping_gap_ms,
+                0,
+                " ms",
+            ),
+            ("sent", |s| s.mib_sent, 0, " MiB"),
+        ];
+        let mut cases: Vec<(u32, String)> = self
+            .samples
+            .iter()
+            .map(|s| (s.mem_mib, s.load.clone()))
+            .collect();
+        cases.dedup();
+        for (mem, load) in cases {
+            println!("\n{mem} MiB guest, {load}:");
+            println!(
+                "  {:<36} {:>24} {:>24} {:>8}",
+                "", "tandem", "qemu", "ratio"
+            );
+            for (label, get, prec, unit) in metrics {
+                let col = |vmm: &str| -> Option<(f64, f64, f64)> {
+                    let v: Vec<f64> = self
+                        .samples
+                        .iter()
+                        .filter(|s| s.vmm == vmm && s.mem_mib == mem && s.load == load)
+                        .filter_map(get)
+                        .collect();
+                    bench::stats(&v)
+                };
+                let (t, q) = (col("tandem"), col("qemu"));
+                let show = |v: Option<(f64, f64, f64)>| {
+                    v.map_or("-".into(), |v| bench::fmt_range(v, prec, unit))
+                };
+                println!(
+                    "  {label:<36} {:>24} {:>24} {:>8}",
+                    show(t),
+                    show(q),
+                    bench::ratio(t.map(|v| v.0), q.map(|v| v.0))
+                );
+            }
+        }
+        for s in self.samples.iter().filter(|s| s.error.is_some()) {
+            println!(
+                "failed: {} {} MiB {} run {}: {}",
+                s.vmm,
+                s.mem_mib,
+                s.load,
+                s.run,
+                s.error.as_deref().unwrap_or("")
+            );
+        }
+        println!("\nmedian min–max over the runs; ratio = tandem / qemu (medians). Guest 2 vCPUs, virtio-net on a tap, TCP on the loopback.");
+    }
+
+    fn failed(&self) -> bool {
+        self.samples.iter().any(|s| s.error.is_some())
+    }
+}
+
+fn measure(args: &Args, mode: Mode, why: &str) -> harness::Result<Report> {
+    let tandem = BENCH.tandem_bin()?;
+    let guest = harness::image::test_guest()?;
+    let dirs = BENCH.dirs()?;
+    let mut env = bench::env_header(mode, why);
+    env.push(("tandem".into(), bench::describe_tandem(&tandem)));
+    env.push((
+        "reference".into(),
+        bench::cmd_line(&harness::qemu::reference_qemu(), &["--version"]),
+    ));
+    env.push((
+        "guest".into(),
+        format!("Debian kernel {}", bench::kernel_version(&guest)),
+    ));
+    let _ = PEER_IP;
+    let mut samples = Vec::new();
+    for &mem in &args.sizes {
+        for load in LOADS {
+            for run in 0..args.runs {
+                for vmm in VMMS {
+                    let s = one(vmm, mem, load, run, &tandem, &guest, &dirs);
+                    eprintln!("bench-migrate: {s:?}");
+                    samples.push(s);
+                }
+            }
+        }
+    }
+    dirs.finish(samples.iter().all(|s| s.error.is_none()));
+    Ok(Report { env, samples })
+}
+
+fn main() {
+    let args = parse_args();
+    if std::env::var_os("TANDEM_TESTHOST_JOB_TIMEOUT").is_none() {
+        let cases = args.sizes.len() * LOADS.len() * VMMS.len() * args.runs;
+        std::env::set_var(
+            "TANDEM_TESTHOST_JOB_TIMEOUT",
+            (cases * 240 + 300).to_string(),
+        );
+    }
+    let sizes: Vec<String> = args.sizes.iter().map(u32::to_string).collect();
+    let relaunch = [
+        "--runs".to_string(),
+        args.runs.to_string(),
+        "--sizes".into(),
+        sizes.join(","),
+    ];
+    BENCH.main(&relaunch, |mode, why| measure(&args, mode, why));
+}
