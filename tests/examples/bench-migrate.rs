@@ -55,6 +55,9 @@ struct Sample {
     total_ms: Option<f64>,
     reported_downtime_ms: Option<f64>,
     guest_pause_ms: Option<f64>,
+    /// The same loop for 3 s with no migration: its largest step is the guest's own
+    /// scheduling jitter, the floor under `guest_pause_ms`.
+    guest_jitter_ms: Option<f64>,
     ping_gap_ms: Option<f64>,
     mib_sent: Option<f64>,
 }
@@ -209,7 +212,7 @@ fn measure_one(
         .wait_ready(Duration::from_secs(180))
         .map_err(|e| src.fail(e))?;
     let dev = agent
-        .run_ok(&format!("for n in /sys/class/net/*; do [ \"$(cat $n/address)\" = {MAC} ] && echo ${{n##*/}}; done"))?
+        .run_ok(&format!("for n in /sys/class/net/*; do [ \"$(cat $n/address)\" = {MAC} ] && echo ${{n##*/}}; done; true"))?
         .trim()
         .to_string();
     harness::guestnet::up_and_ping(&mut agent, &dev, GUEST_IP)?;
@@ -266,6 +269,15 @@ fn measure_one(
     } else {
         dirs.run.join(format!("{name}-dst.serial"))
     };
+    // The stamp loop's own jitter, with no migration.
+    agent.run_ok(STAMP_START)?;
+    std::thread::sleep(Duration::from_secs(3));
+    s.guest_jitter_ms = agent
+        .run_ok(STAMP_END)?
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .map(|v| v * 1000.0);
     // Measure.
     agent.run_ok(STAMP_START)?;
     let ping_log = dirs.logs.join(format!("{name}-ping.log"));
@@ -378,7 +390,7 @@ impl BenchReport for Report {
     fn print(&self) {
         println!("bench-migrate: live migration, Tandem against the reference QEMU");
         bench::print_env(&self.env, 18);
-        let metrics: [Metric; 5] = [
+        let metrics: [Metric; 6] = [
             ("total time", |s| s.total_ms, 0, " ms"),
             (
                 "downtime (VMM's own figure)",
@@ -389,6 +401,12 @@ impl BenchReport for Report {
             (
                 "pause the guest sees (its clock)",
                 |s| s.guest_pause_ms,
+                0,
+                " ms",
+            ),
+            (
+                "  same loop, no migration (jitter)",
+                |s| s.guest_jitter_ms,
                 0,
                 " ms",
             ),

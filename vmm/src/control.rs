@@ -839,6 +839,7 @@ impl Vmm {
         let mut shape = (0u64, 0u8);
         let incoming = migration::receive(
             &url,
+            self.signals.as_raw_fd(),
             |hello| {
                 for given in &inc.nets {
                     if !hello.nets.iter().any(|(n, _)| n.id == given.id) {

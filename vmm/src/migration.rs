@@ -22,6 +22,7 @@
 //! the source. The destination runs the guest only on Go.
 
 use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
@@ -140,13 +141,51 @@ pub fn connect(url: &Url) -> io::Result<Box<dyn Stream>> {
     })
 }
 
-/// Wait for the one source of an incoming migration.
-pub fn accept(url: &Url) -> io::Result<Box<dyn Stream>> {
+/// Wait until `listener` has a connection, or `stop` (the VMM's signal fd) is
+/// readable: SIGTERM or Ctrl-C ends a destination still waiting for its source.
+fn wait_readable(listener: RawFd, stop: RawFd) -> io::Result<()> {
+    let mut fds = [
+        libc::pollfd {
+            fd: listener,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if fds[1].revents != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::Interrupted,
+                "stopped by a signal while waiting for the source",
+            ));
+        }
+        if fds[0].revents != 0 {
+            return Ok(());
+        }
+    }
+}
+
+/// Wait for the one source of an incoming migration (or a signal on `stop`).
+pub fn accept(url: &Url, stop: RawFd) -> io::Result<Box<dyn Stream>> {
     Ok(match url {
         Url::Tcp(a) => {
             let l = std::net::TcpListener::bind(a)
                 .map_err(|e| io::Error::new(e.kind(), format!("--incoming tcp:{a}: {e}")))?;
             tracing::info!("waiting for a migration on tcp:{a}");
+            wait_readable(l.as_raw_fd(), stop)?;
             let (s, peer) = l.accept()?;
             tracing::info!("incoming migration from {peer}");
             s.set_nodelay(true)?;
@@ -157,8 +196,10 @@ pub fn accept(url: &Url) -> io::Result<Box<dyn Stream>> {
                 io::Error::new(e.kind(), format!("--incoming unix:{}: {e}", p.display()))
             })?;
             tracing::info!("waiting for a migration on unix:{}", p.display());
-            let (s, _) = l.accept()?;
+            let waited = wait_readable(l.as_raw_fd(), stop);
             let _ = std::fs::remove_file(p);
+            waited?;
+            let (s, _) = l.accept()?;
             Box::new(s)
         }
     })
@@ -573,10 +614,11 @@ pub struct Incoming {
 
 pub fn receive(
     url: &Url,
+    stop: RawFd,
     check: impl FnOnce(&Hello) -> Result<(), String>,
     make_mem: impl FnOnce(u64) -> Result<GuestMemoryMmap, String>,
 ) -> io::Result<Incoming> {
-    let mut conn = accept(url)?;
+    let mut conn = accept(url, stop)?;
     let s = conn.as_mut();
     s.set_timeout(Some(Duration::from_secs(60)))?;
     let hello: Hello = parse("hello", &expect(s, Kind::Hello)?)?;

@@ -1597,3 +1597,43 @@ fn live_migration_there_and_back() {
     let refs: Vec<&[u8]> = contents.iter().map(Vec::as_slice).collect();
     assert_one_alphabet(&refs);
 }
+
+/// A destination still waiting for its source ends on SIGTERM, with the reason.
+#[test]
+fn a_waiting_destination_ends_on_sigterm() {
+    let dir = Scratch::new("incoming-term");
+    let url = dir.path("wait.mig");
+    let child = tandem(&[
+        "run",
+        "--incoming",
+        &format!("unix:{}", url.display()),
+        "--serial",
+        "off",
+    ])
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut r = Running(child);
+    wait_for(&url);
+    let st = Command::new("kill")
+        .args(["-TERM", &r.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = r.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still waiting 10 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(r.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(err.contains("stopped by a signal"), "{err}");
+    assert!(!url.exists(), "the socket is removed");
+}
