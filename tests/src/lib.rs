@@ -304,30 +304,35 @@ pub fn run_guest_test_on(
         ];
         let outcome = match testhost::run_shared(&tag, &argv) {
             Ok(o) => o,
-            // L1 froze (QEMU TCG's lost wake-up, tests/README.md "The freeze soak"): not
-            // the test's doing, as far as anyone can tell. Up to twice more, each on a
+            // L1 froze (QEMU TCG's lost wake-up, tests/README.md "The freeze soak") or
+            // lost its uplink before the job began: not the test's doing, as far as
+            // anyone can tell. Up to twice more, each on a
             // fresh L1; a third freeze fails the test. (Twice in a row was seen in CI on
             // 2026-12-03, in a VFIO test: the freezes with a passthrough e1000e are not
             // rare enough for one retry.)
-            Err(e) if testhost::is_l1_freeze(&e) => {
+            Err(e) if testhost::is_l1_fault(&e) => {
                 let mut last = e;
                 let mut got = None;
                 for attempt in 2..=3 {
                     eprintln!(
-                        "testhost: {test_path}: the test host froze ({last}); running the test again on a fresh L1 (attempt {attempt} of 3)"
+                        "testhost: {test_path}: the test host failed ({last}); running the test again on a fresh L1 (attempt {attempt} of 3)"
                     );
                     match testhost::run_shared(&format!("{tag}-again{attempt}"), &argv) {
                         Ok(o) => {
                             got = Some(o);
                             break;
                         }
-                        Err(e) if testhost::is_l1_freeze(&e) => last = e,
-                        Err(e) => panic!("{test_path}: {e} (attempt {attempt}, after a freeze)"),
+                        Err(e) if testhost::is_l1_fault(&e) => last = e,
+                        Err(e) => {
+                            panic!("{test_path}: {e} (attempt {attempt}, after a test-host fault)")
+                        }
                     }
                 }
                 match got {
                     Some(o) => o,
-                    None => panic!("{test_path}: {last} (three attempts, each froze)"),
+                    None => {
+                        panic!("{test_path}: {last} (three attempts, each met a test-host fault)")
+                    }
                 }
             }
             Err(e) => panic!("{test_path}: {e}"),

@@ -453,6 +453,22 @@ impl Session {
             Some(i) => output[..i].to_string(),
             None => output,
         };
+        if output.contains(NO_UPLINK) {
+            // The job's own result stands, but no later job can build its network
+            // here: the next one gets a fresh L1.
+            eprintln!(
+                "testhost: the test host lost its uplink in job `{name}`; the next job boots a fresh one (work dir kept: {})",
+                self.workdir.display()
+            );
+            self.keep = true;
+            self.kill();
+            if status == 125 {
+                // The job never started: a fault of the test host, not of the test.
+                return Err(err!(
+                    "test host lost its uplink before job `{name}` started"
+                ));
+            }
+        }
         if status == 0 {
             let _ = fs::remove_dir_all(&dir);
             let _ = fs::remove_dir_all(self.workdir.join(name));
@@ -750,7 +766,7 @@ for n in /sys/class/net/*; do
     drv=$(readlink -f "$n/device/driver" 2>/dev/null)
     [ "${drv##*/}" = virtio_net ] && uplink=${n##*/}
 done
-[ -n "$uplink" ] || { echo "job: no virtio-net uplink in the test host"; exit 125; }
+[ -n "$uplink" ] || { echo "TANDEM-L1-NO-UPLINK: job: no virtio-net uplink in the test host"; exit 125; }
 ns=@NS@
 ip netns add $ns || exit 125
 ip link set "$uplink" netns $ns || exit 125
@@ -763,10 +779,15 @@ ip -n $ns addr add 10.0.0.1/24 dev br0 || { echo "job: cannot build br0 in $ns";
 ip netns exec $ns @ARGV@
 st=$?
 for p in $(ip netns pids $ns); do kill -9 $p 2>/dev/null; done
+# The namespace (and the uplink in it) goes back only when its last process is gone;
+# a VMM unmapping a large guest under TCG takes seconds.
+i=0
+while [ -n "$(ip netns pids $ns)" ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
 ip netns del $ns
 i=0
-while [ ! -e "/sys/class/net/$uplink" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
-[ -e "/sys/class/net/$uplink" ] || echo "job: the uplink $uplink did not come back from $ns"
+while [ ! -e "/sys/class/net/$uplink" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+[ -e "/sys/class/net/$uplink" ] ||
+    echo "TANDEM-L1-NO-UPLINK: the uplink $uplink did not come back from $ns within 60 s"
 exit $st
 "#;
 
@@ -814,10 +835,16 @@ extern "C" fn stop_shared_at_exit() {
     }
 }
 
-/// Whether `e` says L1 froze (no heartbeat, not woken), as opposed to a job that failed,
-/// hung or crashed L1.
-pub fn is_l1_freeze(e: &Error) -> bool {
-    e.to_string().starts_with("test host froze")
+/// What a job script prints when L1's uplink is missing (before the job) or did not
+/// come back from the job's namespace (after it).
+const NO_UPLINK: &str = "TANDEM-L1-NO-UPLINK";
+
+/// Whether `e` says L1 failed in a way no test causes: it froze (no heartbeat, not
+/// woken), or it lost its uplink before the job started. A job that failed, hung or
+/// crashed L1 is not one of these.
+pub fn is_l1_fault(e: &Error) -> bool {
+    let e = e.to_string();
+    e.starts_with("test host froze") || e.starts_with("test host lost its uplink before")
 }
 
 /// Runs `argv` as job `name` in this process's shared test host, booting one first if

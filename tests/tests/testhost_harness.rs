@@ -1,7 +1,8 @@
 //! The test host's own failure handling, on a real L1: jobs run one after another in one
 //! L1 and report their status and output; a stalled L1 is woken; a job that kills L1, an
 //! L1 that freezes and a job that overruns each fail that job by name with the logs kept;
-//! the shared test host boots a fresh L1 for the job after a broken one.
+//! the shared test host boots a fresh L1 for the job after a broken one, or after one
+//! that passed but lost L1's uplink.
 
 use std::time::Duration;
 
@@ -102,7 +103,7 @@ fn testhost_survives_broken_jobs() {
         .run_job("frozen", &sh("sleep 300"))
         .expect_err("a frozen L1 is an error");
     // Guest tests run once more on a fresh L1 after exactly this kind of error.
-    assert!(testhost::is_l1_freeze(&e), "{e}");
+    assert!(testhost::is_l1_fault(&e), "{e}");
     let e = e.to_string();
     let _ = stopper.join();
     assert!(e.contains("froze") && e.contains("frozen"), "{e}");
@@ -145,6 +146,37 @@ fn testhost_survives_broken_jobs() {
     assert!(
         uptime < 120.0,
         "the next job ran in a fresh L1 (uptime {uptime} s)"
+    );
+    // A job that passes but strands L1's uplink in a namespace that a process outside
+    // the job's namespace keeps alive: its result stands, and the
+    // next job, which needs the uplink for its bridge, gets a fresh L1.
+    let o = testhost::run_shared(
+        "strands-uplink",
+        &sh(
+            "u=$(ip -o link show master br0 | awk -F': ' '$2 != \"br0\" {print $2; exit}'); \
+             ip netns add stray && ip link set \"${u%@*}\" netns stray && echo stranded-$u; \
+             ip netns exec stray sleep 600 </dev/null >/dev/null 2>&1 &",
+        ),
+    )
+    .expect("a job that strands the uplink still reports");
+    assert_eq!(o.status, 0, "{}", o.output);
+    assert!(
+        o.output.contains("stranded-") && o.output.contains("TANDEM-L1-NO-UPLINK"),
+        "{}",
+        o.output
+    );
+    let o = testhost::run_shared("after-strand", &sh("cat /proc/uptime"))
+        .expect("a fresh L1 after the uplink was lost");
+    assert_eq!(o.status, 0, "{}", o.output);
+    let uptime: f64 = o
+        .output
+        .split_whitespace()
+        .next()
+        .and_then(|u| u.parse().ok())
+        .unwrap_or(f64::MAX);
+    assert!(
+        uptime < 120.0,
+        "the job after a lost uplink ran in a fresh L1 (uptime {uptime} s)"
     );
     testhost::stop_shared();
 }
