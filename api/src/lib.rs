@@ -386,6 +386,40 @@ pub struct DeviceInfo {
     pub kind: String,
     /// Where the device sits: "pci 00:03.0", "pio 0x3f8", ...
     pub location: String,
+    /// A NIC's data-path counters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counters: Option<NetCounters>,
+}
+
+/// What a virtio-net NIC moved and dropped, per queue pair, since it was added.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetCounters {
+    pub queues: Vec<QueueCounters>,
+    /// Frames for the guest the host's tap dropped because its queue was full (the
+    /// guest did not post rx buffers fast enough). The kernel counts them per tap,
+    /// not per queue; absent if the tap is gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap_dropped: Option<u64>,
+}
+
+/// One queue pair's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueCounters {
+    pub pair: usize,
+    pub rx_frames: u64,
+    pub rx_bytes: u64,
+    pub tx_frames: u64,
+    pub tx_bytes: u64,
+    /// Frames from the tap dropped here: the guest's buffers were malformed or too
+    /// small for the frame.
+    pub rx_dropped: u64,
+    /// Frames from the guest dropped here: malformed chains, or the tap refused them.
+    pub tx_dropped: u64,
+    /// Chains the guest posted that broke the rules (outside its memory, wrong
+    /// direction, too short...).
+    pub bad_chains: u64,
+    /// Times a frame waited because the guest had posted no rx buffer.
+    pub rx_no_buffers: u64,
 }
 
 #[cfg(test)]

@@ -133,6 +133,18 @@ harness::guest_test!(fn tandem_two_nics(env) {
     let bus = agent.run_ok(&format!("basename $(dirname $(readlink -f /sys/class/net/{b}/device))"))?;
     assert_eq!(bus.trim(), "0000:00:07.0");
     up_and_ping(&mut agent, &a, "10.0.0.2")?;
+    // vm.info counts what a's queue pair moved; b moved nothing yet.
+    let info: serde_json::Value = serde_json::from_str(&vm.remote("info")?).map_err(|e| err!("{e}"))?;
+    let q = |id: &str, what: &str| -> u64 {
+        info["devices"]
+            .as_array()
+            .and_then(|d| d.iter().find(|d| d["id"] == id))
+            .and_then(|d| d["counters"]["queues"][0][what].as_u64())
+            .unwrap_or(u64::MAX)
+    };
+    assert!(q("a", "tx_frames") > 0 && q("a", "tx_frames") != u64::MAX, "{info}");
+    assert!(q("a", "rx_frames") > 0 && q("a", "rx_frames") != u64::MAX, "{info}");
+    assert_eq!(q("b", "rx_dropped"), 0, "{info}");
     agent.run_ok(&format!("ip link set {a} down"))?;
     up_and_ping(&mut agent, &b, "10.0.0.3")?;
     // b's tap deleted on the host: the device says it needs a reset (status 0x40),

@@ -1479,16 +1479,19 @@ impl Vmm {
                         s.pending_input(),
                     )
                 },
+                counters: None,
             },
             DeviceInfo {
                 id: "i8042".into(),
                 kind: "i8042".into(),
                 location: "pio 0x60".into(),
+                counters: None,
             },
             DeviceInfo {
                 id: "acpi-pm".into(),
                 kind: "acpi-pm".into(),
                 location: "pio 0x600".into(),
+                counters: None,
             },
         ];
         let (up, down) = vm.hotplug_pending();
@@ -1502,11 +1505,13 @@ impl Vmm {
                 vm.hotplug_raised(),
                 self.pending.len()
             ),
+            counters: None,
         });
         devices.push(DeviceInfo {
             id: "host-bridge".into(),
             kind: "pci-host-bridge".into(),
             location: "pci 00:00.0".into(),
+            counters: None,
         });
         devices.extend(vm.devices().info());
         let info = VmInfo {

@@ -111,6 +111,7 @@ enum Kind {
     Net {
         cfg: NetConfig,
         device: Arc<Mutex<VirtioPciDevice>>,
+        stats: devices::virtio::net::NetStatsSource,
     },
     Vfio {
         path: PathBuf,
@@ -317,14 +318,54 @@ impl DeviceManager {
 
     /// Create a virtio-net device and put it in its slot (given or the first free).
     pub fn add_net(&mut self, cfg: &NetConfig, slot: Option<usize>) -> Result<usize, DeviceError> {
+        self.build_net(cfg, slot, None)
+    }
+
+    /// Build the NIC a migration source saved, with this host's `cfg` (its tap), in
+    /// the same slot with the same BARs, and take its state over. It stays paused.
+    pub fn restore_net(&mut self, cfg: &NetConfig, s: DeviceState) -> Result<usize, DeviceError> {
+        if s.slot == 0 || s.slot >= devices::pci::PCI_SLOTS {
+            return Err(DeviceError::Restore {
+                id: cfg.id.clone(),
+                what: format!("slot {}", s.slot),
+            });
+        }
+        self.build_net(cfg, Some(s.slot), Some(s))
+    }
+
+    /// One path for a new NIC and a restored one: a restored NIC takes its saved
+    /// BAR 0 address (a new one gets the next free) and its transport's state.
+    fn build_net(
+        &mut self,
+        cfg: &NetConfig,
+        slot: Option<usize>,
+        saved: Option<DeviceState>,
+    ) -> Result<usize, DeviceError> {
         let id = cfg.id.clone();
+        let bad = |what: String| DeviceError::Restore {
+            id: id.clone(),
+            what,
+        };
         self.check_free(&id, slot)?;
         let net = Net::new(cfg.clone()).map_err(|source| DeviceError::Net {
             id: id.clone(),
             source,
         })?;
-        let bars = self.allocate_bars(&id, &[(BarKind::Mem32, BAR0_SIZE)])?;
-        let bar0 = bars[0].1;
+        let stats = net.stats_source();
+        let bar0 = match &saved {
+            None => self.allocate_bars(&id, &[(BarKind::Mem32, BAR0_SIZE)])?[0].1,
+            Some(s) => {
+                let [(BarKind::Mem32, bar0, BAR0_SIZE)] = s.bars[..] else {
+                    return Err(bad(format!("BARs {:?}", s.bars)));
+                };
+                if !self.mem32.claim(bar0, BAR0_SIZE) {
+                    return Err(bad(format!(
+                        "BAR 0 at {bar0:#x} is taken or outside the window"
+                    )));
+                }
+                bar0
+            }
+        };
         let mut dev = match VirtioPciDevice::new(
             Box::new(net),
             self.mem.clone(),
@@ -333,21 +374,30 @@ impl DeviceManager {
         ) {
             Ok(d) => d,
             Err(source) => {
-                self.free_bars(&bars);
+                self.mem32.free(bar0, BAR0_SIZE);
                 return Err(DeviceError::Io { id, source });
             }
         };
         let (events, who) = (self.events.clone(), id.clone());
         dev.set_status_observer(Arc::new(move |st| events.driver_status(&who, st)));
+        if let Some(s) = saved {
+            if let Err(e) = devices::snapshot::restore(&mut dev, s.transport) {
+                self.mem32.free(bar0, BAR0_SIZE);
+                return Err(bad(e.to_string()));
+            }
+        }
+        // Mapped where the guest has BAR 0 now, which may not be where it was allocated.
+        let at = dev.bar0();
         let dev = Arc::new(Mutex::new(dev));
         self.place(
             &id,
             slot,
             dev.clone(),
-            vec![(0, BarKind::Mem32, bar0, BAR0_SIZE)],
+            vec![(0, BarKind::Mem32, at, BAR0_SIZE)],
             Kind::Net {
                 cfg: cfg.clone(),
                 device: dev,
+                stats,
             },
         )
     }
@@ -385,7 +435,7 @@ impl DeviceManager {
         let mut out = Vec::new();
         for e in &self.entries {
             match &e.kind {
-                Kind::Net { cfg, device } => {
+                Kind::Net { cfg, device, .. } => {
                     let d = device.lock().unwrap_or_else(|e| e.into_inner());
                     out.push(DeviceState {
                         id: e.id.clone(),
@@ -411,63 +461,6 @@ impl DeviceManager {
             .filter(|e| matches!(e.kind, Kind::Vfio { .. }))
             .map(|e| e.id.clone())
             .collect()
-    }
-
-    /// Build the NIC a migration source saved, with this host's `cfg` (its tap), in
-    /// the same slot with the same BARs, and take its state over. It stays paused.
-    pub fn restore_net(&mut self, cfg: &NetConfig, s: DeviceState) -> Result<usize, DeviceError> {
-        let id = cfg.id.clone();
-        let bad = |what: String| DeviceError::Restore {
-            id: id.clone(),
-            what,
-        };
-        if s.slot == 0 || s.slot >= devices::pci::PCI_SLOTS {
-            return Err(bad(format!("slot {}", s.slot)));
-        }
-        self.check_free(&id, Some(s.slot))?;
-        let net = Net::new(cfg.clone()).map_err(|source| DeviceError::Net {
-            id: id.clone(),
-            source,
-        })?;
-        let [(BarKind::Mem32, bar0, BAR0_SIZE)] = s.bars[..] else {
-            return Err(bad(format!("BARs {:?}", s.bars)));
-        };
-        if !self.mem32.claim(bar0, BAR0_SIZE) {
-            return Err(bad(format!(
-                "BAR 0 at {bar0:#x} is taken or outside the window"
-            )));
-        }
-        let mut dev = match VirtioPciDevice::new(
-            Box::new(net),
-            self.mem.clone(),
-            self.routes.clone(),
-            bar0,
-        ) {
-            Ok(d) => d,
-            Err(source) => {
-                self.mem32.free(bar0, BAR0_SIZE);
-                return Err(DeviceError::Io { id, source });
-            }
-        };
-        let (events, who) = (self.events.clone(), id.clone());
-        dev.set_status_observer(Arc::new(move |st| events.driver_status(&who, st)));
-        if let Err(e) = devices::snapshot::restore(&mut dev, s.transport) {
-            self.mem32.free(bar0, BAR0_SIZE);
-            return Err(bad(e.to_string()));
-        }
-        // Mapped where the guest has BAR 0 now, which may not be where it was allocated.
-        let at = dev.bar0();
-        let dev = Arc::new(Mutex::new(dev));
-        self.place(
-            &id,
-            Some(s.slot),
-            dev.clone(),
-            vec![(0, BarKind::Mem32, at, BAR0_SIZE)],
-            Kind::Net {
-                cfg: cfg.clone(),
-                device: dev,
-            },
-        )
     }
 
     /// Open a host PCI function through VFIO and put it in its slot.
@@ -575,7 +568,7 @@ impl DeviceManager {
         self.entries
             .iter()
             .map(|n| match &n.kind {
-                Kind::Net { cfg, device } => {
+                Kind::Net { cfg, device, stats } => {
                     let standby = if cfg.standby { ", standby" } else { "" };
                     let driver =
                         peek(device).map_or("device busy: held by another thread".into(), |d| {
@@ -594,6 +587,7 @@ impl DeviceManager {
                             cfg.tap,
                             format_mac(&cfg.mac),
                         ),
+                        counters: Some(net_counters(stats)),
                     }
                 }
                 Kind::Vfio { path, device } => {
@@ -617,9 +611,33 @@ impl DeviceManager {
                                 .to_string_lossy()
                                 .into_owned()),
                         ),
+                        counters: None,
                     }
                 }
             })
             .collect()
+    }
+}
+
+/// A NIC's counters as the API shows them.
+fn net_counters(s: &devices::virtio::net::NetStatsSource) -> api::NetCounters {
+    api::NetCounters {
+        queues: s
+            .pairs()
+            .into_iter()
+            .enumerate()
+            .map(|(pair, q)| api::QueueCounters {
+                pair,
+                rx_frames: q.rx_frames,
+                rx_bytes: q.rx_bytes,
+                tx_frames: q.tx_frames,
+                tx_bytes: q.tx_bytes,
+                rx_dropped: q.rx_dropped,
+                tx_dropped: q.tx_dropped,
+                bad_chains: q.bad_chains,
+                rx_no_buffers: q.rx_no_buffers,
+            })
+            .collect(),
+        tap_dropped: s.tap_dropped(),
     }
 }

@@ -96,8 +96,44 @@ pub(crate) struct NetShared {
     pub mac: Mutex<[u8; 6]>,
     pub status: Mutex<u16>,
     pub needs_reset: AtomicBool,
-    pub stats: worker::Stats,
+    /// One set of counters per queue pair.
+    pub stats: Vec<Arc<worker::Stats>>,
     pub queues: tap::TapQueues,
+}
+
+pub use worker::StatsSnapshot;
+
+/// Reads a NIC's counters without its lock (the API's vm.info reads them while a
+/// vCPU may hold the device).
+#[derive(Clone)]
+pub struct NetStatsSource {
+    shared: Arc<NetShared>,
+    tap: String,
+    tap_dropped_before: u64,
+}
+
+impl NetStatsSource {
+    /// Counters per queue pair.
+    pub fn pairs(&self) -> Vec<StatsSnapshot> {
+        self.shared.stats.iter().map(|s| s.snapshot()).collect()
+    }
+
+    /// Frames for the guest that the tap itself dropped since this NIC was made,
+    /// because its queue was full (the guest posted no rx buffers fast enough); the
+    /// kernel counts them per tap, not per queue. None if the tap is gone.
+    pub fn tap_dropped(&self) -> Option<u64> {
+        tap_tx_dropped(&self.tap).map(|n| n.saturating_sub(self.tap_dropped_before))
+    }
+}
+
+/// The kernel's count of frames the tap dropped on their way out of the host's
+/// network (towards the reader of the tap).
+fn tap_tx_dropped(tap: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/sys/class/net/{tap}/statistics/tx_dropped"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Called with the acknowledged features when the driver sets FEATURES_OK
@@ -178,7 +214,7 @@ impl Net {
             mac: Mutex::new(cfg.mac),
             status: Mutex::new(VIRTIO_NET_S_LINK_UP as u16),
             needs_reset: AtomicBool::new(false),
-            stats: worker::Stats::default(),
+            stats: (0..cfg.pairs()).map(|_| Arc::default()).collect(),
             queues: tap::TapQueues::new(dups, cfg.pairs()),
         });
         Ok(Self {
@@ -205,9 +241,13 @@ impl Net {
         self.acked_features
     }
 
-    /// Counters of the data path (frames, bytes, drops).
-    pub fn stats(&self) -> worker::StatsSnapshot {
-        self.shared.stats.snapshot()
+    /// The data path's counters (frames, bytes, drops), with where they come from.
+    pub fn stats_source(&self) -> NetStatsSource {
+        NetStatsSource {
+            shared: self.shared.clone(),
+            tap: self.cfg.tap.clone(),
+            tap_dropped_before: tap_tx_dropped(&self.cfg.tap).unwrap_or(0),
+        }
     }
 
     /// Ask the guest to announce itself (gratuitous ARP) after a migration.
