@@ -70,19 +70,22 @@ pub fn netns(taps: &[&str]) -> Res<()> {
     for knob in ["all", "default"] {
         let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{knob}/disable_ipv6"), "1");
     }
-    let mut cmds: Vec<Vec<&str>> = vec![vec!["link", "set", "lo", "up"]];
+    ip(&["link", "set", "lo", "up"])?;
     for t in taps {
-        cmds.push(vec!["tuntap", "add", "dev", t, "mode", "tap"]);
-        cmds.push(vec!["link", "set", t, "up"]);
+        ip(&["tuntap", "add", "dev", t, "mode", "tap"])?;
+        ip(&["link", "set", t, "up"])?;
     }
-    for args in &cmds {
-        let st = Command::new("ip")
-            .args(args)
-            .status()
-            .map_err(|e| format!("ip: {e}"))?;
-        if !st.success() {
-            return Err(format!("ip {args:?} failed"));
-        }
+    Ok(())
+}
+
+/// Run `ip` with `args`; its failure is an error.
+pub fn ip(args: &[&str]) -> Res<()> {
+    let st = Command::new("ip")
+        .args(args)
+        .status()
+        .map_err(|e| format!("ip: {e}"))?;
+    if !st.success() {
+        return Err(format!("ip {args:?} failed"));
     }
     Ok(())
 }

@@ -5,6 +5,7 @@
 //! is served by pair 0's worker. Workers exist only while the driver has
 //! the device activated (DRIVER_OK); a reset stops and joins them.
 
+pub mod steering;
 pub mod tap;
 mod worker;
 
@@ -172,6 +173,17 @@ impl Net {
     pub fn new(cfg: NetConfig) -> Result<Self, NetError> {
         cfg.validate()?;
         let taps = tap::open(&cfg.tap, cfg.pairs())?;
+        if cfg.pairs() > 1 {
+            // Without it a TCP stream's frames follow the queue the guest last sent
+            // its ACKs on and arrive out of order (see `steering`); the NIC still
+            // works without it, so a kernel that refuses it costs a warning.
+            if let Err(e) = steering::steer_by_flow(&taps[0]) {
+                tracing::warn!(
+                    tap = %cfg.tap,
+                    "flow steering unavailable, frames of a flow may take any queue: {e}"
+                );
+            }
+        }
         let dups = taps
             .iter()
             .map(File::try_clone)

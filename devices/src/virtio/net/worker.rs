@@ -1303,10 +1303,14 @@ mod tests {
         assert_eq!(used(&mock, 1), (1, 0x1000));
         assert_eq!(used(&mock, 2), (2, (b.len() - 0x1000) as u32));
         let mut got = vec![0u8; b.len()];
-        r.mem.read_slice(&mut got[..a.len()], GuestAddress(BUF)).unwrap();
+        r.mem
+            .read_slice(&mut got[..a.len()], GuestAddress(BUF))
+            .unwrap();
         assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1, "num_buffers");
         assert_eq!(&got[VNET_HDR_LEN..a.len()], &a[VNET_HDR_LEN..]);
-        r.mem.read_slice(&mut got, GuestAddress(BUF + 0x1000)).unwrap();
+        r.mem
+            .read_slice(&mut got, GuestAddress(BUF + 0x1000))
+            .unwrap();
         assert_eq!(u16::from_le_bytes([got[10], got[11]]), 2, "num_buffers");
         assert_eq!(&got[VNET_HDR_LEN..], &b[VNET_HDR_LEN..]);
         // The kernel wrote those pages: they are dirty for migration all the same.
