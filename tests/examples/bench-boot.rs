@@ -251,19 +251,12 @@ fn print_report(r: &Report) {
         let ratio = bench::ratio(t.map(|s| s.0), q.map(|s| s.0));
         println!("{name:<42} {:<24} {:<24} {ratio}", fmt(t), fmt(q));
     }
-    let failed: Vec<&Sample> = r.samples.iter().filter(|s| s.error.is_some()).collect();
-    if !failed.is_empty() {
-        println!();
-        println!("FAILED boots ({}):", failed.len());
-        for s in failed {
-            println!(
-                "  {} run {}: {}",
-                s.vmm,
-                s.run,
-                s.error.as_deref().unwrap_or("")
-            );
-        }
-    }
+    bench::print_failures(
+        "boots",
+        r.samples
+            .iter()
+            .filter_map(|s| Some((s.vmm.as_str(), s.run, s.error.as_deref()?))),
+    );
 }
 
 impl BenchReport for Report {

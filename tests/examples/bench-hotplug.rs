@@ -211,17 +211,7 @@ fn start_peer_ping(secs: u32) -> harness::Result<std::process::Child> {
 fn peer_outage(child: std::process::Child) -> harness::Result<f64> {
     let out = child.wait_with_output().map_err(|e| err!("ping: {e}"))?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let seqs: Vec<u64> = text
-        .lines()
-        .filter_map(|l| {
-            l.split("icmp_seq=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect();
+    let seqs = bench::icmp_seqs(&text);
     let sent: u64 = text
         .lines()
         .find(|l| l.contains("packets transmitted"))
@@ -638,19 +628,12 @@ fn print_report(r: &Report) {
             fmt(q)
         );
     }
-    let failed: Vec<&Sample> = r.samples.iter().filter(|s| s.error.is_some()).collect();
-    if !failed.is_empty() {
-        println!();
-        println!("FAILED runs ({}):", failed.len());
-        for s in failed {
-            println!(
-                "  {} run {}: {}",
-                s.vmm,
-                s.run,
-                s.error.as_deref().unwrap_or("")
-            );
-        }
-    }
+    bench::print_failures(
+        "runs",
+        r.samples
+            .iter()
+            .filter_map(|s| Some((s.vmm.as_str(), s.run, s.error.as_deref()?))),
+    );
 }
 
 impl BenchReport for Report {

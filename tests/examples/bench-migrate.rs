@@ -133,17 +133,7 @@ fn tap(name: &str) -> harness::Result<harness::Tap> {
 
 /// The longest run of unanswered pings in `ping -i 0.01` output (by icmp_seq), in ms.
 fn ping_gap(log: &str) -> Option<f64> {
-    let seqs: Vec<u64> = log
-        .lines()
-        .filter_map(|l| {
-            l.split("icmp_seq=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect();
+    let seqs = bench::icmp_seqs(log);
     let gap = seqs.windows(2).map(|w| w[1].saturating_sub(w[0])).max()?;
     Some(gap.saturating_sub(1) as f64 * 10.0)
 }

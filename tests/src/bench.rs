@@ -324,6 +324,34 @@ pub fn ratio(a: Option<f64>, b: Option<f64>) -> String {
     }
 }
 
+/// The icmp_seq of every reply in `ping`'s output, in order.
+pub fn icmp_seqs(ping_output: &str) -> Vec<u64> {
+    ping_output
+        .lines()
+        .filter_map(|l| {
+            l.split("icmp_seq=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// Prints the runs that failed, `(vmm, run, error)`, under `FAILED {what} (N):`.
+pub fn print_failures<'a>(what: &str, failed: impl IntoIterator<Item = (&'a str, usize, &'a str)>) {
+    let failed: Vec<_> = failed.into_iter().collect();
+    if failed.is_empty() {
+        return;
+    }
+    println!();
+    println!("FAILED {what} ({}):", failed.len());
+    for (vmm, run, error) in failed {
+        println!("  {vmm} run {run}: {error}");
+    }
+}
+
 /// Prints the `Environment` block, labels padded to `width`.
 pub fn print_env(env: &[(String, String)], width: usize) {
     println!();
