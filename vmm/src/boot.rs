@@ -3,7 +3,7 @@
 //! an identity-mapped page table and a flat GDT.
 
 use std::fs::File;
-use std::path::Path;
+use std::io::{Seek, SeekFrom};
 
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
@@ -12,6 +12,7 @@ use linux_loader::loader::{self, KernelLoader, KernelLoaderResult};
 use thiserror::Error;
 use vm_memory::{Address, Bytes, GuestAddress};
 
+use crate::config::BootFiles;
 use crate::layout::*;
 use crate::memory::GuestMemoryMmap;
 
@@ -25,12 +26,14 @@ const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
 
 #[derive(Debug, Error)]
 pub enum BootError {
-    #[error("cannot open the kernel {0}: {1}")]
-    OpenKernel(String, std::io::Error),
+    #[error("no kernel to boot (a migration destination boots what its source sent)")]
+    NoKernel,
+    #[error("cannot read the kernel: {0}")]
+    ReadKernel(std::io::Error),
     #[error("cannot load the kernel: {0}")]
     LoadKernel(loader::Error),
-    #[error("cannot read the initramfs {0}: {1}")]
-    Initramfs(String, std::io::Error),
+    #[error("cannot read the initramfs: {0}")]
+    Initramfs(std::io::Error),
     #[error("the initramfs ({0} bytes) does not fit in guest memory below the kernel's limit")]
     InitramfsTooLarge(u64),
     #[error("the kernel command line is too long or invalid: {0}")]
@@ -51,13 +54,11 @@ fn mem_err(e: impl std::fmt::Display) -> BootError {
 /// boot_params. Returns the 64-bit entry point.
 pub fn load_linux(
     mem: &GuestMemoryMmap,
-    kernel: &Path,
-    initramfs: Option<&Path>,
+    files: &BootFiles,
     cmdline: &str,
     mem_size: u64,
 ) -> Result<EntryPoint, BootError> {
-    let mut f =
-        File::open(kernel).map_err(|e| BootError::OpenKernel(kernel.display().to_string(), e))?;
+    let mut f = from_start(&files.kernel).map_err(BootError::ReadKernel)?;
     let (result, entry) =
         match loader::elf::Elf::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START))) {
             Ok(r) => {
@@ -98,8 +99,8 @@ pub fn load_linux(
     params.hdr.cmdline_size = cmdline.len() as u32 + 1;
     params.acpi_rsdp_addr = RSDP_START;
 
-    if let Some(path) = initramfs {
-        let (addr, size) = load_initramfs(mem, path, &result, &params, mem_size)?;
+    if let Some(file) = &files.initramfs {
+        let (addr, size) = load_initramfs(mem, file, &result, &params, mem_size)?;
         params.hdr.ramdisk_image = addr as u32;
         params.hdr.ramdisk_size = size as u32;
     }
@@ -126,14 +127,13 @@ pub fn load_linux(
 /// the 32-bit hole, page aligned.
 fn load_initramfs(
     mem: &GuestMemoryMmap,
-    path: &Path,
+    file: &File,
     kernel: &KernelLoaderResult,
     params: &boot_params,
     mem_size: u64,
 ) -> Result<(u64, u64), BootError> {
-    let err = |e| BootError::Initramfs(path.display().to_string(), e);
-    let mut f = File::open(path).map_err(err)?;
-    let size = f.metadata().map_err(err)?.len();
+    let mut f = from_start(file).map_err(BootError::Initramfs)?;
+    let size = f.metadata().map_err(BootError::Initramfs)?.len();
     let max = match params.hdr.initrd_addr_max {
         0 => 0x37ff_ffff,
         m => u64::from(m),
@@ -145,13 +145,16 @@ fn load_initramfs(
         .filter(|a| *a >= kernel.kernel_end.max(HIMEM_START))
         .ok_or(BootError::InitramfsTooLarge(size))?;
     mem.read_exact_volatile_from(GuestAddress(addr), &mut f, size as usize)
-        .map_err(|e| {
-            BootError::Initramfs(
-                path.display().to_string(),
-                std::io::Error::other(e.to_string()),
-            )
-        })?;
+        .map_err(|e| BootError::Initramfs(std::io::Error::other(e.to_string())))?;
     Ok((addr, size))
+}
+
+/// A handle on `file` read from its start (it shares the offset with `file`; boots
+/// come one at a time, and the migration thread reads with `pread`).
+fn from_start(file: &File) -> std::io::Result<File> {
+    let mut f = file.try_clone()?;
+    f.seek(SeekFrom::Start(0))?;
+    Ok(f)
 }
 
 /// The e820 map: low RAM, the reserved EBDA/BIOS area (holding the ACPI

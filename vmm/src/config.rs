@@ -71,6 +71,10 @@ pub struct VmConfig {
     pub devices: Vec<DeviceSpec>,
     /// `--incoming URL`: the VM comes from a migration source, not from a kernel.
     pub incoming: Option<IncomingSpec>,
+    /// What `kernel` and `initramfs` held when Tandem started (or what the migration
+    /// source sent); None only on a destination still waiting for its source.
+    #[serde(skip)]
+    pub boot: Option<std::sync::Arc<BootFiles>>,
 }
 
 /// A migration destination's own settings: where it listens and each NIC's tap.
@@ -627,8 +631,30 @@ pub fn parse_api_socket(s: &str) -> Result<PathBuf, ConfigError> {
     })
 }
 
+/// The kernel and initramfs a VM boots from, opened once: every reboot and every
+/// migration uses these same bytes, whatever happens to the files on disk later. A
+/// migrated VM's come with it (the destination keeps them in memory files), so it
+/// can reboot where it landed.
+#[derive(Debug)]
+pub struct BootFiles {
+    pub kernel: std::fs::File,
+    pub initramfs: Option<std::fs::File>,
+}
+
+impl BootFiles {
+    pub fn open(
+        kernel: &std::path::Path,
+        initramfs: Option<&std::path::Path>,
+    ) -> Result<Self, ConfigError> {
+        Ok(Self {
+            kernel: open_kernel(kernel)?,
+            initramfs: initramfs.map(open_initramfs).transpose()?,
+        })
+    }
+}
+
 /// The kernel must be a readable bzImage ("HdrS" at 0x202) or ELF64 file.
-pub fn check_kernel(path: &std::path::Path) -> Result<(), ConfigError> {
+pub fn open_kernel(path: &std::path::Path) -> Result<std::fs::File, ConfigError> {
     use std::io::Read;
     let err = |reason: String| ConfigError::Kernel {
         path: path.display().to_string(),
@@ -641,7 +667,7 @@ pub fn check_kernel(path: &std::path::Path) -> Result<(), ConfigError> {
     let is_elf = head.starts_with(b"\x7fELF") && head.get(4) == Some(&2);
     let is_bzimage = head.get(0x202..0x206) == Some(b"HdrS");
     if is_elf || is_bzimage {
-        Ok(())
+        Ok(f)
     } else {
         Err(err(
             "not a Linux kernel (neither a bzImage nor a 64-bit ELF)".into(),
@@ -649,7 +675,7 @@ pub fn check_kernel(path: &std::path::Path) -> Result<(), ConfigError> {
     }
 }
 
-pub fn check_initramfs(path: &std::path::Path) -> Result<(), ConfigError> {
+pub fn open_initramfs(path: &std::path::Path) -> Result<std::fs::File, ConfigError> {
     let err = |reason: String| ConfigError::Initramfs {
         path: path.display().to_string(),
         reason,
@@ -659,7 +685,7 @@ pub fn check_initramfs(path: &std::path::Path) -> Result<(), ConfigError> {
     if len == 0 {
         return Err(err("the file is empty".into()));
     }
-    Ok(())
+    Ok(f)
 }
 
 /// Physical RAM of this host.
@@ -865,14 +891,14 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("notakernel");
         std::fs::write(&p, b"hello").unwrap();
-        assert!(matches!(check_kernel(&p), Err(ConfigError::Kernel { .. })));
-        assert!(check_kernel(&dir.join("missing")).is_err());
+        assert!(matches!(open_kernel(&p), Err(ConfigError::Kernel { .. })));
+        assert!(open_kernel(&dir.join("missing")).is_err());
         let mut elf = vec![0u8; 64];
         elf[..5].copy_from_slice(b"\x7fELF\x02");
         std::fs::write(&p, &elf).unwrap();
-        assert!(check_kernel(&p).is_ok());
+        assert!(open_kernel(&p).is_ok());
         std::fs::write(&p, b"").unwrap();
-        assert!(check_initramfs(&p).is_err());
+        assert!(open_initramfs(&p).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

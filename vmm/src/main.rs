@@ -197,13 +197,11 @@ fn build_config(a: RunArgs) -> Result<VmConfig, ConfigError> {
                 url: url.clone(),
                 nets,
             }),
+            boot: None,
         });
     }
     let kernel = a.kernel.unwrap_or_default();
-    config::check_kernel(&kernel)?;
-    if let Some(i) = &a.initramfs {
-        config::check_initramfs(i)?;
-    }
+    let boot = config::BootFiles::open(&kernel, a.initramfs.as_deref())?;
     if a.cmdline.contains('\0') {
         return Err(ConfigError::Cmdline("contains a NUL byte".into()));
     }
@@ -239,6 +237,7 @@ fn build_config(a: RunArgs) -> Result<VmConfig, ConfigError> {
         initramfs: a.initramfs,
         cmdline: a.cmdline,
         incoming: None,
+        boot: Some(std::sync::Arc::new(boot)),
     })
 }
 

@@ -3,8 +3,9 @@
 //!
 //! ```text
 //! source                                   destination (tandem run --incoming URL)
-//!   Hello {version, memory, vCPUs, NICs, CPUID} ->
+//!   Hello {version, memory, vCPUs, NICs, CPUID, boot files} ->
 //!                                          <- Accept | Refuse {reason}   (checked before any memory)
+//!   Boot (the kernel, then the initramfs) ->  (so the guest can reboot there)
 //!   Pages (all RAM), then Pages (dirty) per round ... ->
 //!   [guest paused] Pages (last dirty) ->
 //!   State {vCPUs, irqchip, PIT, clock, devices} ->
@@ -14,15 +15,18 @@
 //!   source exits 0
 //! ```
 //! Every message is a frame: one kind byte, a little-endian u64 length, the body.
-//! Bodies are JSON, except Pages: (u64 guest address, u64 length, bytes)* runs.
+//! Bodies are JSON, except Pages: (u64 guest address, u64 length, bytes)* runs, and
+//! Boot: one byte naming the file (0 the kernel, 1 the initramfs), then its next bytes.
 //! Anything malformed, too long or out of order ends the migration with an error.
 //!
 //! Until the source has sent Go, it owns the guest: any failure (the destination
 //! refused or died, the connection broke, a cancel, the timeout) resumes the guest on
 //! the source. The destination runs the guest only on Go.
 
+use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::fs::FileExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
@@ -36,9 +40,12 @@ use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
+use crate::config::BootFiles;
 use crate::memory::GuestMemoryMmap;
 
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
+/// Largest kernel or initramfs a destination takes.
+const MAX_BOOT_FILE: u64 = 2 << 30;
 const PAGE: u64 = 4096;
 /// Largest frame: a JSON state (vCPU XSAVE areas included) or a run of pages.
 const MAX_FRAME: u64 = 64 << 20;
@@ -62,13 +69,14 @@ enum Kind {
     Abort = 9,
     /// The source is done with memory rounds (the next frame is State).
     MemoryDone = 10,
+    Boot = 11,
 }
 
 impl Kind {
     fn from_u8(v: u8) -> Option<Self> {
         use Kind::*;
         [
-            Hello, Accept, Refuse, Pages, State, Ready, Go, Running, Abort, MemoryDone,
+            Hello, Accept, Refuse, Pages, State, Ready, Go, Running, Abort, MemoryDone, Boot,
         ]
         .into_iter()
         .find(|k| *k as u8 == v)
@@ -280,6 +288,26 @@ pub struct Hello {
     pub vcpus: u8,
     pub nets: Vec<(NetConfig, Option<usize>)>,
     pub cpuid: Vec<kvm_cpuid_entry2>,
+    /// What the guest reboots from: the source's paths (for `vm.info`), sizes and
+    /// command line. The bytes follow the Accept.
+    pub kernel: BootFileInfo,
+    pub initramfs: Option<BootFileInfo>,
+    pub cmdline: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BootFileInfo {
+    pub path: String,
+    pub bytes: u64,
+}
+
+impl BootFileInfo {
+    pub fn of(path: &std::path::Path, file: &File) -> io::Result<Self> {
+        Ok(Self {
+            path: path.display().to_string(),
+            bytes: file.metadata()?.len(),
+        })
+    }
 }
 
 /// The source's settings.
@@ -327,6 +355,7 @@ pub struct Source {
     pub mem: GuestMemoryMmap,
     pub vm_fd: Arc<VmFd>,
     pub hello: Hello,
+    pub boot: Arc<BootFiles>,
     pub cancel: Arc<AtomicBool>,
     pub to_loop: Sender<ToLoop>,
     pub wake: vmm_sys_util::eventfd::EventFd,
@@ -454,6 +483,34 @@ impl Source {
         Ok((sent, pages))
     }
 
+    /// The kernel and initramfs, as the Hello announced them.
+    fn send_boot_files(&self, s: &mut dyn Stream) -> io::Result<()> {
+        let files = [
+            (0u8, Some(&self.boot.kernel), Some(&self.hello.kernel)),
+            (
+                1,
+                self.boot.initramfs.as_ref(),
+                self.hello.initramfs.as_ref(),
+            ),
+        ];
+        let mut buf = vec![0u8; CHUNK as usize + 1];
+        for (which, file, info) in files {
+            let (Some(file), Some(info)) = (file, info) else {
+                continue;
+            };
+            let mut at = 0u64;
+            while at < info.bytes {
+                let want = (info.bytes - at).min(CHUNK) as usize;
+                buf[0] = which;
+                file.read_exact_at(&mut buf[1..=want], at)
+                    .map_err(|e| io::Error::new(e.kind(), format!("reading {}: {e}", info.path)))?;
+                write_frame(s, Kind::Boot, &buf[..=want])?;
+                at += want as u64;
+            }
+        }
+        Ok(())
+    }
+
     fn throttle(&self, sent: u64, since: Instant) {
         if self.params.bandwidth_mbps == 0 {
             return;
@@ -502,6 +559,7 @@ impl Source {
         s.set_timeout(Some(Duration::from_secs(30)))?;
         write_json(s, Kind::Hello, &self.hello)?;
         expect(s, Kind::Accept)?;
+        self.send_boot_files(s)?;
 
         // Round 0: everything. The logs are cleared first, so what is dirtied while
         // it goes is what round 1 sends.
@@ -610,6 +668,7 @@ pub struct Incoming {
     pub conn: Box<dyn Stream>,
     pub mem: GuestMemoryMmap,
     pub state: Vec<u8>,
+    pub boot: BootFiles,
 }
 
 pub fn receive(
@@ -641,6 +700,17 @@ pub fn receive(
             ),
         ));
     }
+    for f in std::iter::once(&hello.kernel).chain(&hello.initramfs) {
+        if f.bytes == 0 || f.bytes > MAX_BOOT_FILE {
+            return Err(refuse(
+                s,
+                format!(
+                    "boot file {}: {} bytes (1 to {MAX_BOOT_FILE} taken)",
+                    f.path, f.bytes
+                ),
+            ));
+        }
+    }
     if let Err(e) = check(&hello) {
         return Err(refuse(s, e));
     }
@@ -649,6 +719,13 @@ pub fn receive(
         Err(e) => return Err(refuse(s, e)),
     };
     write_frame(s, Kind::Accept, &[])?;
+    let boot = BootFiles {
+        kernel: receive_boot_file(s, 0, &hello.kernel)?,
+        initramfs: match &hello.initramfs {
+            Some(info) => Some(receive_boot_file(s, 1, info)?),
+            None => None,
+        },
+    };
     let mut pages = 0u64;
     loop {
         let (kind, body) = read_frame(s)?;
@@ -667,7 +744,46 @@ pub fn receive(
     }
     tracing::info!("migration: received {pages} pages");
     let state = expect(s, Kind::State)?;
-    Ok(Incoming { conn, mem, state })
+    Ok(Incoming {
+        conn,
+        mem,
+        state,
+        boot,
+    })
+}
+
+/// Boot file `which`, `info.bytes` long, into a memory file of its own.
+fn receive_boot_file(s: &mut dyn Stream, which: u8, info: &BootFileInfo) -> io::Result<File> {
+    let name = if which == 0 {
+        c"tandem-kernel"
+    } else {
+        c"tandem-initramfs"
+    };
+    // SAFETY: memfd_create with a NUL-terminated name and flags only.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: memfd_create just returned this descriptor; nothing else owns it.
+    let mut file = unsafe { File::from_raw_fd(fd) };
+    let mut got = 0u64;
+    while got < info.bytes {
+        let body = expect(s, Kind::Boot)?;
+        let (Some(&w), Some(data)) = (body.first(), body.get(1..)) else {
+            return Err(proto("an empty boot frame"));
+        };
+        if w != which || data.is_empty() || got + data.len() as u64 > info.bytes {
+            return Err(proto(format!(
+                "a boot frame for file {w} with {} bytes; expected file {which}, {} bytes to go",
+                data.len(),
+                info.bytes - got
+            )));
+        }
+        file.write_all(data)
+            .map_err(|e| io::Error::new(e.kind(), format!("keeping {}: {e}", info.path)))?;
+        got += data.len() as u64;
+    }
+    Ok(file)
 }
 
 /// Copy one Pages frame into guest memory; every run must lie inside RAM.
@@ -724,6 +840,8 @@ pub fn refuse(conn: &mut dyn Stream, reason: &str) {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use std::io::Seek;
+
     use super::*;
 
     #[test]
@@ -790,6 +908,37 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("truncated"));
+    }
+
+    #[test]
+    fn boot_files_arrive_whole_or_not_at_all() {
+        let info = BootFileInfo {
+            path: "/boot/vmlinuz".into(),
+            bytes: 5,
+        };
+        let (mut a, mut b) = pair();
+        write_frame(a.as_mut(), Kind::Boot, b"\x00abc").unwrap();
+        write_frame(a.as_mut(), Kind::Boot, b"\x00de").unwrap();
+        let mut f = receive_boot_file(b.as_mut(), 0, &info).unwrap();
+        let mut got = String::new();
+        f.seek(std::io::SeekFrom::Start(0)).unwrap();
+        f.read_to_string(&mut got).unwrap();
+        assert_eq!(got, "abcde");
+        // The initramfs where the kernel was due, more than announced, nothing at all.
+        for (body, want) in [
+            (&b"\x01abc"[..], "expected file 0"),
+            (&b"\x00abcdef"[..], "5 bytes to go"),
+            (&b""[..], "empty boot frame"),
+        ] {
+            write_frame(a.as_mut(), Kind::Boot, body).unwrap();
+            let e = receive_boot_file(b.as_mut(), 0, &info).unwrap_err();
+            assert!(e.to_string().contains(want), "{e}");
+        }
+        // A source that gives up midway is heard.
+        write_frame(a.as_mut(), Kind::Boot, b"\x00ab").unwrap();
+        refuse(a.as_mut(), "cancelled");
+        let e = receive_boot_file(b.as_mut(), 0, &info).unwrap_err();
+        assert!(e.to_string().contains("cancelled"), "{e}");
     }
 
     #[test]

@@ -269,13 +269,8 @@ impl Vm {
             reason: e.to_string(),
         })?;
         let mut m = Machine::new(kvm_handle, cfg, &mem, serial, events)?;
-        let entry = boot::load_linux(
-            &mem,
-            &cfg.kernel,
-            cfg.initramfs.as_deref(),
-            &cfg.cmdline,
-            cfg.memory_bytes,
-        )?;
+        let files = cfg.boot.as_deref().ok_or(BootError::NoKernel)?;
+        let entry = boot::load_linux(&mem, files, &cfg.cmdline, cfg.memory_bytes)?;
         boot::write_boot_tables(&mem)?;
         let (mmio64_start, mmio64_size) = mmio64_window(cfg.memory_bytes);
         let layout = AcpiLayout {

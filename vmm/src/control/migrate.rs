@@ -1,0 +1,324 @@
+//! Live migration as the control loop sees it: starting a send and following the
+//! migration thread's news (freeze, save, thaw on failure), and taking a VM in with
+//! `--incoming`. The copying itself is in [`crate::migration`].
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::channel;
+use std::sync::Arc;
+
+use api::events::EventKind;
+use api::{ApiError, ApiResponse};
+
+use super::{netdev_exists, Outgoing, Vmm, VmmError};
+use crate::config;
+use crate::failover::Failover;
+use crate::migration;
+use crate::vm::Vm;
+
+impl Vmm {
+    /// `vm.send-migration`: check the VM can go, then hand the copying to a thread.
+    pub(super) fn send_migration(&mut self, vm: &mut Vm, body: &serde_json::Value) -> ApiResponse {
+        if self.migration.is_some() {
+            return Err(ApiError::conflict("a migration is under way already"));
+        }
+        let params: migration::SendParams = serde_json::from_value(body.clone())
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let url = migration::Url::parse(&params.url).map_err(ApiError::bad_request)?;
+        if params.downtime_ms == 0 || params.timeout_s == 0 {
+            return Err(ApiError::bad_request(
+                "downtime_ms and timeout_s must be at least 1",
+            ));
+        }
+        let passthrough = vm.devices().passthrough_ids();
+        if !passthrough.is_empty() || !self.cfg.devices.is_empty() {
+            return Err(ApiError::conflict(format!(
+                "the VM has passthrough devices ({}): a passthrough device cannot migrate; remove it first",
+                passthrough
+                    .into_iter()
+                    .chain(self.cfg.devices.iter().map(|d| d.id.clone()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        if !self.pending.is_empty() {
+            return Err(ApiError::conflict(
+                "a device removal is waiting for the guest: migrate once it is done",
+            ));
+        }
+        let boot = self.cfg.boot.clone().ok_or_else(|| {
+            ApiError::internal("the VM has no boot files to send (a bug: it runs)")
+        })?;
+        let info = |path: &std::path::Path, f: &std::fs::File| {
+            migration::BootFileInfo::of(path, f)
+                .map_err(|e| ApiError::internal(format!("{}: {e}", path.display())))
+        };
+        let kernel = info(&self.cfg.kernel, &boot.kernel)?;
+        let initramfs = match (&self.cfg.initramfs, &boot.initramfs) {
+            (Some(p), Some(f)) => Some(info(p, f)?),
+            _ => None,
+        };
+        vm.log_dirty_pages(true)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let (tx, rx) = channel();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let wake = self
+            .migration_evt
+            .try_clone()
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let source = migration::Source {
+            url,
+            mem: vm.memory().clone(),
+            vm_fd: vm.vm_fd().clone(),
+            hello: migration::Hello {
+                version: migration::PROTOCOL_VERSION,
+                memory_bytes: self.cfg.memory_bytes,
+                vcpus: self.cfg.vcpus,
+                nets: self
+                    .cfg
+                    .nets
+                    .iter()
+                    .map(|n| (n.net.clone(), n.slot))
+                    .collect(),
+                cpuid: vm.cpuid().to_vec(),
+                kernel,
+                initramfs,
+                cmdline: self.cfg.cmdline.clone(),
+            },
+            boot,
+            cancel: cancel.clone(),
+            to_loop: tx,
+            wake,
+            params: params.clone(),
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("migration".into())
+            .spawn(move || source.run())
+        {
+            let _ = vm.log_dirty_pages(false);
+            return Err(ApiError::internal(format!(
+                "cannot start the migration thread: {e}"
+            )));
+        }
+        tracing::info!("migration to {} started", params.url);
+        self.hub.publish(
+            None,
+            EventKind::MigrationStarted {
+                url: params.url.clone(),
+            },
+        );
+        self.migration = Some(Outgoing {
+            cancel,
+            rx,
+            frozen: None,
+        });
+        Ok(serde_json::json!({ "url": params.url }))
+    }
+
+    pub(super) fn cancel_migration(&self, why: &str) {
+        if let Some(m) = &self.migration {
+            tracing::warn!("migration cancelled: {why}");
+            m.cancel.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// News from the migration thread; true once the destination runs the guest.
+    pub(super) fn handle_migration(&mut self, vm: &mut Vm) -> bool {
+        let Some(m) = self.migration.as_mut() else {
+            return false;
+        };
+        let msgs: Vec<_> = m.rx.try_iter().collect();
+        for msg in msgs {
+            match msg {
+                migration::ToLoop::Progress(p) => {
+                    tracing::info!(
+                        "migration round {}: {} pages left, {} Mbit/s",
+                        p.round,
+                        p.pages_left,
+                        p.rate_mbps
+                    );
+                    self.hub.publish(None, EventKind::MigrationProgress(p));
+                }
+                migration::ToLoop::Paused { round, pages_left } => {
+                    self.hub
+                        .publish(None, EventKind::MigrationPaused { round, pages_left });
+                }
+                migration::ToLoop::Freeze(reply) => {
+                    let answer = match vm.freeze() {
+                        Ok(was_paused) => {
+                            if let Some(m) = self.migration.as_mut() {
+                                m.frozen = Some(was_paused);
+                            }
+                            vm.save(&self.kvm, was_paused)
+                                .map_err(|e| e.to_string())
+                                .and_then(|st| serde_json::to_vec(&st).map_err(|e| e.to_string()))
+                        }
+                        Err(e) => Err(e.to_string()),
+                    };
+                    let _ = reply.send(answer);
+                }
+                migration::ToLoop::Completed(p) => {
+                    tracing::info!(
+                        "migration completed in {} ms, downtime {} ms",
+                        p.elapsed_ms,
+                        p.downtime_ms.unwrap_or(0)
+                    );
+                    self.hub.publish(None, EventKind::MigrationCompleted(p));
+                    self.migration = None;
+                    return true;
+                }
+                migration::ToLoop::Failed(reason) => {
+                    let frozen = self.migration.take().and_then(|m| m.frozen);
+                    let mut guest = "runs on here".to_string();
+                    if let Some(was_paused) = frozen {
+                        if let Err(e) = vm.thaw(was_paused) {
+                            guest = format!("could not be restarted here: {e}");
+                            self.events.fatal(format!("after a failed migration: {e}"));
+                        } else if was_paused {
+                            guest = "stays paused here, as it was".into();
+                        }
+                    }
+                    if let Err(e) = vm.log_dirty_pages(false) {
+                        tracing::warn!("cannot turn dirty logging off: {e}");
+                    }
+                    tracing::error!("migration failed: {reason}; the guest {guest}");
+                    self.hub
+                        .publish(None, EventKind::MigrationFailed { reason, guest });
+                    return false;
+                }
+            }
+        }
+        false
+    }
+
+    /// `--incoming`: take the VM a source sends, run it once the source says so.
+    pub(super) fn receive_migration(&mut self, inc: &config::IncomingSpec) -> Result<Vm, VmmError> {
+        let url = migration::Url::parse(&inc.url).map_err(VmmError::Guest)?;
+        let kvm = &self.kvm;
+        let mut nets = Vec::new();
+        let mut shape = (0u64, 0u8);
+        let mut booted_from = None;
+        let incoming = migration::receive(
+            &url,
+            self.signals.as_raw_fd(),
+            |hello| {
+                for given in &inc.nets {
+                    if !hello.nets.iter().any(|(n, _)| n.id == given.id) {
+                        return Err(format!(
+                            "--net {}: the source has no NIC with this id (it has: {})",
+                            given.id,
+                            hello
+                                .nets
+                                .iter()
+                                .map(|(n, _)| n.id.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ));
+                    }
+                }
+                for (net, slot) in &hello.nets {
+                    let given = inc.nets.iter().find(|g| g.id == net.id).ok_or_else(|| {
+                        format!(
+                            "the source has NIC {} and the destination names no tap for it (--net id={},tap=NAME)",
+                            net.id, net.id
+                        )
+                    })?;
+                    let spec = config::NetSpec {
+                        net: net.clone(),
+                        slot: *slot,
+                    };
+                    let here = config::merge_incoming_net(&spec, given)?;
+                    if !netdev_exists(&here.net.tap) {
+                        return Err(format!(
+                            "--net {}: tap {} does not exist on the destination",
+                            here.net.id, here.net.tap
+                        ));
+                    }
+                    nets.push(here);
+                }
+                let missing = crate::vmstate::missing_features(kvm, &hello.cpuid)?;
+                if !missing.is_empty() {
+                    return Err(format!(
+                        "this host cannot give the guest the CPU features it has: {}",
+                        missing.join(", ")
+                    ));
+                }
+                if hello.vcpus == 0 {
+                    return Err("a VM without vCPUs".into());
+                }
+                shape = (hello.memory_bytes, hello.vcpus);
+                booted_from = Some((
+                    hello.kernel.path.clone(),
+                    hello.initramfs.as_ref().map(|i| i.path.clone()),
+                    hello.cmdline.clone(),
+                ));
+                Ok(())
+            },
+            |bytes| {
+                if bytes < 64 << 20 || bytes > config::host_memory_bytes() {
+                    return Err(format!(
+                        "{} MiB of guest memory (this host has {} MiB)",
+                        bytes >> 20,
+                        config::host_memory_bytes() >> 20
+                    ));
+                }
+                crate::memory::create(bytes)
+                    .map_err(|e| format!("cannot allocate {} MiB: {e}", bytes >> 20))
+            },
+        )
+        .map_err(|e| VmmError::Guest(format!("incoming migration: {e}")))?;
+        let migration::Incoming {
+            mut conn,
+            mem,
+            state,
+            boot,
+        } = incoming;
+        // A reboot here boots what the source booted: the source's paths are only
+        // shown by vm.info, the bytes came with the migration.
+        if let Some((kernel, initramfs, cmdline)) = booted_from {
+            self.cfg.kernel = kernel.into();
+            self.cfg.initramfs = initramfs.map(Into::into);
+            self.cfg.cmdline = cmdline;
+        }
+        self.cfg.boot = Some(Arc::new(boot));
+        self.cfg.memory_bytes = shape.0;
+        self.cfg.vcpus = shape.1;
+        self.cfg.nets = nets;
+        // The standbys came with the VM: a primary can pair with them here (the guest's
+        // STANDBY ack reaches the machine as the restored NICs report their status).
+        self.failover = Failover::new(&mut self.cfg).map_err(|e| VmmError::Guest(e.to_string()))?;
+        let fail = |conn: &mut Box<dyn migration::Stream>, e: String| {
+            migration::refuse(conn.as_mut(), &e);
+            VmmError::Guest(format!("incoming migration: {e}"))
+        };
+        let state: crate::vm::VmState = match serde_json::from_slice(&state) {
+            Ok(s) => s,
+            Err(e) => return Err(fail(&mut conn, format!("bad VM state: {e}"))),
+        };
+        let paused = state.paused;
+        let mut vm = match Vm::restore(&self.kvm, &self.cfg, mem, state, &self.serial, &self.events)
+        {
+            Ok(vm) => vm,
+            Err(e) => return Err(fail(&mut conn, e.to_string())),
+        };
+        migration::ready_and_wait_go(conn.as_mut()).map_err(|e| {
+            VmmError::Guest(format!(
+                "incoming migration: {e}; the source keeps the guest"
+            ))
+        })?;
+        vm.thaw(paused)?;
+        migration::confirm_running(conn.as_mut());
+        vm.announce_moved();
+        self.boots += 1;
+        tracing::info!("the migrated guest runs here");
+        self.hub.publish(
+            None,
+            if paused {
+                EventKind::VmPaused
+            } else {
+                EventKind::VmResumed
+            },
+        );
+        Ok(vm)
+    }
+}
