@@ -440,16 +440,21 @@ fn measure_setup(s: &Setup, cx: &Ctx, rows: &mut Vec<Row>, env: &mut Vec<(String
         runs: if unit == "ms" { 1 } else { args.reps as usize },
         ..Row::default()
     };
-    // Row order: ping, the iperf3 runs, CPU per GB of each iperf3 run.
+    // Row order: ping, the iperf3 runs, CPU per GB of each iperf3 run, the sender's
+    // TCP retransmits of each (frames lost or reordered on the way).
     const PING: usize = 0;
     const TPUT: usize = 1;
     const CPU: usize = 1 + IPERF_RUNS.len();
+    const RETR: usize = 1 + 2 * IPERF_RUNS.len();
     let mut all: Vec<Row> = vec![row("ping avg rtt (20 x 0.05 s, idle)", "ms")];
     for (m, _) in IPERF_RUNS {
         all.push(row(m, "Mbit/s"));
     }
     for (m, _) in IPERF_RUNS {
         all.push(row(&format!("VMM CPU per GB, {}", &m[4..]), "s/GB"));
+    }
+    for (m, _) in IPERF_RUNS {
+        all.push(row(&format!("TCP retransmits, {}", &m[4..]), "retr"));
     }
     let label = format!("{} {}", s.vmm, s.config);
     let file = |what: &str| dirs.logs.join(format!("{}-{}-{what}", s.vmm, s.config));
@@ -515,6 +520,12 @@ fn measure_setup(s: &Setup, cx: &Ctx, rows: &mut Vec<Row>, env: &mut Vec<(String
                     let (bps, bytes, retr) =
                         parse_iperf(&json).map_err(|e| err!("{e} ({})", out.stdout.trim()))?;
                     let gb = bytes / 1e9;
+                    match retr {
+                        Some(r) => all[RETR + i].values.push(r as f64),
+                        None => all[RETR + i]
+                            .errors
+                            .push(format!("rep {rep}: iperf3 gave no retransmit count")),
+                    }
                     let (cpu, guest_cpu) = (c1 - c0, g1 - g0);
                     all[TPUT + i].values.push(bps / 1e6);
                     all[TPUT + i].notes.push(format!(
@@ -551,9 +562,9 @@ fn measure_setup(s: &Setup, cx: &Ctx, rows: &mut Vec<Row>, env: &mut Vec<(String
                     }
                     eprintln!("bench-net: {label}: iperf3 {extra}: FAILED: {msg}");
                     all[TPUT + i].errors.push(msg);
-                    all[CPU + i]
-                        .errors
-                        .push(format!("rep {rep}: iperf3 run failed"));
+                    for r in [CPU + i, RETR + i] {
+                        all[r].errors.push(format!("rep {rep}: iperf3 run failed"));
+                    }
                     if agent_lost {
                         return Err(e);
                     }
@@ -714,6 +725,7 @@ fn print_report(r: &Report) {
             let unit = t.or(q).map(|x| x.unit.as_str()).unwrap_or("");
             let prec = match unit {
                 "ms" => 2,
+                "retr" => 0,
                 _ => 1,
             };
             let cell = |x: Option<&Row>| match x {
@@ -734,7 +746,12 @@ fn print_report(r: &Report) {
                 None => "-".into(),
             };
             let med = |x: Option<&Row>| x.and_then(|x| bench::stats(&x.values)).map(|s| s.0);
-            let ratio = bench::ratio(med(t), med(q));
+            // A ratio of counts that are mostly zero says nothing.
+            let ratio = if unit == "retr" {
+                "-".to_string()
+            } else {
+                bench::ratio(med(t), med(q))
+            };
             println!("{m:<40} {:>30} {:>30} {ratio:>11}", cell(t), cell(q));
         }
     }
