@@ -102,6 +102,8 @@ pub(crate) struct NetShared {
     pub queues: tap::TapQueues,
 }
 
+#[cfg(feature = "fuzz")]
+pub use worker::fuzz;
 pub use worker::StatsSnapshot;
 
 /// Reads a NIC's counters without its lock (the API's vm.info reads them while a
