@@ -104,25 +104,27 @@ pub const OPENAPI: &str = include_str!("openapi.json");
 #[derive(Debug, PartialEq, Eq)]
 pub enum RouteError {
     NotFound,
-    MethodNotAllowed,
+    /// The path takes only `allow` (the 405 answer names it in `Allow`).
+    MethodNotAllowed {
+        allow: Method,
+    },
 }
 
 impl Endpoint {
     pub fn route(method: &str, path: &str) -> Result<Endpoint, RouteError> {
         let name = path.strip_prefix(API_PREFIX).ok_or(RouteError::NotFound)?;
-        let mut found = false;
+        let mut found = None;
         for (m, p, e, _) in ENDPOINTS {
             if *p == name {
-                found = true;
+                found = Some(*m);
                 if m.as_str() == method {
                     return Ok(*e);
                 }
             }
         }
-        Err(if found {
-            RouteError::MethodNotAllowed
-        } else {
-            RouteError::NotFound
+        Err(match found {
+            Some(allow) => RouteError::MethodNotAllowed { allow },
+            None => RouteError::NotFound,
         })
     }
 
@@ -438,7 +440,7 @@ mod tests {
         );
         assert_eq!(
             Endpoint::route("GET", "/api/v1/vm.pause"),
-            Err(RouteError::MethodNotAllowed)
+            Err(RouteError::MethodNotAllowed { allow: Method::Put })
         );
         assert_eq!(
             Endpoint::route("GET", "/api/v1/nope"),

@@ -219,11 +219,20 @@ async fn handle(
         Err(RouteError::NotFound) => {
             return error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}"))
         }
-        Err(RouteError::MethodNotAllowed) => {
-            return error(
+        Err(RouteError::MethodNotAllowed { allow }) => {
+            let mut r = error(
                 StatusCode::METHOD_NOT_ALLOWED,
-                format!("{method} is not allowed on {path}"),
-            )
+                format!(
+                    "{method} is not allowed on {path} (only {})",
+                    allow.as_str()
+                ),
+            );
+            // RFC 9110: a 405 names the methods the resource takes.
+            r.headers_mut().insert(
+                hyper::header::ALLOW,
+                hyper::header::HeaderValue::from_static(allow.as_str()),
+            );
+            return r;
         }
     };
     if endpoint == Endpoint::Events {
@@ -509,6 +518,17 @@ mod tests {
         let r = request(&sock, "PUT", "/api/v1/vm.pause", Some("{not json")).unwrap();
         assert_eq!(r.status, 400);
         assert!(r.body.contains("not valid JSON"));
+        // A 405 names the method the path takes.
+        let mut s = UnixStream::connect(&sock).unwrap();
+        s.write_all(b"TRACE /api/v1/vm.pause HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        assert!(out.starts_with("HTTP/1.1 405"), "{out}");
+        assert!(
+            out.to_ascii_lowercase().contains("\r\nallow: put\r\n"),
+            "{out}"
+        );
         // Garbage that is not HTTP at all.
         let mut s = UnixStream::connect(&sock).unwrap();
         s.write_all(b"\x00\x01garbage\r\n\r\n").unwrap();
