@@ -201,8 +201,9 @@ harness::guest_test_kernels!(fn tandem_failover_pair_primary_carries_traffic(env
     let i = info(&vm)?;
     assert_eq!(i["pairs"][0]["state"], "hidden", "{}", i["pairs"]);
     wait_guest(&mut agent, "! ls /sys/bus/pci/drivers/e1000e/ | grep -q 0000:", 10)?;
-    agent.run_ok("for v in /sys/bus/virtio/devices/*; do [ -e $v/driver ] || echo ${v##*/} > /sys/bus/virtio/drivers/virtio_net/bind; done; true")?;
+    // Counted before the bind: the plug may come before the agent's answer does.
     let n = events.all().iter().filter(|e| e["type"] == "primary-plugged").count();
+    agent.run_ok("for v in /sys/bus/virtio/devices/*; do [ -e $v/driver ] || echo ${v##*/} > /sys/bus/virtio/drivers/virtio_net/bind; done; true")?;
     let t0 = std::time::Instant::now();
     while events.all().iter().filter(|e| e["type"] == "primary-plugged").count() <= n {
         assert!(t0.elapsed() < Duration::from_secs(30), "the primary came back after the rebind");
