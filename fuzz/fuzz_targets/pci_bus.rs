@@ -156,43 +156,26 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         let off = u64::from(u32::from_le_bytes([a0, a1, a2, 0]));
         let mut buf = [0u8; 8];
         let buf = &mut buf[..len];
+        // Ops 0-5: a read (even) or a write (odd) to port I/O, ECAM or the BAR window.
+        let access = match op % 8 {
+            0 | 1 => Some((&pio, CONFIG_IO_PORT + off % CONFIG_IO_LEN)),
+            2 | 3 => Some((&mmio, ECAM + off % ECAM_BUS0_SIZE)),
+            4 | 5 => Some((&mmio, WINDOW + off % WINDOW_LEN)),
+            _ => None,
+        };
+        if let Some((bus, at)) = access {
+            if op % 2 == 0 {
+                bus.read(at, buf);
+            } else {
+                let Some(v) = ops.take::<4>() else { return };
+                buf.iter_mut()
+                    .zip(v.iter().cycle())
+                    .for_each(|(b, v)| *b = *v);
+                bus.write(at, buf);
+            }
+            continue;
+        }
         match op % 8 {
-            0 | 1 => {
-                let port = CONFIG_IO_PORT + off % CONFIG_IO_LEN;
-                if op % 8 == 0 {
-                    pio.read(port, buf);
-                } else {
-                    let Some(v) = ops.take::<4>() else { return };
-                    buf.iter_mut()
-                        .zip(v.iter().cycle())
-                        .for_each(|(b, v)| *b = *v);
-                    pio.write(port, buf);
-                }
-            }
-            2 | 3 => {
-                let at = ECAM + off % ECAM_BUS0_SIZE;
-                if op % 8 == 2 {
-                    mmio.read(at, buf);
-                } else {
-                    let Some(v) = ops.take::<4>() else { return };
-                    buf.iter_mut()
-                        .zip(v.iter().cycle())
-                        .for_each(|(b, v)| *b = *v);
-                    mmio.write(at, buf);
-                }
-            }
-            4 | 5 => {
-                let at = WINDOW + off % WINDOW_LEN;
-                if op % 8 == 4 {
-                    mmio.read(at, buf);
-                } else {
-                    let Some(v) = ops.take::<4>() else { return };
-                    buf.iter_mut()
-                        .zip(v.iter().cycle())
-                        .for_each(|(b, v)| *b = *v);
-                    mmio.write(at, buf);
-                }
-            }
             6 => {
                 // A migration: the state goes into a freshly built device.
                 let saved = {
