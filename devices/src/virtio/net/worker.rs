@@ -115,7 +115,11 @@ enum Direct {
     Runt,
     /// The tap has nothing now.
     Empty,
-    /// Too few or unusual buffers: the copying path takes the next frame.
+    /// The frame filled every buffer taken and its tail waits in `rx_frame` for more
+    /// (the copying path finishes it).
+    Partial,
+    /// No buffer, or an unusual one first in line: the copying path takes the next
+    /// frame.
     Short,
     /// The tap read failed.
     Failed(io::Error),
@@ -461,7 +465,7 @@ impl PairWorker {
                     }
                     Direct::Runt => continue,
                     Direct::Empty => break,
-                    Direct::Short => {}
+                    Direct::Short | Direct::Partial => {}
                     Direct::Failed(e) => match self.tap_failed(e) {
                         Some(r) => return r,
                         None => break,
@@ -557,19 +561,20 @@ impl PairWorker {
     }
 
     /// Read one frame from the tap straight into the guest's rx buffers: the one
-    /// copy is the kernel's. The chains are taken ahead (kept as spares from frame
-    /// to frame) until they can hold the largest frame the tap can hand over, since
+    /// copy is the kernel's. Chains are taken ahead (kept as spares from frame to
+    /// frame) until they could hold the largest frame the tap can hand over, since
     /// its size is known only once it is read; the frame takes as many as it fills.
-    /// [`Direct::Short`] when the ring has too few buffers for that, or a chain this
-    /// path does not take (the spares go back first): the copying path deals with it.
+    /// With fewer on the ring, the read goes into those and then into `rx_frame`:
+    /// a frame that overflows them leaves only its tail to copy, into chains the
+    /// driver posts next ([`Direct::Partial`]). [`Direct::Short`] when not one
+    /// chain is there or the first in line is one this path does not take.
     fn rx_direct(&mut self) -> Result<Direct, QueueBroken> {
         let Some((_, queue, _)) = self.q.rx.as_mut() else {
             return Ok(Direct::Empty);
         };
         while self.rx_spare_cap < MAX_FRAME {
             let Some(chain) = queue.pop_descriptor_chain(&self.mem) else {
-                self.return_spares();
-                return Ok(Direct::Short);
+                break;
             };
             match Spare::of(&self.mem, chain) {
                 Some(sp) => {
@@ -577,11 +582,14 @@ impl PairWorker {
                     self.rx_spare.push_back(sp);
                 }
                 None => {
+                    // It stays first in line; the copying path takes it.
                     queue.set_next_avail(queue.next_avail().wrapping_sub(1));
-                    self.return_spares();
-                    return Ok(Direct::Short);
+                    break;
                 }
             }
+        }
+        if self.rx_spare.is_empty() {
+            return Ok(Direct::Short);
         }
         let iov = &mut self.rx_iov.0;
         iov.clear();
@@ -598,10 +606,20 @@ impl PairWorker {
                 break;
             }
         }
-        // SAFETY: every iovec is a piece of a writable rx buffer the driver handed
-        // over, translated into this process by `Spare::of` inside a mapping of
-        // guest memory that `self.mem` keeps alive; the kernel writes at most
-        // `iov_len` bytes into each.
+        if cap < MAX_FRAME {
+            // The rest of the largest frame lands in rx_frame, at the offset it has
+            // in the frame.
+            let tail = &mut self.rx_frame[cap..MAX_FRAME];
+            iov.push(libc::iovec {
+                iov_base: tail.as_mut_ptr().cast(),
+                iov_len: tail.len(),
+            });
+        }
+        // SAFETY: every iovec but a tail is a piece of a writable rx buffer the
+        // driver handed over, translated into this process by `Spare::of` inside a
+        // mapping of guest memory that `self.mem` keeps alive; a tail is inside
+        // `self.rx_frame`, which nothing else borrows during the call. The kernel
+        // writes at most `iov_len` bytes into each.
         let r = unsafe { libc::readv(self.tap.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
         if r < 0 {
             let e = io::Error::last_os_error();
@@ -615,6 +633,25 @@ impl PairWorker {
         if n <= VNET_HDR_LEN {
             return Ok(Direct::Runt);
         }
+        let Some(first) = self.rx_spare.front() else {
+            return Ok(Direct::Empty);
+        };
+        let hdr = first.hdr;
+        if n > cap {
+            // Every spare is full; the copying path puts the tail into the chains
+            // the driver posts next, then writes num_buffers into the header.
+            let mut heads = std::mem::take(&mut self.rx_heads);
+            for sp in self.rx_spare.drain(..) {
+                sp.mark_dirty(&self.mem, sp.cap);
+                heads.push((sp.head, sp.cap as u32));
+            }
+            self.rx_heads = heads;
+            self.rx_spare_cap = 0;
+            self.rx_hdr_at = Some(hdr);
+            self.rx_len = n;
+            self.rx_off = cap;
+            return Ok(Direct::Partial);
+        }
         // How many chains the frame filled; the first holds the header.
         let mut left = n;
         let mut used = 0usize;
@@ -625,11 +662,8 @@ impl PairWorker {
                 break;
             }
         }
-        let Some(first) = self.rx_spare.front() else {
-            return Ok(Direct::Empty);
-        };
         self.mem
-            .write_obj((used as u16).to_le(), first.hdr.unchecked_add(10))
+            .write_obj((used as u16).to_le(), hdr.unchecked_add(10))
             .map_err(|e| QueueBroken(format!("{e}")))?;
         let Some((_, queue, _)) = self.q.rx.as_mut() else {
             return Ok(Direct::Empty);
@@ -1337,13 +1371,15 @@ mod tests {
             .unwrap();
         let mut w = worker(&r, tap, Some(mock.create_queue().unwrap()), None, true);
         w.q.rx.as_mut().unwrap().1.set_event_idx(true);
-        rx_frame(&r, 1000);
+        let f = rx_frame(&r, 1000);
         w.process_rx().unwrap();
         assert_eq!(
             used_idx(&mock),
             0,
             "nothing used while the frame does not fit"
         );
+        // The tap was read straight into the one buffer; only the tail waits.
+        assert_eq!((w.rx_off, w.rx_len), (600, f.len()));
         // avail_event (after the used ring's 16 entries) must equal the
         // guest's avail index, or posting one more buffer does not kick us:
         // the rx stall bench-net found.
@@ -1356,7 +1392,18 @@ mod tests {
             .unwrap();
         w.process_rx().unwrap();
         assert_eq!(used_idx(&mock), 2);
-        assert_eq!(used(&mock, 0).0, 0, "the first buffer is used first");
+        assert_eq!(used(&mock, 0), (0, 600), "the first buffer is used first");
+        assert_eq!(used(&mock, 1), (1, (f.len() - 600) as u32));
+        let mut got = vec![0u8; 600];
+        r.mem.read_slice(&mut got, GuestAddress(BUF)).unwrap();
+        assert_eq!(u16::from_le_bytes([got[10], got[11]]), 2, "num_buffers");
+        assert_eq!(&got[VNET_HDR_LEN..], &f[VNET_HDR_LEN..600]);
+        let mut rest = vec![0u8; f.len() - 600];
+        r.mem
+            .read_slice(&mut rest, GuestAddress(BUF + 0x1000))
+            .unwrap();
+        assert_eq!(&rest[..], &f[600..]);
+        assert_eq!(w.stats.snapshot().rx_frames, 1);
     }
 
     #[test]
