@@ -436,19 +436,21 @@ harness::guest_test!(fn tandem_vfio_bad_input(env) {
         }
         (devices.to_string(), i["pairs"].to_string())
     };
-    for (spec, want) in [
-        ("id=x,path=0000:00:1e.7".to_string(), "no such PCI device"),
-        (format!("id=x,path={host_bound}"), "not vfio-pci"),
-        (format!("id=x,path={}", a.bdf), "already passed through as vf0"),
-        (format!("id=x,path={},failover=net0", b.bdf), "already has the primary vf0"),
-        (format!("id=x,path={},failover=zz", b.bdf), "no NIC with that id"),
-        (format!("id=x,path={},slot=3", b.bdf), "slot 3 is already used by net0"),
-        (format!("id=vf0,path={}", b.bdf), "duplicate id"),
-        ("id=x,path=".to_string(), "empty"),
-        ("id=x,bogus=1".to_string(), "unknown key 'bogus'"),
+    // Something named that does not exist is 404, a clash with what is there 409, a
+    // request wrong in itself 400.
+    for (spec, status, want) in [
+        ("id=x,path=0000:00:1e.7".to_string(), "404", "no such PCI device"),
+        (format!("id=x,path={host_bound}"), "409", "not vfio-pci"),
+        (format!("id=x,path={}", a.bdf), "409", "already passed through as vf0"),
+        (format!("id=x,path={},failover=net0", b.bdf), "409", "already has the primary vf0"),
+        (format!("id=x,path={},failover=zz", b.bdf), "404", "no NIC with that id"),
+        (format!("id=x,path={},slot=3", b.bdf), "409", "slot 3 is already used by net0"),
+        (format!("id=vf0,path={}", b.bdf), "409", "duplicate id"),
+        ("id=x,path=".to_string(), "400", "empty"),
+        ("id=x,bogus=1".to_string(), "400", "unknown key 'bogus'"),
     ] {
         let e = vm.remote_args(&["add-device", &spec]).err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(e.contains("400") && e.contains(want), "add-device {spec}: {e}");
+        assert!(e.contains(&format!("(HTTP {status})")) && e.contains(want), "add-device {spec}: want {status}: {e}");
         assert_eq!(fields(&info(&vm)?), fields(&before), "add-device {spec} changed nothing");
     }
     // The second NIC passed through as a plain device at runtime, then removed.

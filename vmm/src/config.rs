@@ -47,6 +47,59 @@ pub enum ConfigError {
     Net(String),
     #[error("--device {0}")]
     Device(String),
+    /// A request that is well formed but names something that does not exist, or
+    /// clashes with what the VM or the host has: the API answers 404 or 409 (see
+    /// [`ConfigError::http_status`]), not 400.
+    #[error("--{opt} {msg}")]
+    Refused {
+        opt: &'static str,
+        msg: String,
+        fault: Fault,
+    },
+}
+
+/// Why a well-formed `--net` or `--device` was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// It names something that does not exist (a PCI function, a NIC).
+    Missing,
+    /// It clashes with what is there: an id, slot, tap or MAC in use, a function bound
+    /// to another driver.
+    Conflict,
+}
+
+impl ConfigError {
+    fn missing(opt: &'static str, msg: String) -> Self {
+        Self::Refused {
+            opt,
+            msg,
+            fault: Fault::Missing,
+        }
+    }
+
+    fn conflict(opt: &'static str, msg: String) -> Self {
+        Self::Refused {
+            opt,
+            msg,
+            fault: Fault::Conflict,
+        }
+    }
+
+    /// The status the API answers with: 404 for something named that does not exist,
+    /// 409 for a clash with what is there, 400 for a request that is wrong in itself.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            Self::Refused {
+                fault: Fault::Missing,
+                ..
+            } => 404,
+            Self::Refused {
+                fault: Fault::Conflict,
+                ..
+            } => 409,
+            _ => 400,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -349,10 +402,15 @@ pub fn parse_device(s: &str, index: usize) -> Result<DeviceSpec, ConfigError> {
 /// The host side of `--device`: the function exists, is bound to vfio-pci, and
 /// nothing else in its IOMMU group is held by a host driver.
 pub fn check_vfio_host(d: &DeviceSpec) -> Result<(), ConfigError> {
-    let bad = |what: String| ConfigError::Device(format!("{}: {}: {what}", d.id, d.path.display()));
+    let msg = |what: String| format!("{}: {}: {what}", d.id, d.path.display());
     if !d.path.join("config").exists() {
-        return Err(bad("no such PCI device (see /sys/bus/pci/devices)".into()));
+        return Err(ConfigError::missing(
+            "device",
+            msg("no such PCI device (see /sys/bus/pci/devices)".into()),
+        ));
     }
+    // The function exists; what is wrong from here on is the host's state.
+    let bad = |what: String| ConfigError::conflict("device", msg(what));
     let driver = |p: &std::path::Path| {
         std::fs::read_link(p.join("driver"))
             .ok()
@@ -427,7 +485,7 @@ pub fn primary_mac_note(d: &DeviceSpec, nets: &[NetSpec]) -> Option<String> {
 /// Checks across NICs and passthrough devices: ids unique, slots distinct, each
 /// `failover=` names a standby NIC that has no other primary.
 pub fn check_devices(nets: &[NetSpec], devs: &[DeviceSpec]) -> Result<(), ConfigError> {
-    let bad = ConfigError::Device;
+    let bad = |m: String| ConfigError::conflict("device", m);
     for (i, d) in devs.iter().enumerate() {
         if nets.iter().any(|n| n.net.id == d.id) || devs[..i].iter().any(|o| o.id == d.id) {
             return Err(bad(format!("{}: duplicate id", d.id)));
@@ -460,7 +518,10 @@ pub fn check_devices(nets: &[NetSpec], devs: &[DeviceSpec]) -> Result<(), Config
         }
         if let Some(f) = &d.failover {
             let Some(n) = nets.iter().find(|n| &n.net.id == f) else {
-                return Err(bad(format!("{}: failover={f}: no NIC with that id", d.id)));
+                return Err(ConfigError::missing(
+                    "device",
+                    format!("{}: failover={f}: no NIC with that id", d.id),
+                ));
             };
             if !n.net.standby {
                 return Err(bad(format!(
@@ -494,29 +555,38 @@ pub fn check_nets(nets: &[NetSpec]) -> Result<(), ConfigError> {
         for b in &nets[..i] {
             let (x, y) = (&a.net, &b.net);
             if x.id == y.id {
-                return Err(ConfigError::Net(format!("{}: duplicate id", x.id)));
+                return Err(ConfigError::conflict(
+                    "net",
+                    format!("{}: duplicate id", x.id),
+                ));
             }
             if x.tap == y.tap {
-                return Err(ConfigError::Net(format!(
-                    "{}: tap {} is already used by {}",
-                    x.id, x.tap, y.id
-                )));
+                return Err(ConfigError::conflict(
+                    "net",
+                    format!("{}: tap {} is already used by {}", x.id, x.tap, y.id),
+                ));
             }
             if x.mac == y.mac {
-                return Err(ConfigError::Net(format!(
-                    "{}: MAC {} is already used by {} (only a failover pair may share a MAC)",
-                    x.id,
-                    format_mac(&x.mac),
-                    y.id
-                )));
+                return Err(ConfigError::conflict(
+                    "net",
+                    format!(
+                        "{}: MAC {} is already used by {} (only a failover pair may share a MAC)",
+                        x.id,
+                        format_mac(&x.mac),
+                        y.id
+                    ),
+                ));
             }
             if a.slot.is_some() && a.slot == b.slot {
-                return Err(ConfigError::Net(format!(
-                    "{}: slot {} is already used by {}",
-                    x.id,
-                    a.slot.unwrap_or(0),
-                    y.id
-                )));
+                return Err(ConfigError::conflict(
+                    "net",
+                    format!(
+                        "{}: slot {} is already used by {}",
+                        x.id,
+                        a.slot.unwrap_or(0),
+                        y.id
+                    ),
+                ));
             }
         }
     }

@@ -36,6 +36,54 @@ use crate::failover::Failover;
 use crate::migration;
 use crate::vm::{Vm, VmError};
 
+/// A refused `--net` or `--device` as the API's answer (see
+/// [`config::ConfigError::http_status`]).
+fn refused(e: config::ConfigError) -> ApiError {
+    ApiError {
+        status: e.http_status(),
+        message: e.to_string(),
+    }
+}
+
+/// A device the VM could not add, as the API's answer: a tap or PCI function that does
+/// not exist is 404; one in use, in the wrong mode, or no room left is 409; KVM or the
+/// host failing is 500; anything else is the request's own fault (400).
+fn add_failed(e: VmError) -> ApiError {
+    use crate::device_manager::DeviceError;
+    use devices::pci::PciRootError;
+    use devices::virtio::net::{NetError, TapError};
+    let status = match &e {
+        VmError::Device(d) => match d {
+            DeviceError::Net { source, .. } => match source {
+                NetError::Tap(TapError::Missing(_)) => 404,
+                NetError::Tap(
+                    TapError::Busy(_) | TapError::NotTap(_) | TapError::NotMultiQueue { .. },
+                ) => 409,
+                NetError::Tap(TapError::Io { .. }) => 500,
+                _ => 400,
+            },
+            DeviceError::Slot { source, .. } => match source {
+                PciRootError::SlotBusy(_) | PciRootError::Full => 409,
+                PciRootError::BadSlot(_) | PciRootError::SlotEmpty(_) => 400,
+                PciRootError::MapBar { .. } => 500,
+            },
+            DeviceError::NoSuchDevice(_) => 404,
+            DeviceError::DuplicateId(_)
+            | DeviceError::NoBarSpace { .. }
+            | DeviceError::Vfio { .. } => 409,
+            DeviceError::Io { .. } | DeviceError::Restore { .. } => 500,
+        },
+        VmError::Kvm { .. } | VmError::EventFd(_) | VmError::Thread(_) | VmError::Memory { .. } => {
+            500
+        }
+        _ => 400,
+    };
+    ApiError {
+        status,
+        message: e.to_string(),
+    }
+}
+
 mod migrate;
 
 #[derive(Debug, Error)]
@@ -683,13 +731,11 @@ impl Vmm {
         while self.cfg.nets.iter().any(|s| s.net.id == format!("net{n}")) {
             n += 1;
         }
-        let spec = config::parse_net(&kv, n).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let spec = config::parse_net(&kv, n).map_err(refused)?;
         let mut all = self.cfg.nets.clone();
         all.push(spec.clone());
-        config::check_nets(&all).map_err(|e| ApiError::bad_request(e.to_string()))?;
-        let slot = vm
-            .hot_add_net(&spec)
-            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        config::check_nets(&all).map_err(refused)?;
+        let slot = vm.hot_add_net(&spec).map_err(add_failed)?;
         tracing::info!("device {} hot-added in slot {slot}", spec.net.id);
         self.hub.publish(
             Some(&spec.net.id),
@@ -843,18 +889,16 @@ impl Vmm {
         while self.cfg.devices.iter().any(|d| d.id == format!("dev{n}")) {
             n += 1;
         }
-        let mut spec =
-            config::parse_device(&kv, n).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let mut spec = config::parse_device(&kv, n).map_err(refused)?;
         let mut all = self.cfg.devices.clone();
         all.push(spec.clone());
-        config::check_devices(&self.cfg.nets, &all)
-            .map_err(|e| ApiError::bad_request(e.to_string()))?;
-        config::check_vfio_host(&spec).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        config::check_devices(&self.cfg.nets, &all).map_err(refused)?;
+        config::check_vfio_host(&spec).map_err(refused)?;
         let slot = match &spec.failover {
             Some(standby) => {
                 let slot = match spec.slot {
                     Some(s) if vm.devices().id_in(s).is_some() => {
-                        return Err(ApiError::bad_request(format!(
+                        return Err(ApiError::conflict(format!(
                             "--device {}: slot {s} is already used by {}",
                             spec.id,
                             vm.devices().id_in(s).unwrap_or("?")
@@ -864,14 +908,14 @@ impl Vmm {
                     None => vm
                         .devices()
                         .last_free_slot()
-                        .ok_or_else(|| ApiError::bad_request("no free PCI slot"))?,
+                        .ok_or_else(|| ApiError::conflict("no free PCI slot"))?,
                 };
                 spec.slot = Some(slot);
                 let actions = self
                     .failover
                     .machine
                     .add_primary(standby, &spec.id, slot as u8)
-                    .map_err(|e| ApiError::bad_request(format!("--device {}: {e}", spec.id)))?;
+                    .map_err(|e| ApiError::conflict(format!("--device {}: {e}", spec.id)))?;
                 vm.reserve_slot(slot);
                 if let Some(note) = config::primary_mac_note(&spec, &self.cfg.nets) {
                     tracing::info!("{note}");
@@ -885,9 +929,7 @@ impl Vmm {
                 slot
             }
             None => {
-                let slot = vm
-                    .hot_add_vfio(&spec)
-                    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+                let slot = vm.hot_add_vfio(&spec).map_err(add_failed)?;
                 self.hub.publish(
                     Some(&spec.id),
                     EventKind::DeviceAdded {

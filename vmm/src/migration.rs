@@ -324,6 +324,41 @@ pub struct SendParams {
     pub timeout_s: u64,
 }
 
+impl SendParams {
+    /// Longest pause asked for: a minute is already no live migration.
+    pub const MAX_DOWNTIME_MS: u64 = 60_000;
+    /// Longest a migration may run: a day.
+    pub const MAX_TIMEOUT_S: u64 = 86_400;
+    /// Highest cap on the send rate: 10 Tbit/s.
+    pub const MAX_BANDWIDTH_MBPS: u64 = 10_000_000;
+
+    /// The limits `openapi.json` states.
+    pub fn check(&self) -> Result<(), String> {
+        if !(1..=Self::MAX_DOWNTIME_MS).contains(&self.downtime_ms) {
+            return Err(format!(
+                "downtime_ms={}: from 1 to {}",
+                self.downtime_ms,
+                Self::MAX_DOWNTIME_MS
+            ));
+        }
+        if !(1..=Self::MAX_TIMEOUT_S).contains(&self.timeout_s) {
+            return Err(format!(
+                "timeout_s={}: from 1 to {}",
+                self.timeout_s,
+                Self::MAX_TIMEOUT_S
+            ));
+        }
+        if self.bandwidth_mbps > Self::MAX_BANDWIDTH_MBPS {
+            return Err(format!(
+                "bandwidth_mbps={}: at most {} (0: no cap)",
+                self.bandwidth_mbps,
+                Self::MAX_BANDWIDTH_MBPS
+            ));
+        }
+        Ok(())
+    }
+}
+
 fn default_downtime() -> u64 {
     300
 }
@@ -860,6 +895,23 @@ mod tests {
             "",
         ] {
             assert!(Url::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// The limits openapi.json states, and the defaults within them.
+    #[test]
+    fn send_params_limits() {
+        let p = |v: serde_json::Value| serde_json::from_value::<SendParams>(v).unwrap().check();
+        assert!(p(serde_json::json!({"url": "unix:/x"})).is_ok());
+        assert!(p(serde_json::json!({"url": "unix:/x", "downtime_ms": 60000, "timeout_s": 86400, "bandwidth_mbps": 10000000})).is_ok());
+        for bad in [
+            serde_json::json!({"url": "unix:/x", "downtime_ms": 0}),
+            serde_json::json!({"url": "unix:/x", "downtime_ms": 60001}),
+            serde_json::json!({"url": "unix:/x", "timeout_s": 0}),
+            serde_json::json!({"url": "unix:/x", "timeout_s": 86401}),
+            serde_json::json!({"url": "unix:/x", "bandwidth_mbps": 10000001u64}),
+        ] {
+            assert!(p(bad.clone()).is_err(), "{bad}");
         }
     }
 

@@ -1075,16 +1075,17 @@ fn hotplug_api_without_guest_cooperation() {
             "tap=NAME is required",
         ),
         (r#"{"tap": "ht1", "mac": "zz"}"#, 400, "MAC"),
+        // Something named that does not exist: 404; a clash with what is there: 409.
         (
             r#"{"tap": "nosuch0", "mac": "52:54:00:00:01:09"}"#,
-            400,
+            404,
             "nosuch0",
         ),
-        (r#"{"tap": "ht0", "mac": "52:54:00:00:01:09"}"#, 400, "ht0"),
-        (r#"{"tap": "ht1", "mac": "52:54:00:00:01:01"}"#, 400, "MAC"),
+        (r#"{"tap": "ht0", "mac": "52:54:00:00:01:09"}"#, 409, "ht0"),
+        (r#"{"tap": "ht1", "mac": "52:54:00:00:01:01"}"#, 409, "MAC"),
         (
             r#"{"id": "boot0", "tap": "ht1", "mac": "52:54:00:00:01:09"}"#,
-            400,
+            409,
             "duplicate id",
         ),
         (

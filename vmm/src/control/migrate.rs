@@ -25,11 +25,7 @@ impl Vmm {
         let params: migration::SendParams = serde_json::from_value(body.clone())
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
         let url = migration::Url::parse(&params.url).map_err(ApiError::bad_request)?;
-        if params.downtime_ms == 0 || params.timeout_s == 0 {
-            return Err(ApiError::bad_request(
-                "downtime_ms and timeout_s must be at least 1",
-            ));
-        }
+        params.check().map_err(ApiError::bad_request)?;
         let passthrough = vm.devices().passthrough_ids();
         if !passthrough.is_empty() || !self.cfg.devices.is_empty() {
             return Err(ApiError::conflict(format!(
