@@ -57,7 +57,7 @@ pub const MAX_ROUNDS: u32 = 30;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
-enum Kind {
+pub(crate) enum Kind {
     Hello = 1,
     Accept = 2,
     Refuse = 3,
@@ -217,7 +217,7 @@ fn proto(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
-fn write_frame(w: &mut dyn Stream, kind: Kind, body: &[u8]) -> io::Result<()> {
+pub(crate) fn write_frame(w: &mut dyn Stream, kind: Kind, body: &[u8]) -> io::Result<()> {
     let mut head = [0u8; 9];
     head[0] = kind as u8;
     head[1..].copy_from_slice(&(body.len() as u64).to_le_bytes());
@@ -225,7 +225,7 @@ fn write_frame(w: &mut dyn Stream, kind: Kind, body: &[u8]) -> io::Result<()> {
     w.write_all(body)
 }
 
-fn write_json<T: Serialize>(w: &mut dyn Stream, kind: Kind, v: &T) -> io::Result<()> {
+pub(crate) fn write_json<T: Serialize>(w: &mut dyn Stream, kind: Kind, v: &T) -> io::Result<()> {
     let body = serde_json::to_vec(v).map_err(|e| proto(e.to_string()))?;
     write_frame(w, kind, &body)
 }
@@ -712,7 +712,16 @@ pub fn receive(
     check: impl FnOnce(&Hello) -> Result<(), String>,
     make_mem: impl FnOnce(u64) -> Result<GuestMemoryMmap, String>,
 ) -> io::Result<Incoming> {
-    let mut conn = accept(url, stop)?;
+    receive_on(accept(url, stop)?, check, make_mem)
+}
+
+/// [`receive`] on a connection already made: everything the stream says is checked
+/// here (the `fuzz` target `migration_stream` feeds it any bytes).
+pub fn receive_on(
+    mut conn: Box<dyn Stream>,
+    check: impl FnOnce(&Hello) -> Result<(), String>,
+    make_mem: impl FnOnce(u64) -> Result<GuestMemoryMmap, String>,
+) -> io::Result<Incoming> {
     let s = conn.as_mut();
     s.set_timeout(Some(Duration::from_secs(60)))?;
     let hello: Hello = parse("hello", &expect(s, Kind::Hello)?)?;

@@ -1,0 +1,224 @@
+//! The destination's side of a live migration, fed any bytes as the stream from the
+//! source: the Hello and its checks, the boot files, the memory rounds (page runs
+//! anywhere, of any length), the state. A corrupt, truncated or out-of-order stream must
+//! be refused with an error, never a panic, a hang, or a write outside guest memory.
+//!
+//! Half the inputs are raw bytes; the other half start with a Hello and boot files the
+//! source's own frame writer makes (so the fuzzer gets past them) and go on with frames
+//! built from the input: page runs at made-up addresses and lengths, MemoryDone, State,
+//! Abort, any kind with any body, and raw bytes. A stream that is taken must hand back
+//! the memory and boot files its Hello announced.
+//!
+//! `migration.rs` lives in the `tandem` binary (no library target): it is compiled in
+//! here from its source file, with `config.rs` for the boot files.
+#![no_main]
+#![allow(dead_code)]
+
+use std::io::{self, Cursor, Read, Write};
+
+#[path = "../../vmm/src/config.rs"]
+mod config;
+mod memory {
+    pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+}
+#[path = "../../vmm/src/migration.rs"]
+mod migration;
+
+use migration::{BootFileInfo, Hello, Kind, Stream, PROTOCOL_VERSION};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+
+/// The source's side: bytes to read; whatever the destination answers is dropped.
+struct Feed(Cursor<Vec<u8>>);
+impl Read for Feed {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+impl Write for Feed {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+impl Stream for Feed {
+    fn set_timeout(&self, _: Option<std::time::Duration>) -> io::Result<()> {
+        Ok(())
+    }
+    fn shutdown(&self) {}
+}
+
+/// Frames written into a buffer with the source's own writer.
+struct Out(Vec<u8>);
+impl Read for Out {
+    fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+        Ok(0)
+    }
+}
+impl Write for Out {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+impl Stream for Out {
+    fn set_timeout(&self, _: Option<std::time::Duration>) -> io::Result<()> {
+        Ok(())
+    }
+    fn shutdown(&self) {}
+}
+
+const KINDS: [Kind; 11] = [
+    Kind::Hello,
+    Kind::Accept,
+    Kind::Refuse,
+    Kind::Pages,
+    Kind::State,
+    Kind::Ready,
+    Kind::Go,
+    Kind::Running,
+    Kind::Abort,
+    Kind::MemoryDone,
+    Kind::Boot,
+];
+
+struct Ops<'a>(&'a [u8]);
+impl Ops<'_> {
+    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let (a, b) = self.0.split_first_chunk::<N>()?;
+        self.0 = b;
+        Some(*a)
+    }
+    fn bytes(&mut self, n: usize) -> &[u8] {
+        let (a, b) = self.0.split_at(n.min(self.0.len()));
+        self.0 = b;
+        a
+    }
+}
+
+/// A stream that starts as a source would; returns it with what its Hello announced.
+fn structured(ops: &mut Ops) -> Option<(Vec<u8>, u64, u64)> {
+    let [mem_pages, kernel_len, cut] = ops.take::<3>()?;
+    // Up to 1 MiB of guest memory, pages or not; a kernel of 1 to 256 bytes.
+    let memory_bytes = u64::from(mem_pages) * 4096 + u64::from(cut & 1) * 100;
+    let kernel_bytes = u64::from(kernel_len) + 1;
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        memory_bytes,
+        vcpus: 1,
+        nets: Vec::new(),
+        cpuid: Vec::new(),
+        kernel: BootFileInfo {
+            path: "/boot/vmlinuz".into(),
+            bytes: kernel_bytes,
+        },
+        initramfs: None,
+        cmdline: "console=ttyS0".into(),
+    };
+    let mut out = Out(Vec::new());
+    migration::write_json(&mut out, Kind::Hello, &hello).ok()?;
+    // The kernel in one or two frames.
+    let first = if cut & 2 != 0 {
+        kernel_bytes / 2
+    } else {
+        kernel_bytes
+    };
+    for n in [first, kernel_bytes - first].into_iter().filter(|n| *n > 0) {
+        let mut body = vec![0u8];
+        body.resize(1 + n as usize, 0xcc);
+        migration::write_frame(&mut out, Kind::Boot, &body).ok()?;
+    }
+    while let Some([op, a, b, c]) = ops.take::<4>() {
+        match op % 6 {
+            0 => {
+                // Page runs: page-aligned or not, inside RAM or not, data or short.
+                let mut body = Vec::new();
+                for _ in 0..=(a % 4) {
+                    let gpa = u64::from(b) * 4096 + u64::from(c & 0x80) * 8;
+                    let len = u64::from(c % 4) * 4096 + u64::from(a & 0x80) / 8;
+                    body.extend_from_slice(&gpa.to_le_bytes());
+                    body.extend_from_slice(&len.to_le_bytes());
+                    body.resize(body.len() + len as usize - usize::from(a & 0x40 != 0), 0x5a);
+                }
+                migration::write_frame(&mut out, Kind::Pages, &body).ok()?;
+            }
+            1 => migration::write_frame(&mut out, Kind::MemoryDone, &[]).ok()?,
+            2 => {
+                let body = ops.bytes(usize::from(a)).to_vec();
+                migration::write_frame(&mut out, Kind::State, &body).ok()?
+            }
+            3 => {
+                let body = ops.bytes(usize::from(a)).to_vec();
+                let kind = KINDS[usize::from(b) % KINDS.len()];
+                migration::write_frame(&mut out, kind, &body).ok()?
+            }
+            4 => migration::write_json(
+                &mut out,
+                Kind::Abort,
+                &serde_json::json!({ "reason": "the fuzzer" }),
+            )
+            .ok()?,
+            _ => {
+                let raw = ops.bytes(usize::from(a)).to_vec();
+                out.0.extend_from_slice(&raw);
+            }
+        }
+    }
+    Some((out.0, memory_bytes, kernel_bytes))
+}
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let mut ops = Ops(rest);
+    let (stream, announced) = if mode % 2 == 0 {
+        (rest.to_vec(), None)
+    } else {
+        match structured(&mut ops) {
+            Some((s, m, k)) => (s, Some((m, k))),
+            None => return,
+        }
+    };
+    let made = std::cell::Cell::new(0u64);
+    let result = migration::receive_on(
+        Box::new(Feed(Cursor::new(stream))),
+        |_| Ok(()),
+        |bytes| {
+            // No more than the structured streams ask for: a made-up Hello must not
+            // make the fuzzer allocate gigabytes.
+            if bytes == 0 || bytes > 1 << 20 {
+                return Err(format!("{bytes} bytes of memory"));
+            }
+            made.set(bytes);
+            memory::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), bytes as usize)])
+                .map_err(|e| e.to_string())
+        },
+    );
+    if let Ok(incoming) = result {
+        let size: u64 = incoming
+            .mem
+            .iter()
+            .map(vm_memory::GuestMemoryRegion::len)
+            .sum();
+        assert_eq!(size, made.get(), "memory as the Hello announced");
+        let kernel = incoming
+            .boot
+            .kernel
+            .metadata()
+            .map(|m| m.len())
+            .unwrap_or(0);
+        if let Some((m, k)) = announced {
+            assert_eq!(
+                (made.get(), kernel),
+                (m, k),
+                "a taken stream's memory and kernel"
+            );
+        }
+        assert!(kernel > 0, "a taken stream has a kernel");
+    }
+});
