@@ -150,18 +150,28 @@ fn testhost_survives_broken_jobs() {
     // A job that passes but strands L1's uplink in a namespace that a process outside
     // the job's namespace keeps alive: its result stands, and the
     // next job, which needs the uplink for its bridge, gets a fresh L1.
+    // The job waits until that process is in `stray`: until then it is still in the
+    // job's namespace, where the harness kills every process when the job ends, and
+    // nothing else keeps `stray` alive (its /run/netns mount is made in the job's own
+    // mount namespace, which `ip netns exec` keeps from propagating back). Without the
+    // wait the uplink sometimes came back and the NO-UPLINK line never came (a CI
+    // rehearsal on 2026-12-06).
     let o = testhost::run_shared(
         "strands-uplink",
         &sh(
             "u=$(ip -o link show master br0 | awk -F': ' '$2 != \"br0\" {print $2; exit}'); \
              ip netns add stray && ip link set \"${u%@*}\" netns stray && echo stranded-$u; \
-             ip netns exec stray sleep 600 </dev/null >/dev/null 2>&1 &",
+             ip netns exec stray sleep 600 </dev/null >/dev/null 2>&1 & \
+             i=0; while [ -z \"$(ip netns pids stray)\" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; \
+             [ -n \"$(ip netns pids stray)\" ] && echo kept-alive",
         ),
     )
     .expect("a job that strands the uplink still reports");
     assert_eq!(o.status, 0, "{}", o.output);
     assert!(
-        o.output.contains("stranded-") && o.output.contains("TANDEM-L1-NO-UPLINK"),
+        o.output.contains("stranded-")
+            && o.output.contains("kept-alive")
+            && o.output.contains("TANDEM-L1-NO-UPLINK"),
         "{}",
         o.output
     );
