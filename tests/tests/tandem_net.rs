@@ -490,7 +490,13 @@ harness::guest_test_kernels!(fn tandem_live_migration_round_trips(env) {
         .stdout(std::fs::File::create(&ping_log).map_err(|e| err!("{e}"))?)
         .spawn()
         .map_err(|e| err!("ping: {e}"))?;
-    let round_trips = 10;
+    // At least 10 round trips in one test (issue 11), on Debian 12's kernel; 6.12 checks
+    // the same with 3, which keeps CI under 30 minutes (each round trip costs about 14 s
+    // in the test host).
+    let round_trips = match env.kernel {
+        harness::GuestKernel::Stable => 10,
+        harness::GuestKernel::Backports => 3,
+    };
     let mut downtimes = Vec::new();
     for i in 1..=2 * round_trips {
         let here = i % 2;
