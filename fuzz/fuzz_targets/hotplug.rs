@@ -14,14 +14,8 @@ use devices::pci::hotplug::{PciHotplug, DOWN_OFFSET, EJECT_OFFSET, HOTPLUG_BASE,
 use devices::snapshot::{Saved, Snapshot};
 use vmm_sys_util::eventfd::EventFd;
 
-struct Ops<'a>(&'a [u8]);
-impl Ops<'_> {
-    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
-        let (a, b) = self.0.split_first_chunk::<N>()?;
-        self.0 = b;
-        Some(*a)
-    }
-}
+mod ops;
+use ops::Ops;
 
 fn controller() -> (PciHotplug, EventFd) {
     // The setup never fails: a target that quietly did nothing would find nothing.
@@ -112,9 +106,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
             }
             _ => {
                 // A corrupt stream: made-up JSON for a fresh controller's state.
-                let n = usize::from(b).min(ops.0.len());
-                let (json, rest) = ops.0.split_at(n);
-                ops.0 = rest;
+                let json = ops.bytes(usize::from(b));
                 if let Ok(saved) = serde_json::from_slice::<Saved>(json) {
                     let (mut fresh, fresh_irq) = controller();
                     if devices::snapshot::restore(&mut fresh, saved).is_ok() {

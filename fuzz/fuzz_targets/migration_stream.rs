@@ -23,49 +23,43 @@ mod memory {
 }
 #[path = "../../vmm/src/migration.rs"]
 mod migration;
+mod ops;
+
+use ops::Ops;
 
 use migration::{BootFileInfo, Hello, Kind, Stream, PROTOCOL_VERSION};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
-/// The source's side: bytes to read; whatever the destination answers is dropped.
-struct Feed(Cursor<Vec<u8>>);
-impl Read for Feed {
+/// A connection in memory: reads come from `input`, writes go to `output`. The
+/// destination reads the fuzzer's stream from one; the source's own frame writer fills
+/// another's output.
+struct Pipe {
+    input: Cursor<Vec<u8>>,
+    output: Vec<u8>,
+}
+impl Pipe {
+    fn new(input: Vec<u8>) -> Self {
+        Self {
+            input: Cursor::new(input),
+            output: Vec::new(),
+        }
+    }
+}
+impl Read for Pipe {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.read(buf)
+        self.input.read(buf)
     }
 }
-impl Write for Feed {
+impl Write for Pipe {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.output.extend_from_slice(buf);
         Ok(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
 }
-impl Stream for Feed {
-    fn set_timeout(&self, _: Option<std::time::Duration>) -> io::Result<()> {
-        Ok(())
-    }
-    fn shutdown(&self) {}
-}
-
-/// Frames written into a buffer with the source's own writer.
-struct Out(Vec<u8>);
-impl Read for Out {
-    fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
-        Ok(0)
-    }
-}
-impl Write for Out {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-impl Stream for Out {
+impl Stream for Pipe {
     fn set_timeout(&self, _: Option<std::time::Duration>) -> io::Result<()> {
         Ok(())
     }
@@ -86,20 +80,6 @@ const KINDS: [Kind; 11] = [
     Kind::Boot,
 ];
 
-struct Ops<'a>(&'a [u8]);
-impl Ops<'_> {
-    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
-        let (a, b) = self.0.split_first_chunk::<N>()?;
-        self.0 = b;
-        Some(*a)
-    }
-    fn bytes(&mut self, n: usize) -> &[u8] {
-        let (a, b) = self.0.split_at(n.min(self.0.len()));
-        self.0 = b;
-        a
-    }
-}
-
 /// A stream that starts as a source would; returns it with what its Hello announced.
 fn structured(ops: &mut Ops) -> Option<(Vec<u8>, u64, u64)> {
     let [mem_pages, kernel_len, cut] = ops.take::<3>()?;
@@ -119,7 +99,7 @@ fn structured(ops: &mut Ops) -> Option<(Vec<u8>, u64, u64)> {
         initramfs: None,
         cmdline: "console=ttyS0".into(),
     };
-    let mut out = Out(Vec::new());
+    let mut out = Pipe::new(Vec::new());
     migration::write_json(&mut out, Kind::Hello, &hello).ok()?;
     // The kernel in one or two frames.
     let first = if cut & 2 != 0 {
@@ -164,11 +144,11 @@ fn structured(ops: &mut Ops) -> Option<(Vec<u8>, u64, u64)> {
             .ok()?,
             _ => {
                 let raw = ops.bytes(usize::from(a)).to_vec();
-                out.0.extend_from_slice(&raw);
+                out.output.extend_from_slice(&raw);
             }
         }
     }
-    Some((out.0, memory_bytes, kernel_bytes))
+    Some((out.output, memory_bytes, kernel_bytes))
 }
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
@@ -186,7 +166,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     };
     let made = std::cell::Cell::new(0u64);
     let result = migration::receive_on(
-        Box::new(Feed(Cursor::new(stream))),
+        Box::new(Pipe::new(stream)),
         |_| Ok(()),
         |bytes| {
             // No more than the structured streams ask for: a made-up Hello must not

@@ -19,6 +19,9 @@ use devices::virtio::{ActivateArgs, ActivateError, GuestMemoryMmap, VirtioDevice
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
+mod ops;
+use ops::Ops;
+
 const ECAM: u64 = 0xe000_0000;
 /// Where BAR 0 starts, and the window the BAR accesses go to (BAR 0 may move in it).
 const WINDOW: u64 = 0xc000_0000;
@@ -115,15 +118,6 @@ fn device(mem: &GuestMemoryMmap) -> Option<VirtioPciDevice> {
     VirtioPciDevice::new(Box::new(dev), mem.clone(), Arc::new(Routes), WINDOW).ok()
 }
 
-struct Ops<'a>(&'a [u8]);
-impl Ops<'_> {
-    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
-        let (a, b) = self.0.split_first_chunk::<N>()?;
-        self.0 = b;
-        Some(*a)
-    }
-}
-
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     // The setup never fails: a target that quietly did nothing would find nothing.
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("guest memory");
@@ -193,9 +187,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
             }
             _ => {
                 // A corrupt stream: made-up JSON for a fresh device's state.
-                let n = usize::from(a0).min(ops.0.len());
-                let (json, rest) = ops.0.split_at(n);
-                ops.0 = rest;
+                let json = ops.bytes(usize::from(a0));
                 if let (Ok(saved), Some(mut fresh)) =
                     (serde_json::from_slice::<Saved>(json), device(&mem))
                 {
