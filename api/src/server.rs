@@ -94,11 +94,13 @@ struct Ctx {
 }
 
 /// Bind `path` and serve requests on the API thread until the process exits.
+/// `confine` runs first on that thread (the VMM installs its seccomp filter there).
 pub fn start(
     path: &Path,
     to_vmm: Sender<ApiMessage>,
     notify: Notifier,
     events: Arc<EventHub>,
+    confine: fn(),
 ) -> io::Result<JoinHandle<()>> {
     let listener = std::os::unix::net::UnixListener::bind(path)
         .map_err(|e| io::Error::new(e.kind(), format!("api socket {}: {e}", path.display())))?;
@@ -124,6 +126,8 @@ pub fn start(
         events,
     });
     thread::Builder::new().name("api".into()).spawn(move || {
+        // Before the first request is read; the runtime's helper threads inherit it.
+        confine();
         runtime.block_on(async move {
             let listener = match tokio::net::UnixListener::from_std(listener) {
                 Ok(l) => l,
@@ -451,7 +455,7 @@ mod tests {
     fn serve_with(hub: Arc<EventHub>) -> (tempdir::Dir, std::sync::mpsc::Receiver<ApiMessage>) {
         let dir = tempdir::Dir::new();
         let (tx, rx) = channel();
-        start(&dir.path.join("api.sock"), tx, Arc::new(|| {}), hub).unwrap();
+        start(&dir.path.join("api.sock"), tx, Arc::new(|| {}), hub, || {}).unwrap();
         (dir, rx)
     }
 

@@ -17,6 +17,7 @@ pub mod i8042;
 pub mod pci;
 pub mod ratelimit;
 pub mod rtc;
+pub mod sandbox;
 pub mod serial;
 pub mod snapshot;
 pub mod vfio;

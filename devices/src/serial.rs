@@ -356,7 +356,9 @@ fn detached_sink_with(
         capacity,
     });
     let s = shared.clone();
-    thread::Builder::new().name("serial-out".into()).spawn(move || loop {
+    thread::Builder::new().name("serial-out".into()).spawn(move || {
+        crate::sandbox::enter(crate::sandbox::ThreadKind::Serial);
+        loop {
         let (chunk, dropped) = {
             let mut p = s.pending.lock().unwrap_or_else(|e| e.into_inner());
             while p.buf.is_empty() {
@@ -375,6 +377,7 @@ fn detached_sink_with(
         let _ = sink.flush();
         s.pending.lock().unwrap_or_else(|e| e.into_inner()).writing = false;
         s.cv.notify_all();
+        }
     })?;
     Ok((
         Box::new(DetachedWriter(shared.clone())),
@@ -466,7 +469,10 @@ impl SocketConsole {
         let c = console.clone();
         thread::Builder::new()
             .name("serial-accept".into())
-            .spawn(move || c.accept_loop(listener))?;
+            .spawn(move || {
+                crate::sandbox::enter(crate::sandbox::ThreadKind::Serial);
+                c.accept_loop(listener)
+            })?;
         Ok(console)
     }
 
@@ -512,6 +518,7 @@ impl SocketConsole {
             thread::Builder::new()
                 .name("serial-input".into())
                 .spawn(move || {
+                    crate::sandbox::enter(crate::sandbox::ThreadKind::Serial);
                     // A client may connect before the UART exists: wait for it.
                     let serial = loop {
                         if let Some(s) = shared

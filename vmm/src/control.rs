@@ -376,7 +376,10 @@ impl Vmm {
             let s = serial.clone();
             std::thread::Builder::new()
                 .name("serial-stdin".into())
-                .spawn(move || serial::pump_input(s, io::stdin()))?;
+                .spawn(move || {
+                    devices::sandbox::enter(devices::sandbox::ThreadKind::Serial);
+                    serial::pump_input(s, io::stdin())
+                })?;
         }
         let hub = EventHub::new();
         let api = match &cfg.api_socket {
@@ -392,6 +395,7 @@ impl Vmm {
                         let _ = wake.write(1);
                     }),
                     hub.clone(),
+                    || devices::sandbox::enter(devices::sandbox::ThreadKind::Api),
                 )?;
                 sockets.push(path.clone());
                 Some((rx, evt))
@@ -473,6 +477,7 @@ impl Vmm {
     /// Run until the guest powers off, the API shuts the VM down, a signal
     /// arrives, or a fatal error.
     pub fn run(mut self) -> Result<Exit, VmmError> {
+        devices::sandbox::enter(devices::sandbox::ThreadKind::Control);
         let epoll = epoll::create(true)?;
         // SAFETY: epoll::create returned a fresh descriptor that we own.
         let _epoll_guard = unsafe { OwnedFd::from_raw_fd(epoll) };

@@ -12,6 +12,7 @@ mod interrupts;
 mod layout;
 mod memory;
 mod migration;
+mod seccomp;
 mod vcpu;
 mod vfio;
 mod vm;
@@ -85,6 +86,11 @@ struct RunArgs {
     /// standby NIC: hidden until the guest's driver acks STANDBY on that NIC.
     #[arg(long, value_name = "id=ID,path=PATH,...")]
     device: Vec<String>,
+    /// seccomp filters, one per thread kind: on (a forbidden system call ends
+    /// tandem, naming the thread and the call), off, or log (forbidden calls go
+    /// through and the kernel logs them).
+    #[arg(long, value_name = "MODE", value_enum, default_value = "on")]
+    seccomp: seccomp::Mode,
 }
 
 #[derive(Args)]
@@ -242,6 +248,7 @@ fn build_config(a: RunArgs) -> Result<VmConfig, ConfigError> {
 }
 
 fn run(a: RunArgs) -> ExitCode {
+    let mode = a.seccomp;
     let cfg = match build_config(a) {
         Ok(c) => c,
         Err(e) => {
@@ -249,6 +256,10 @@ fn run(a: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Err(e) = seccomp::init(mode) {
+        eprintln!("tandem: {e}");
+        return ExitCode::FAILURE;
+    }
     let signals = match control::block_exit_signals() {
         Ok(s) => s,
         Err(e) => {

@@ -110,6 +110,24 @@ impl Url {
             "{s:?}: a migration URL is tcp:HOST:PORT or unix:PATH"
         ))
     }
+
+    /// The same URL with its host name looked up (`tcp:1.2.3.4:PORT`). Done on the
+    /// control thread: the migration thread's seccomp filter has no room for what
+    /// the C library's resolver may do (read its configuration, load NSS modules).
+    pub fn resolved(self) -> Result<Self, String> {
+        match self {
+            Url::Tcp(a) => {
+                use std::net::ToSocketAddrs;
+                let addr = a
+                    .to_socket_addrs()
+                    .map_err(|e| format!("tcp:{a}: {e}"))?
+                    .next()
+                    .ok_or_else(|| format!("tcp:{a}: the host name has no address"))?;
+                Ok(Url::Tcp(addr.to_string()))
+            }
+            unix => Ok(unix),
+        }
+    }
 }
 
 /// A connection either way.
@@ -559,6 +577,7 @@ impl Source {
 
     /// Run the migration; tells the control loop how it ended.
     pub fn run(self) {
+        devices::sandbox::enter(devices::sandbox::ThreadKind::Migration);
         let started = Instant::now();
         let mut conn: Option<Box<dyn Stream>> = None;
         let result = self.migrate(started, &mut conn);

@@ -227,6 +227,7 @@ fn io_access_size() -> usize {
 /// in the middle of completed, so that its state can be saved (migration) or it can
 /// run again on a new thread.
 pub fn run_vcpu(mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuFd {
+    devices::sandbox::enter(devices::sandbox::ThreadKind::Vcpu);
     KVM_RUN_PTR.with(|p| p.set(vcpu.get_kvm_run() as *mut kvm_run));
     loop {
         if !ctx.control.checkpoint(ctx.id, || parked_state(&vcpu)) {

@@ -54,6 +54,7 @@ impl Vmm {
             (Some(p), Some(f)) => Some(info(p, f)?),
             _ => None,
         };
+        let url = url.resolved().map_err(ApiError::bad_request)?;
         vm.log_dirty_pages(true)
             .map_err(|e| ApiError::internal(e.to_string()))?;
         let (tx, rx) = channel();

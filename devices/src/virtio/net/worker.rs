@@ -316,6 +316,7 @@ impl PairWorker {
 
     /// Serve the queues until killed; then hand them back (see [`PairWorker::give_back`]).
     pub fn run(mut self) -> PairQueues {
+        crate::sandbox::enter(crate::sandbox::ThreadKind::NetWorker);
         self.serve();
         self.give_back()
     }
