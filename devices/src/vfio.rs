@@ -6,21 +6,23 @@
 //! ```text
 //! config space   0x00..0x40  ids, class, command/status: the device's own (through VFIO);
 //!                            BARs, expansion ROM, interrupt line/pin: a shadow of ours
-//!                0x40..0x100 the device's capability list, except MSI-X (emulated:
-//!                            the guest's enable/mask bits drive VFIO and KVM routes)
-//!                            and MSI (hidden, see below)
+//!                0x40..0x100 the device's capability list, except MSI-X and MSI
+//!                            (emulated: the guest's enable/mask bits, addresses and
+//!                            data drive VFIO and KVM routes)
 //!                0x100..     reads 0: no extended capabilities on a conventional bus
 //! BARs           mmap-able parts: KVM memory slots over the device's own mapping (no
 //!                            exit per access), present only while the guest has memory
 //!                            decoding enabled; MSI-X table and PBA pages, I/O BARs and
 //!                            whatever VFIO does not let us mmap: trapped, forwarded
 //! interrupts     MSI-X: VFIO signals one eventfd per vector, which *is* the vector's
-//!                            KVM irqfd: nothing relays an interrupt through a thread
+//!                            KVM irqfd: nothing relays an interrupt through a thread;
+//!                MSI:   the same, with one vector (Multiple Message Capable reads 0,
+//!                            and no per-vector masking is offered)
 //! DMA            the VMM maps all guest RAM in the VM's VFIO container (IOVA = GPA)
 //! ```
 //!
-//! Left out on purpose: INTx (interrupt pin reads 0, so guest drivers use MSI-X),
-//! MSI (hidden from the capability list, for the same reason), the expansion ROM.
+//! Left out on purpose: INTx (interrupt pin reads 0, so guest drivers use MSI-X or
+//! MSI; a device with neither is refused), the expansion ROM.
 //! A vector the guest masks loses its KVM route: what the device raises meanwhile
 //! is dropped, not made pending (the host kernel owns the real table).
 //!
@@ -76,9 +78,9 @@ pub enum VfioPciError {
     Bar { bar: usize, what: String },
     #[error("cannot map BAR {bar} of the device: {source}")]
     Mmap { bar: usize, source: io::Error },
-    #[error("cannot set up MSI-X: {0}")]
+    #[error("cannot set up MSI-X or MSI: {0}")]
     Msix(io::Error),
-    #[error("the device has no MSI-X capability; Tandem passes through MSI-X devices only")]
+    #[error("the device has neither MSI-X nor MSI; Tandem does not pass through devices that only have INTx")]
     NoMsix,
 }
 
@@ -123,6 +125,91 @@ struct Msix {
     state: MsixState,
 }
 
+/// The MSI capability as the guest sees it: one vector, 32- or 64-bit addresses as
+/// the device has them, no per-vector masking.
+struct Msi {
+    cap: usize,
+    is64: bool,
+    enabled: bool,
+    addr_lo: u32,
+    addr_hi: u32,
+    data: u16,
+    /// The GSI whose route follows the guest's address and data, and its irqfd,
+    /// which VFIO signals when the device raises the interrupt.
+    vector: Vec<(u32, vmm_sys_util::eventfd::EventFd)>,
+    routes: Arc<dyn InterruptRoutes>,
+}
+
+const MSI_ENABLE: u16 = 1;
+const MSI_64BIT: u16 = 1 << 7;
+
+impl Msi {
+    fn new(cap: usize, is64: bool, routes: Arc<dyn InterruptRoutes>) -> io::Result<Self> {
+        Ok(Self {
+            cap,
+            is64,
+            enabled: false,
+            addr_lo: 0,
+            addr_hi: 0,
+            data: 0,
+            vector: routes.allocate_msi(1)?,
+            routes,
+        })
+    }
+
+    /// The message-control word: enable and 64-bit as they are, one vector.
+    fn control(&self) -> u16 {
+        (if self.is64 { MSI_64BIT } else { 0 }) | u16::from(self.enabled)
+    }
+
+    /// Register `reg` of config space, within the capability.
+    fn read(&self, reg: usize) -> u32 {
+        match (reg - self.cap / 4, self.is64) {
+            (1, _) => self.addr_lo,
+            (2, true) => self.addr_hi,
+            (2, false) | (3, true) => u32::from(self.data),
+            _ => 0,
+        }
+    }
+
+    /// The guest wrote `data` at byte `offset` of register `reg`; the address and
+    /// data registers only (the control word is [`VfioPciDevice::write_msi_control`]'s).
+    fn write(&mut self, reg: usize, offset: usize, data: &[u8]) {
+        let mut word = self.read(reg).to_le_bytes();
+        word[offset..offset + data.len()].copy_from_slice(data);
+        let v = u32::from_le_bytes(word);
+        match (reg - self.cap / 4, self.is64) {
+            // Dword-aligned addresses only.
+            (1, _) => self.addr_lo = v & !3,
+            (2, true) => self.addr_hi = v,
+            (2, false) | (3, true) => self.data = v as u16,
+            _ => return,
+        }
+        if self.enabled {
+            self.route(true);
+        }
+    }
+
+    /// Point the vector's route at the guest's message, or take it away.
+    fn route(&self, live: bool) {
+        let msg = live.then(|| crate::pci::msix::MsiMessage {
+            addr: u64::from(self.addr_lo) | (u64::from(self.addr_hi) << 32),
+            data: u32::from(self.data),
+        });
+        for (gsi, _) in &self.vector {
+            if let Err(e) = self.routes.set_msi_route(*gsi, msg) {
+                crate::guest_warn!("MSI: cannot update the route: {e}");
+            }
+        }
+    }
+}
+
+impl Drop for Msi {
+    fn drop(&mut self) {
+        self.routes.free_msi(&self.vector);
+    }
+}
+
 pub struct VfioPciDevice {
     device: VfioDevice,
     /// BARs (with the guest's placement) and the interrupt line.
@@ -131,7 +218,8 @@ pub struct VfioPciDevice {
     /// Capability offsets the guest sees, in list order, and the hidden ones skipped.
     visible_caps: Vec<usize>,
     all_caps: Vec<usize>,
-    msix: Msix,
+    msix: Option<Msix>,
+    msi: Option<Msi>,
     maps: Vec<Mapping>,
     mapper: Arc<dyn GuestMapper>,
     /// Memory decoding as the guest last set it.
@@ -220,17 +308,20 @@ impl VfioPciDevice {
             i += if kind == BarKind::Mem64 { 2 } else { 1 };
         }
 
-        // The capability list: find MSI-X, hide MSI.
+        // The capability list: find MSI-X and MSI.
         let mut visible_caps = Vec::new();
         let mut all_caps = Vec::new();
-        let mut msix_at = None;
+        let (mut msix_at, mut msi_at) = (None, None);
         let mut off = (cfg(CAP_PTR_REG) & 0xfc) as usize;
         let mut seen = 0;
         while (CAP_START..STD_CONFIG_END).contains(&off) && seen < 48 {
             let head = cfg(off / 4);
             all_caps.push(off);
             match head as u8 {
-                MSI_CAP_ID => {}
+                MSI_CAP_ID => {
+                    msi_at = Some(off);
+                    visible_caps.push(off);
+                }
                 MSIX_CAP_ID => {
                     msix_at = Some(off);
                     visible_caps.push(off);
@@ -240,7 +331,47 @@ impl VfioPciDevice {
             off = ((head >> 8) & 0xfc) as usize;
             seen += 1;
         }
-        let cap = msix_at.ok_or(VfioPciError::NoMsix)?;
+        if msix_at.is_none() && msi_at.is_none() {
+            return Err(VfioPciError::NoMsix);
+        }
+        let msix = match msix_at {
+            Some(cap) => Some(Self::msix(cap, &cfg, &bars, routes.clone())?),
+            None => None,
+        };
+        let msi = match msi_at {
+            Some(cap) => {
+                let is64 = (cfg(cap / 4) >> 16) as u16 & MSI_64BIT != 0;
+                Some(Msi::new(cap, is64, routes).map_err(VfioPciError::Msix)?)
+            }
+            None => None,
+        };
+
+        let mut dev = Self {
+            device,
+            shadow,
+            bars,
+            visible_caps,
+            all_caps,
+            msix,
+            msi,
+            maps: Vec::new(),
+            mapper,
+            memory_on: false,
+            bus_master: false,
+            ready: false,
+            on_ready: None,
+        };
+        dev.map_bars()?;
+        Ok(dev)
+    }
+
+    /// The MSI-X capability at `cap`: where its table and PBA are, and its vectors.
+    fn msix(
+        cap: usize,
+        cfg: &dyn Fn(usize) -> u32,
+        bars: &[BarInfo],
+        routes: Arc<dyn InterruptRoutes>,
+    ) -> Result<Msix, VfioPciError> {
         let control = cfg(cap / 4) >> 16;
         let count = (control & 0x7ff) as u16 + 1;
         let table = cfg(cap / 4 + 1);
@@ -256,31 +387,14 @@ impl VfioPciDevice {
             }
         }
         let state = MsixState::new_passthrough(count, routes).map_err(VfioPciError::Msix)?;
-        let msix = Msix {
+        Ok(Msix {
             cap,
             table_bar,
             table: table_off..table_off + u64::from(count) * MSIX_ENTRY_SIZE,
             pba_bar,
             pba: pba_off..pba_off + u64::from(count).div_ceil(64) * 8,
             state,
-        };
-
-        let mut dev = Self {
-            device,
-            shadow,
-            bars,
-            visible_caps,
-            all_caps,
-            msix,
-            maps: Vec::new(),
-            mapper,
-            memory_on: false,
-            bus_master: false,
-            ready: false,
-            on_ready: None,
-        };
-        dev.map_bars()?;
-        Ok(dev)
+        })
     }
 
     /// The device's BARs, for the VMM to place.
@@ -297,7 +411,7 @@ impl VfioPciDevice {
     }
 
     /// Called (once each time) when the guest's driver starts the device:
-    /// enables MSI-X or bus mastering.
+    /// enables MSI-X, MSI or bus mastering.
     pub fn set_ready_observer(&mut self, f: Box<dyn Fn() + Send>) {
         self.on_ready = Some(f);
     }
@@ -309,7 +423,11 @@ impl VfioPciDevice {
     }
 
     pub fn msix_enabled(&self) -> bool {
-        self.msix.state.enabled()
+        self.msix.as_ref().is_some_and(|m| m.state.enabled())
+    }
+
+    pub fn msi_enabled(&self) -> bool {
+        self.msi.as_ref().is_some_and(|m| m.enabled)
     }
 
     pub fn memory_enabled(&self) -> bool {
@@ -335,11 +453,13 @@ impl VfioPciDevice {
                 }
             }
             let mut holes = Vec::new();
-            if b.index == self.msix.table_bar {
-                holes.push(page_span(&self.msix.table));
-            }
-            if b.index == self.msix.pba_bar {
-                holes.push(page_span(&self.msix.pba));
+            if let Some(msix) = &self.msix {
+                if b.index == msix.table_bar {
+                    holes.push(page_span(&msix.table));
+                }
+                if b.index == msix.pba_bar {
+                    holes.push(page_span(&msix.pba));
+                }
             }
             let prot = (if flags & VFIO_REGION_INFO_FLAG_READ != 0 {
                 libc::PROT_READ
@@ -444,12 +564,14 @@ impl VfioPciDevice {
     }
 
     fn write_msix_control(&mut self, control: u16) {
-        let was = self.msix.state.enabled();
-        self.msix.state.set_control(control);
-        let now = self.msix.state.enabled();
+        let Some(msix) = self.msix.as_mut() else {
+            return;
+        };
+        let was = msix.state.enabled();
+        msix.state.set_control(control);
+        let now = msix.state.enabled();
         if now && !was {
-            let r = self.device.enable_msix(self.msix.state.irqfds());
-            if let Err(e) = r {
+            if let Err(e) = self.device.enable_msix(msix.state.irqfds()) {
                 crate::guest_warn!("cannot enable MSI-X on the device: {}", vfio_err(e));
             }
             self.note_ready();
@@ -460,15 +582,42 @@ impl VfioPciDevice {
         }
     }
 
+    /// The guest wrote MSI's message-control word: only the enable bit counts (one
+    /// vector, so Multiple Message Enable stays 0).
+    fn write_msi_control(&mut self, control: u16) {
+        let Some(msi) = self.msi.as_mut() else {
+            return;
+        };
+        let now = control & MSI_ENABLE != 0;
+        if now == msi.enabled {
+            return;
+        }
+        msi.enabled = now;
+        if now {
+            msi.route(true);
+            let fds = msi.vector.iter().map(|(_, e)| e).collect();
+            if let Err(e) = self.device.enable_msi(fds) {
+                crate::guest_warn!("cannot enable MSI on the device: {}", vfio_err(e));
+            }
+            self.note_ready();
+        } else {
+            if let Err(e) = self.device.disable_msi() {
+                crate::guest_warn!("cannot disable MSI on the device: {}", vfio_err(e));
+            }
+            msi.route(false);
+        }
+    }
+
     /// The MSI-X table or PBA an access of `len` bytes at `offset` of BAR `bar` lies in.
     fn msix_part(&self, bar: usize, offset: u64, len: usize) -> Option<MsixPart> {
         let end = offset.checked_add(len as u64)?;
         let within = |b: usize, r: &std::ops::Range<u64>| {
             (bar == b && offset >= r.start && end <= r.end).then(|| offset - r.start)
         };
-        within(self.msix.table_bar, &self.msix.table)
+        let msix = self.msix.as_ref()?;
+        within(msix.table_bar, &msix.table)
             .map(MsixPart::Table)
-            .or_else(|| within(self.msix.pba_bar, &self.msix.pba).map(MsixPart::Pba))
+            .or_else(|| within(msix.pba_bar, &msix.pba).map(MsixPart::Pba))
     }
 
     fn note_ready(&mut self) {
@@ -544,15 +693,22 @@ impl PciDevice for VfioPciDevice {
                 if self.hidden(cap) {
                     return 0;
                 }
+                if let Some(m) = self.msi.as_ref().filter(|m| m.cap == cap && !head) {
+                    return m.read(reg);
+                }
                 let real = self.real_read(reg);
                 if !head {
                     return real;
                 }
                 let next = u32::from(self.next_visible(Some(cap))) << 8;
-                if cap == self.msix.cap {
-                    u32::from(MSIX_CAP_ID) | next | (u32::from(self.msix.state.control()) << 16)
-                } else {
-                    (real & 0xffff_00ff) | next
+                match (&self.msix, &self.msi) {
+                    (Some(m), _) if cap == m.cap => {
+                        u32::from(MSIX_CAP_ID) | next | (u32::from(m.state.control()) << 16)
+                    }
+                    (_, Some(m)) if cap == m.cap => {
+                        u32::from(MSI_CAP_ID) | next | (u32::from(m.control()) << 16)
+                    }
+                    _ => (real & 0xffff_00ff) | next,
                 }
             }
             // Cardbus CIS, expansion ROM (hidden), reserved, extended space.
@@ -583,7 +739,7 @@ impl PciDevice for VfioPciDevice {
                         self.note_ready();
                     }
                     self.bus_master = bm;
-                    if !bm && !self.msix.state.enabled() {
+                    if !bm && !self.msix_enabled() && !self.msi_enabled() {
                         self.ready = false;
                     }
                 }
@@ -603,16 +759,28 @@ impl PciDevice for VfioPciDevice {
                 if self.hidden(cap) {
                     return None;
                 }
-                if cap == self.msix.cap {
-                    // Only the message-control word (bytes 2..4 of the first dword) is writable.
-                    if reg == cap / 4 && offset + data.len() > 2 {
-                        let mut word = self.msix.state.control().to_le_bytes();
-                        for (i, b) in data.iter().enumerate() {
-                            if let Some(p) = (offset + i).checked_sub(2) {
-                                word[p] = *b;
-                            }
+                // In MSI-X and MSI, the message-control word (bytes 2..4 of the
+                // first dword) is what the guest writes in the first dword.
+                let control = |now: u16| {
+                    let mut word = now.to_le_bytes();
+                    for (i, b) in data.iter().enumerate() {
+                        if let Some(p) = (offset + i).checked_sub(2) {
+                            word[p] = *b;
                         }
-                        self.write_msix_control(u16::from_le_bytes(word) & (MSIX_ENABLE | 1 << 14));
+                    }
+                    (reg == cap / 4 && offset + data.len() > 2).then(|| u16::from_le_bytes(word))
+                };
+                if let Some(m) = self.msix.as_ref().filter(|m| m.cap == cap) {
+                    if let Some(c) = control(m.state.control()) {
+                        self.write_msix_control(c & (MSIX_ENABLE | 1 << 14));
+                    }
+                    return None;
+                }
+                if let Some(m) = self.msi.as_mut().filter(|m| m.cap == cap) {
+                    if reg != cap / 4 {
+                        m.write(reg, offset, data);
+                    } else if let Some(c) = control(m.control()) {
+                        self.write_msi_control(c);
                     }
                     return None;
                 }
@@ -629,8 +797,16 @@ impl PciDevice for VfioPciDevice {
 
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
         match self.msix_part(bar, offset, data.len()) {
-            Some(MsixPart::Table(off)) => self.msix.state.read_table(off, data),
-            Some(MsixPart::Pba(off)) => self.msix.state.read_pba(off, data),
+            Some(MsixPart::Table(off)) => {
+                if let Some(m) = &self.msix {
+                    m.state.read_table(off, data);
+                }
+            }
+            Some(MsixPart::Pba(off)) => {
+                if let Some(m) = &self.msix {
+                    m.state.read_pba(off, data);
+                }
+            }
             None => {
                 data.fill(0xff);
                 self.device.region_read(bar as u32, data, offset);
@@ -640,7 +816,11 @@ impl PciDevice for VfioPciDevice {
 
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
         match self.msix_part(bar, offset, data.len()) {
-            Some(MsixPart::Table(off)) => self.msix.state.write_table(off, data),
+            Some(MsixPart::Table(off)) => {
+                if let Some(m) = self.msix.as_mut() {
+                    m.state.write_table(off, data);
+                }
+            }
             // The PBA is read-only.
             Some(MsixPart::Pba(_)) => {}
             None => self.device.region_write(bar as u32, data, offset),
@@ -672,8 +852,11 @@ impl crate::snapshot::Snapshot for VfioPciDevice {
 
 impl Drop for VfioPciDevice {
     fn drop(&mut self) {
-        if self.msix.state.enabled() {
+        if self.msix_enabled() {
             let _ = self.device.disable_msix();
+        }
+        if self.msi_enabled() {
+            let _ = self.device.disable_msi();
         }
         self.memory_on = false;
         self.sync_slots();
@@ -689,6 +872,50 @@ impl Drop for VfioPciDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pci::msix::tests::FakeRoutes;
+    use crate::pci::msix::MsiMessage;
+
+    #[test]
+    fn msi_registers_follow_the_layout_and_drive_one_route_while_enabled() {
+        let routes = Arc::new(FakeRoutes::default());
+        // 64-bit: address low at +4, high at +8, data at +12.
+        let mut m = Msi::new(0x50, true, routes.clone()).unwrap();
+        let gsi = m.vector[0].0;
+        assert_eq!(m.control(), MSI_64BIT, "one vector, no per-vector masking");
+        m.write(0x54 / 4, 0, &0xfee0_100fu32.to_le_bytes());
+        m.write(0x58 / 4, 0, &0u32.to_le_bytes());
+        m.write(0x5c / 4, 0, &[0x41, 0x40]);
+        assert_eq!(m.read(0x54 / 4), 0xfee0_100c, "dword-aligned");
+        assert_eq!(m.read(0x5c / 4), 0x4041);
+        assert_eq!(m.read(0x60 / 4), 0, "no mask register");
+        assert!(
+            routes.routes.lock().unwrap().get(&gsi).is_none(),
+            "no route while disabled"
+        );
+        m.enabled = true;
+        m.route(true);
+        let want = MsiMessage {
+            addr: 0xfee0_100c,
+            data: 0x4041,
+        };
+        assert_eq!(routes.routes.lock().unwrap()[&gsi], Some(want));
+        // Linux moves an interrupt to another CPU by rewriting the address while enabled.
+        m.write(0x54 / 4, 1, &[0x20]);
+        let want = MsiMessage {
+            addr: 0xfee0_200c,
+            data: 0x4041,
+        };
+        assert_eq!(routes.routes.lock().unwrap()[&gsi], Some(want));
+        m.route(false);
+        assert_eq!(routes.routes.lock().unwrap()[&gsi], None);
+
+        // 32-bit: data at +8.
+        let mut m = Msi::new(0x50, false, routes.clone()).unwrap();
+        assert_eq!(m.control(), 0);
+        m.write(0x58 / 4, 0, &0x23u32.to_le_bytes());
+        assert_eq!(m.read(0x58 / 4), 0x23);
+        assert_eq!(m.read(0x5c / 4), 0);
+    }
 
     #[test]
     fn msix_pages_are_cut_out_of_the_mappable_areas() {

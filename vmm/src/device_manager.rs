@@ -596,9 +596,10 @@ impl DeviceManager {
                             let (v, dv) = d.ids();
                             let on = |b: bool| if b { "on" } else { "off" };
                             format!(
-                                "{v:04x}:{dv:04x}, memory decoding {}, MSI-X {}",
+                                "{v:04x}:{dv:04x}, memory decoding {}, MSI-X {}, MSI {}",
                                 on(d.memory_enabled()),
-                                on(d.msix_enabled())
+                                on(d.msix_enabled()),
+                                on(d.msi_enabled())
                             )
                         });
                     DeviceInfo {
