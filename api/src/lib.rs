@@ -254,18 +254,50 @@ pub struct DeviceRemoved {
     pub elapsed_ms: u64,
 }
 
-/// `key=value,...` (the `--net` syntax) as the JSON object `vm.add-net` takes:
-/// numbers for numeric keys, booleans for on/off keys, strings otherwise.
-pub fn kv_to_json(spec: &str) -> Result<serde_json::Value, String> {
+/// A request body as `T`: a JSON object only (serde would also take a struct
+/// from an array of its fields, which openapi.json does not allow).
+pub fn from_body<T: serde::de::DeserializeOwned>(v: &serde_json::Value) -> Result<T, String> {
+    if !v.is_object() {
+        return Err("the body must be a JSON object".into());
+    }
+    serde_json::from_value(v.clone()).map_err(|e| e.to_string())
+}
+
+/// The request bodies that are `--net` and `--device` specs in JSON form.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpecBody {
+    /// `vm.add-net`: `NetDevice` in openapi.json.
+    Net,
+    /// `vm.add-device`: `PassthroughDevice` in openapi.json.
+    Device,
+}
+
+impl SpecBody {
+    /// The JSON type openapi.json gives `key` in this body, if it has the key.
+    fn type_of(self, key: &str) -> Option<&'static str> {
+        static DOC: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+        let doc = DOC.get_or_init(|| serde_json::from_str(OPENAPI).unwrap_or_default());
+        let component = match self {
+            SpecBody::Net => "NetDevice",
+            SpecBody::Device => "PassthroughDevice",
+        };
+        doc["components"]["schemas"][component]["properties"][key]["type"].as_str()
+    }
+}
+
+/// `key=value,...` (the `--net` or `--device` syntax) as the JSON object the API
+/// takes: each value of the type openapi.json gives its key (booleans from on/off).
+pub fn kv_to_json(body: SpecBody, spec: &str) -> Result<serde_json::Value, String> {
     let mut m = serde_json::Map::new();
     for part in spec.split(',').filter(|p| !p.is_empty()) {
         let (k, v) = part
             .split_once('=')
             .ok_or_else(|| format!("{part:?} is not key=value"))?;
-        let value = match (k, v) {
-            ("standby" | "announce", "on" | "true" | "yes") => serde_json::Value::Bool(true),
-            ("standby" | "announce", "off" | "false" | "no") => serde_json::Value::Bool(false),
-            ("num_queues" | "queue_size" | "mtu" | "slot", n) => n
+        let value = match (body.type_of(k), v) {
+            (Some("boolean"), "on" | "true" | "yes") => serde_json::Value::Bool(true),
+            (Some("boolean"), "off" | "false" | "no") => serde_json::Value::Bool(false),
+            (Some("boolean"), _) => return Err(format!("{k}={v}: on or off")),
+            (Some("integer"), n) => n
                 .parse::<u64>()
                 .map(serde_json::Value::from)
                 .map_err(|_| format!("{k}={v}: not a number"))?,
@@ -278,20 +310,24 @@ pub fn kv_to_json(spec: &str) -> Result<serde_json::Value, String> {
     Ok(serde_json::Value::Object(m))
 }
 
-/// The JSON object of `vm.add-net` back in `key=value,...` form. Refuses
-/// anything but a flat object of strings, numbers and booleans, and values
-/// that could smuggle another key in (`,` or `=`).
-pub fn json_to_kv(v: &serde_json::Value) -> Result<String, String> {
+/// The JSON object of `vm.add-net` or `vm.add-device` back in `key=value,...`
+/// form. Refuses anything but a flat object, a value of another type than
+/// openapi.json gives its key, and values that could smuggle another key in (`,`
+/// or `=`). Keys openapi.json does not know are left to the spec's parser to
+/// refuse by name.
+pub fn json_to_kv(body: SpecBody, v: &serde_json::Value) -> Result<String, String> {
+    use serde_json::Value;
     let obj = v
         .as_object()
         .ok_or("the body must be a JSON object such as {\"tap\": \"tap0\", \"mac\": \"52:54:00:12:34:56\"}")?;
     let mut parts = Vec::new();
     for (k, v) in obj {
-        let text = match v {
-            serde_json::Value::String(s) => s.clone(),
-            serde_json::Value::Number(n) => n.to_string(),
-            serde_json::Value::Bool(b) => if *b { "on" } else { "off" }.to_string(),
-            _ => return Err(format!("{k}: expected a string, number or boolean")),
+        let text = match (body.type_of(k), v) {
+            (Some("string") | None, Value::String(s)) => s.clone(),
+            (Some("integer") | None, Value::Number(n)) => n.to_string(),
+            (Some("boolean") | None, Value::Bool(b)) => if *b { "on" } else { "off" }.to_string(),
+            (Some(t), _) => return Err(format!("{k}: expected {t}")),
+            (None, _) => return Err(format!("{k}: expected a string, number or boolean")),
         };
         if text.contains([',', '=']) || k.contains([',', '=']) {
             return Err(format!("{k}: ',' and '=' are not allowed"));
@@ -458,14 +494,25 @@ mod tests {
 
     #[test]
     fn net_specs_round_trip_and_refuse_smuggling() {
-        let j = kv_to_json("id=n1,tap=t1,mac=52:54:00:00:00:01,standby=on,slot=5").unwrap();
+        let net = SpecBody::Net;
+        let j = kv_to_json(net, "id=n1,tap=t1,mac=52:54:00:00:00:01,standby=on,slot=5").unwrap();
         assert_eq!(j["standby"], true);
         assert_eq!(j["slot"], 5);
-        let kv = json_to_kv(&j).unwrap();
-        assert_eq!(kv_to_json(&kv).unwrap(), j);
-        assert!(kv_to_json("slot=x").is_err());
-        assert!(kv_to_json("tap").is_err());
-        assert!(kv_to_json("id=a,id=b").is_err());
+        let kv = json_to_kv(net, &j).unwrap();
+        assert_eq!(kv_to_json(net, &kv).unwrap(), j);
+        assert!(kv_to_json(net, "slot=x").is_err());
+        assert!(kv_to_json(net, "standby=maybe").is_err());
+        assert!(kv_to_json(net, "tap").is_err());
+        assert!(kv_to_json(net, "id=a,id=b").is_err());
+        // Types as openapi.json gives them (api_bodies found a number taken as a path).
+        let dev = SpecBody::Device;
+        assert!(json_to_kv(dev, &serde_json::json!({"path": 7})).is_err());
+        assert!(json_to_kv(net, &serde_json::json!({"tap": "t", "slot": "5"})).is_err());
+        assert!(json_to_kv(net, &serde_json::json!({"tap": "t", "standby": "on"})).is_err());
+        assert_eq!(
+            kv_to_json(dev, "path=7,slot=3").unwrap(),
+            serde_json::json!({"path": "7", "slot": 3})
+        );
         for bad in [
             serde_json::json!("tap=t"),
             serde_json::json!({"tap": "t,mac=52:54:00:00:00:02"}),
@@ -473,7 +520,7 @@ mod tests {
             serde_json::json!({"tap": null}),
             serde_json::json!({"a=b": "c"}),
         ] {
-            assert!(json_to_kv(&bad).is_err(), "{bad}");
+            assert!(json_to_kv(SpecBody::Net, &bad).is_err(), "{bad}");
         }
     }
 
@@ -490,6 +537,9 @@ mod tests {
         assert_eq!((r.timeout_ms, r.on_timeout), (5, OnTimeout::Surprise));
         assert!(serde_json::from_str::<RemoveDevice>(r#"{"id": "n1", "force": true}"#).is_err());
         assert!(serde_json::from_str::<RemoveDevice>(r#"{"surprise": true}"#).is_err());
+        // Found by api_bodies: serde takes a struct from an array of its fields.
+        assert!(from_body::<RemoveDevice>(&serde_json::json!(["n1"])).is_err());
+        assert!(from_body::<RemoveDevice>(&serde_json::json!({"id": "n1"})).is_ok());
     }
 
     /// The OpenAPI document and the endpoint table describe the same API.

@@ -730,7 +730,7 @@ impl Vmm {
 
     /// `vm.add-net`: the body is `--net` as a JSON object.
     fn add_net(&mut self, vm: &mut Vm, body: &serde_json::Value) -> ApiResponse {
-        let kv = api::json_to_kv(body).map_err(ApiError::bad_request)?;
+        let kv = api::json_to_kv(api::SpecBody::Net, body).map_err(ApiError::bad_request)?;
         // Default ids count up past every id in use.
         let mut n = self.cfg.nets.len();
         while self.cfg.nets.iter().any(|s| s.net.id == format!("net{n}")) {
@@ -771,7 +771,7 @@ impl Vmm {
     /// request), or keeps it in a [`PendingRemoval`] until the guest ejects
     /// the device or the deadline passes.
     fn remove_device(&mut self, vm: &mut Vm, body: &serde_json::Value, reply: Sender<ApiResponse>) {
-        let req: RemoveDevice = match serde_json::from_value(body.clone()) {
+        let req: RemoveDevice = match api::from_body(body) {
             Ok(r) => r,
             Err(e) => {
                 let _ = reply.send(Err(ApiError::bad_request(format!("remove-device: {e}"))));
@@ -889,7 +889,7 @@ impl Vmm {
 
     /// `vm.add-device`: the body is `--device` as a JSON object.
     fn add_device(&mut self, vm: &mut Vm, body: &serde_json::Value) -> ApiResponse {
-        let kv = api::json_to_kv(body).map_err(ApiError::bad_request)?;
+        let kv = api::json_to_kv(api::SpecBody::Device, body).map_err(ApiError::bad_request)?;
         let mut n = self.cfg.devices.len();
         while self.cfg.devices.iter().any(|d| d.id == format!("dev{n}")) {
             n += 1;

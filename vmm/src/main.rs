@@ -114,11 +114,13 @@ struct RemoteArgs {
 fn remote_body(command: &str, args: &[String]) -> Result<Option<String>, String> {
     match command {
         "add-net" => match args {
-            [spec] => Ok(Some(api::kv_to_json(spec)?.to_string())),
+            [spec] => Ok(Some(api::kv_to_json(api::SpecBody::Net, spec)?.to_string())),
             _ => Err("add-net takes one argument: id=ID,tap=NAME,mac=MAC,...".into()),
         },
         "add-device" => match args {
-            [spec] => Ok(Some(api::kv_to_json(spec)?.to_string())),
+            [spec] => Ok(Some(
+                api::kv_to_json(api::SpecBody::Device, spec)?.to_string(),
+            )),
             _ => {
                 Err("add-device takes one argument: id=ID,path=/sys/bus/pci/devices/BDF,...".into())
             }

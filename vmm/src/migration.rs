@@ -93,16 +93,24 @@ pub enum Url {
 impl Url {
     pub fn parse(s: &str) -> Result<Self, String> {
         if let Some(a) = s.strip_prefix("tcp:") {
+            // The port in its plain form (no sign, no leading zeros), as openapi.json has it.
+            let port_ok = |p: &str| p.parse::<u16>().is_ok_and(|n| n.to_string() == p);
+            // A host without spaces or control characters.
+            let host_ok = |h: &str| !h.is_empty() && h.chars().all(|c| c > ' ' && c != '\x7f');
             if a.rsplit_once(':')
-                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+                .is_none_or(|(h, p)| !host_ok(h) || !port_ok(p))
             {
-                return Err(format!("{s:?}: expected tcp:HOST:PORT"));
+                return Err(format!(
+                    "{s:?}: expected tcp:HOST:PORT (HOST without spaces or control characters, PORT 0 to 65535 without leading zeros)"
+                ));
             }
             return Ok(Url::Tcp(a.to_string()));
         }
         if let Some(p) = s.strip_prefix("unix:") {
-            if p.is_empty() {
-                return Err(format!("{s:?}: expected unix:PATH"));
+            if p.is_empty() || p.chars().any(|c| c < ' ') {
+                return Err(format!(
+                    "{s:?}: expected unix:PATH (a PATH without control characters)"
+                ));
             }
             return Ok(Url::Unix(p.into()));
         }
@@ -918,6 +926,12 @@ mod tests {
             "tcp:1.2.3.4",
             "tcp::5",
             "tcp:h:99999",
+            // Found by api_bodies: openapi.json has neither.
+            "tcp:h:047222",
+            "tcp:h:+80",
+            "tcp:a b:80",
+            "tcp:a\nb:80",
+            "unix:/a\nb",
             "unix:",
             "http://x",
             "",

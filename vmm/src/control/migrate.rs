@@ -22,8 +22,7 @@ impl Vmm {
         if self.migration.is_some() {
             return Err(ApiError::conflict("a migration is under way already"));
         }
-        let params: migration::SendParams = serde_json::from_value(body.clone())
-            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let params: migration::SendParams = api::from_body(body).map_err(ApiError::bad_request)?;
         let url = migration::Url::parse(&params.url).map_err(ApiError::bad_request)?;
         params.check().map_err(ApiError::bad_request)?;
         let passthrough = vm.devices().passthrough_ids();
@@ -54,7 +53,8 @@ impl Vmm {
             (Some(p), Some(f)) => Some(info(p, f)?),
             _ => None,
         };
-        let url = url.resolved().map_err(ApiError::bad_request)?;
+        // A host name that does not resolve names nothing: 404.
+        let url = url.resolved().map_err(ApiError::not_found)?;
         vm.log_dirty_pages(true)
             .map_err(|e| ApiError::internal(e.to_string()))?;
         let (tx, rx) = channel();
