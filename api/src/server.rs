@@ -154,42 +154,106 @@ pub fn start(
                     Err(e) => Some(format!("cannot tell the client's user: {e}")),
                 };
                 tokio::spawn(async move {
-                    let busy = permit.is_none();
-                    // Set when this connection became an event stream.
-                    let streamed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-                    let (hub, was_stream) = (ctx.events.clone(), streamed.clone());
-                    let service = service_fn(move |req| {
-                        let (ctx, streamed) = (ctx.clone(), streamed.clone());
-                        let stranger = stranger.clone();
-                        async move {
-                            Ok::<_, Infallible>(if let Some(why) = stranger {
-                                error(StatusCode::FORBIDDEN, why)
-                            } else if busy {
-                                error(
-                                    StatusCode::SERVICE_UNAVAILABLE,
-                                    "too many API connections at once".into(),
-                                )
-                            } else {
-                                handle(req, &ctx, &streamed).await
-                            })
-                        }
-                    });
-                    let conn = http1::Builder::new()
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(HEADER_TIMEOUT)
-                        .keep_alive(false)
-                        .serve_connection(TokioIo::new(stream), service);
-                    if let Err(e) = conn.await {
-                        tracing::debug!("api: connection: {e}");
-                    }
-                    if was_stream.load(std::sync::atomic::Ordering::SeqCst) {
-                        hub.stream_ended();
-                    }
+                    serve(stream, ctx, stranger, permit.is_none()).await;
                     drop(permit);
                 });
             }
         })
     })
+}
+
+/// One client connection: its request answered (403 for a `stranger`, 503 when
+/// `busy`), then closed.
+async fn serve<S>(stream: S, ctx: Arc<Ctx>, stranger: Option<String>, busy: bool)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    // Set when this connection became an event stream.
+    let streamed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (hub, was_stream) = (ctx.events.clone(), streamed.clone());
+    let service = service_fn(move |req| {
+        let (ctx, streamed) = (ctx.clone(), streamed.clone());
+        let stranger = stranger.clone();
+        async move {
+            Ok::<_, Infallible>(if let Some(why) = stranger {
+                error(StatusCode::FORBIDDEN, why)
+            } else if busy {
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too many API connections at once".into(),
+                )
+            } else {
+                handle(req, &ctx, &streamed).await
+            })
+        }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), service);
+    if let Err(e) = conn.await {
+        tracing::debug!("api: connection: {e}");
+    }
+    if was_stream.load(std::sync::atomic::Ordering::SeqCst) {
+        hub.stream_ended();
+    }
+}
+
+/// The entry point of the `http_requests` fuzz target (fuzz/): one connection
+/// served in memory.
+#[cfg(feature = "fuzz")]
+pub mod fuzz {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Serve one connection on which the client sends `input` and closes its side,
+    /// with a control loop that answers each request it takes with `answer`.
+    /// Returns what the server wrote. An event stream is ended (the hub closed)
+    /// once the client has waited a moment for more.
+    pub fn connection(input: &[u8], answer: fn(&ApiRequest) -> ApiResponse) -> Vec<u8> {
+        static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+        let runtime = RUNTIME.get_or_init(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a tokio runtime")
+        });
+        let (tx, rx) = channel::<ApiMessage>();
+        let rx = std::sync::Mutex::new(rx);
+        let events = EventHub::new();
+        let ctx = Arc::new(Ctx {
+            to_vmm: std::sync::Mutex::new(tx),
+            // The control loop, woken: it takes and answers what is queued.
+            notify: Arc::new(move || {
+                let rx = rx.lock().unwrap_or_else(|e| e.into_inner());
+                while let Ok(msg) = rx.try_recv() {
+                    if msg.claim.take() {
+                        let _ = msg.reply.send(answer(&msg.request));
+                    }
+                }
+            }),
+            events: events.clone(),
+        });
+        runtime.block_on(async move {
+            let (mut client, server) = tokio::io::duplex(1 << 20);
+            let served = tokio::spawn(serve(server, ctx, None, false));
+            let mut out = Vec::new();
+            let _ = client.write_all(input).await;
+            let _ = client.shutdown().await;
+            let wait = Duration::from_millis(20);
+            if tokio::time::timeout(wait, client.read_to_end(&mut out))
+                .await
+                .is_err()
+            {
+                // Still open: an event stream. End it.
+                events.close(Duration::ZERO);
+                let _ = tokio::time::timeout(wait * 10, client.read_to_end(&mut out)).await;
+            }
+            let _ = served.await;
+            out
+        })
+    }
 }
 
 fn json(status: StatusCode, body: String) -> Reply {
