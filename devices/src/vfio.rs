@@ -26,8 +26,11 @@
 //! A vector the guest masks loses its KVM route: what the device raises meanwhile
 //! is dropped, not made pending (the host kernel owns the real table).
 //!
-//! The device is reset through VFIO when it is opened and when it is dropped,
-//! so a guest never sees the state another guest (or an earlier boot) left.
+//! The device is reset when it is opened and when it is dropped, so a guest never
+//! sees the state another guest (or an earlier boot) left: vfio-pci resets a
+//! function when its descriptor is first opened and when the last one closes.
+//! Tandem adds no `VFIO_DEVICE_RESET` of its own; each would be one more function
+//! reset (an FLR waits 100 ms) on every hot-add and every removal.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -249,7 +252,6 @@ impl VfioPciDevice {
             }
             e => vfio_err(e),
         })?;
-        device.reset();
         let cfg = |reg: usize| -> u32 {
             let mut b = [0u8; 4];
             device.region_read(VFIO_PCI_CONFIG_REGION_INDEX, &mut b, (reg * 4) as u64);
@@ -864,8 +866,8 @@ impl Drop for VfioPciDevice {
             // SAFETY: our own mapping from `map_bars`; no guest mapping of it is left.
             unsafe { libc::munmap(m.host as *mut libc::c_void, m.len as usize) };
         }
-        // Whatever the guest left running (DMA, interrupts) stops here.
-        self.device.reset();
+        // Whatever the guest left running (DMA, interrupts) stops when `device`
+        // drops next: closing its descriptor makes vfio-pci reset the function.
     }
 }
 
