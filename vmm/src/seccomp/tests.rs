@@ -219,6 +219,29 @@ fn a_parent_kind_allows_what_its_children_do() {
     superset(ThreadKind::Vcpu, ThreadKind::NetWorker);
 }
 
+/// Merged kinds share rules; each must be in a list once, and a vCPU's and the
+/// control loop's ioctl rules must start with KVM's class (KVM_RUN runs through
+/// both on every vCPU exit).
+#[test]
+fn rules_are_not_repeated_and_kvm_ioctls_come_first() {
+    let kvm = cond(1, IOCTL_KVM.0, IOCTL_KVM.1).expect("rule");
+    for k in KINDS {
+        for (nr, list) in rules(k).expect("rules") {
+            let list = list.unwrap_or_default();
+            for (i, r) in list.iter().enumerate() {
+                assert!(
+                    !list[..i].contains(r),
+                    "{k:?}: a {} rule twice",
+                    call_name(nr).unwrap_or("?")
+                );
+            }
+            if nr == libc::SYS_ioctl && matches!(k, ThreadKind::Vcpu | ThreadKind::Control) {
+                assert_eq!(list.first(), Some(&kvm), "{k:?}");
+            }
+        }
+    }
+}
+
 #[test]
 fn every_call_in_a_list_has_its_name() {
     for k in KINDS {
