@@ -30,7 +30,9 @@
 //! sees the state another guest (or an earlier boot) left: vfio-pci resets a
 //! function when its descriptor is first opened and when the last one closes.
 //! Tandem adds no `VFIO_DEVICE_RESET` of its own; each would be one more function
-//! reset (an FLR waits 100 ms) on every hot-add and every removal.
+//! reset (an FLR waits 100 ms) on every hot-add and every removal. A function whose
+//! reset is known not to stop it (`RESET_QUIRKS`) is also reset through its own
+//! register on open and on drop.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -58,6 +60,41 @@ const MSI_CAP_ID: u8 = 0x05;
 const CMD_MEMORY: u16 = 1 << 1;
 const CMD_BUS_MASTER: u16 = crate::pci::config::COMMAND_BUS_MASTER;
 const MSIX_ENABLE: u16 = 1 << 15;
+
+/// Functions whose function reset does not stop them, and the register that does.
+///
+/// vfio-pci resets a function when it is first opened and when it is last closed, with
+/// the best method the function offers. QEMU's emulated e1000e (8086:10d3, the test
+/// host's passthrough NIC) offers only a power-management reset, and its D3hot->D0
+/// transition resets nothing: receive stays enabled with the last owner's ring
+/// addresses (measured: RCTL and RDBAL unchanged after `echo 1 > .../reset`). The next
+/// guest's driver enables bus mastering before it resets the NIC, and the NIC writes
+/// frames over that guest's memory at the old rings' addresses: a guest oopsed in
+/// `task_cputime` that way on 2026-12-06, booted after a VM that had lost the NIC by
+/// surprise removal. The CTRL register's RST bit (bit 26 at BAR 0 offset 0 on Intel's
+/// 8254x/8257x, self-clearing) resets everything but PCI config space.
+struct ResetQuirk {
+    vendor: u16,
+    device: u16,
+    what: &'static str,
+}
+
+const RESET_QUIRKS: &[ResetQuirk] = &[
+    ResetQuirk {
+        vendor: 0x8086,
+        device: 0x10d3,
+        what: "82574L (QEMU's e1000e)",
+    },
+    ResetQuirk {
+        vendor: 0x8086,
+        device: 0x100e,
+        what: "82540EM (QEMU's e1000)",
+    },
+];
+const E1000_CTRL: u64 = 0;
+const E1000_CTRL_RST: u32 = 1 << 26;
+/// What Linux's e1000e waits after setting CTRL.RST.
+const E1000_RESET_SETTLE: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Maps host memory (a BAR's mmap) into guest physical space: KVM memory slots,
 /// behind a trait so that `devices` stays KVM-agnostic.
@@ -263,6 +300,8 @@ impl VfioPciDevice {
         }
         let id = cfg(0);
         let class = cfg(2);
+        // What the last owner left running stops before this guest can enable DMA.
+        device_reset_quirk(&device, id);
         let shadow = PciConfig::new(
             id as u16,
             (id >> 16) as u16,
@@ -867,8 +906,48 @@ impl Drop for VfioPciDevice {
             unsafe { libc::munmap(m.host as *mut libc::c_void, m.len as usize) };
         }
         // Whatever the guest left running (DMA, interrupts) stops when `device`
-        // drops next: closing its descriptor makes vfio-pci reset the function.
+        // drops next: closing its descriptor makes vfio-pci reset the function, and a
+        // function whose reset does not stop it is reset here first.
+        device_reset_quirk(&self.device, self.real_read(0));
     }
+}
+
+/// Resets a function listed in [`RESET_QUIRKS`] through its own register (memory
+/// decoding on for the write, then as it was); nothing for any other function.
+fn device_reset_quirk(device: &VfioDevice, id: u32) {
+    let (vendor, dev) = (id as u16, (id >> 16) as u16);
+    let Some(q) = RESET_QUIRKS
+        .iter()
+        .find(|q| q.vendor == vendor && q.device == dev)
+    else {
+        return;
+    };
+    if device.get_region_size(0) < E1000_CTRL + 4 {
+        return;
+    }
+    let mut b = [0u8; 2];
+    device.region_read(VFIO_PCI_CONFIG_REGION_INDEX, &mut b, COMMAND_REG as u64 * 4);
+    let command = u16::from_le_bytes(b);
+    if command & CMD_MEMORY == 0 {
+        let on = (command | CMD_MEMORY).to_le_bytes();
+        device.region_write(VFIO_PCI_CONFIG_REGION_INDEX, &on, COMMAND_REG as u64 * 4);
+    }
+    let mut ctrl = [0u8; 4];
+    device.region_read(0, &mut ctrl, E1000_CTRL);
+    let reset = (u32::from_le_bytes(ctrl) | E1000_CTRL_RST).to_le_bytes();
+    device.region_write(0, &reset, E1000_CTRL);
+    std::thread::sleep(E1000_RESET_SETTLE);
+    if command & CMD_MEMORY == 0 {
+        device.region_write(
+            VFIO_PCI_CONFIG_REGION_INDEX,
+            &command.to_le_bytes(),
+            COMMAND_REG as u64 * 4,
+        );
+    }
+    tracing::debug!(
+        "{vendor:04x}:{dev:04x} {}: reset through CTRL.RST (its function reset leaves it running)",
+        q.what
+    );
 }
 
 #[cfg(test)]

@@ -39,6 +39,97 @@ fn counters(agent: &mut Agent, dev: &str) -> harness::Result<(u64, u64)> {
     }
 }
 
+/// The passthrough e1000e's receive control (RCTL) and first rx ring address (RDBAL0),
+/// read by the test host through sysfs while no VM holds the NIC. The NIC is brought to
+/// D0 (vfio-pci parks an idle function in D3hot) and memory decoding turned on for the
+/// read if either is off: a BAR that does not decode reads as zeros here, which would
+/// pass for a stopped NIC. CTRL, never zero on a decoding e1000e, proves the read
+/// reached the device. (A D3hot->D0 transition does not reset this e1000e.)
+fn e1000e_rx_regs(nic: &VfioNic) -> harness::Result<(u32, u32)> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let config = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(nic.sysfs.join("config"))
+        .map_err(|e| err!("{}/config: {e}", nic.sysfs.display()))?;
+    let byte = |at: u64| -> harness::Result<u8> {
+        let mut b = [0u8; 1];
+        config
+            .read_exact_at(&mut b, at)
+            .map_err(|e| err!("config: {e}"))?;
+        Ok(b[0])
+    };
+    // The power-management capability's control/status register.
+    let mut pmcsr = None;
+    let mut cap = u64::from(byte(0x34)? & 0xfc);
+    for _ in 0..48 {
+        if cap < 0x40 {
+            break;
+        }
+        if byte(cap)? == 1 {
+            pmcsr = Some(cap + 4);
+            break;
+        }
+        cap = u64::from(byte(cap + 1)? & 0xfc);
+    }
+    let power = match pmcsr {
+        Some(at) => Some((at, byte(at)?)),
+        None => None,
+    };
+    if let Some((at, p)) = power.filter(|(_, p)| p & 3 != 0) {
+        config
+            .write_all_at(&[p & !3], at)
+            .map_err(|e| err!("config: {e}"))?;
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let cmd = [byte(4)?];
+    if cmd[0] & 2 == 0 {
+        config
+            .write_all_at(&[cmd[0] | 2], 4)
+            .map_err(|e| err!("config: {e}"))?;
+    }
+    let path = nic.sysfs.join("resource0");
+    let f = std::fs::File::open(&path).map_err(|e| err!("{}: {e}", path.display()))?;
+    let len = 0x4000;
+    // SAFETY: a fresh shared read-only mapping of the BAR through its sysfs file; the
+    // result is checked, and it is unmapped below before `f` closes.
+    let m = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    if m == libc::MAP_FAILED {
+        return Err(err!(
+            "mmap {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: the offsets are 4-byte aligned and inside the `len` bytes mapped above;
+    // volatile, as they are device registers.
+    let read =
+        |off: usize| unsafe { std::ptr::read_volatile(m.cast::<u8>().add(off).cast::<u32>()) };
+    let (ctrl, rctl, rdbal) = (read(0), read(0x100), read(0x2800));
+    // SAFETY: the mapping made above, no longer used.
+    unsafe { libc::munmap(m, len) };
+    let _ = config.write_all_at(&cmd, 4);
+    if let Some((at, p)) = power {
+        let _ = config.write_all_at(&[p], at);
+    }
+    if ctrl == 0 || ctrl == u32::MAX {
+        return Err(err!(
+            "the e1000e's CTRL reads {ctrl:#x}: the read did not reach the NIC"
+        ));
+    }
+    Ok((rctl, rdbal))
+}
+
 fn info(vm: &Tandem) -> harness::Result<serde_json::Value> {
     serde_json::from_str(&vm.remote("info")?).map_err(|e| err!("vm.info: {e}"))
 }
@@ -334,6 +425,12 @@ harness::guest_test_kernels!(fn tandem_failover_surprise_and_timeouts(env) {
     assert!(received > sent / 2, "traffic went on over the standby: {received}/{sent}");
     events.wait_for(|e| vf0("surprise-removed")(e) && e["cause"] == "api", Duration::from_secs(5))?;
     master_with_slaves(&mut agent, 1)?;
+    // The NIC, taken from a guest whose driver had receive running, is stopped: its
+    // rings no longer point into guest memory (this e1000e's function reset alone
+    // leaves them, and the next driver to enable bus mastering gets frames over its
+    // memory).
+    let (rctl, rdbal) = e1000e_rx_regs(&nic)?;
+    assert!(rctl & 2 == 0 && rdbal == 0, "the e1000e after a surprise removal: RCTL {rctl:#x}, RDBAL0 {rdbal:#x}");
 
     // A guest that does not eject in time (paused), policy surprise: removed at the
     // deadline; the guest, resumed, finds the slot empty.
