@@ -77,8 +77,10 @@ struct Report {
     samples: Vec<Sample>,
 }
 
-fn parse_args() -> usize {
+/// `--runs N` (default 3) and `--vmm NAME` (repeatable; default all of `VMMS`).
+fn parse_args() -> (usize, Vec<String>) {
     let mut runs = 3;
+    let mut vmms = Vec::new();
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -92,21 +94,35 @@ fn parse_args() -> usize {
                         std::process::exit(2)
                     })
             }
+            "--vmm" => match it.next() {
+                Some(v) if VMMS.contains(&v.as_str()) => vmms.push(v),
+                v => {
+                    eprintln!(
+                        "bench-hotplug: --vmm needs one of {} (got {v:?})",
+                        VMMS.join(", ")
+                    );
+                    std::process::exit(2)
+                }
+            },
             "-h" | "--help" => {
                 println!(
-                    "usage: cargo run --release -p tests --example bench-hotplug [-- --runs N]"
+                    "usage: cargo run --release -p tests --example bench-hotplug [-- --runs N] [--vmm {}]...",
+                    VMMS.join("|")
                 );
                 std::process::exit(0)
             }
             other => {
                 eprintln!(
-                    "bench-hotplug: unknown argument {other:?} (usage: bench-hotplug [--runs N])"
+                    "bench-hotplug: unknown argument {other:?} (usage: bench-hotplug [--runs N] [--vmm NAME]...)"
                 );
                 std::process::exit(2)
             }
         }
     }
-    runs
+    if vmms.is_empty() {
+        vmms = VMMS.iter().map(|v| v.to_string()).collect();
+    }
+    (runs, vmms)
 }
 
 /// `dev` or `dev/stat` (default rx_packets).
@@ -263,21 +279,11 @@ impl Control {
     fn remove(&mut self, surprise: bool) -> harness::Result<()> {
         match self {
             Control::Tandem { bin, api, .. } => {
-                let mut cmd = std::process::Command::new(bin);
-                cmd.args(["remote", "--api-socket"])
-                    .arg(api.as_path())
-                    .args(["remove-device", "vf0"]);
+                let mut args = vec!["remove-device", "vf0"];
                 if surprise {
-                    cmd.arg("--surprise");
+                    args.push("--surprise");
                 }
-                let out = cmd.output().map_err(|e| err!("{e}"))?;
-                if !out.status.success() {
-                    return Err(err!(
-                        "remove-device: {}",
-                        String::from_utf8_lossy(&out.stderr)
-                    ));
-                }
-                Ok(())
+                remote(bin, api, &args)
             }
             Control::Qemu { qmp, .. } => {
                 qmp.clear_events();
@@ -294,18 +300,7 @@ impl Control {
 
     fn add(&mut self) -> harness::Result<()> {
         match self {
-            Control::Tandem { bin, api, spec } => {
-                let out = std::process::Command::new(bin)
-                    .args(["remote", "--api-socket"])
-                    .arg(api.as_path())
-                    .args(["add-device", spec.as_str()])
-                    .output()
-                    .map_err(|e| err!("{e}"))?;
-                if !out.status.success() {
-                    return Err(err!("add-device: {}", String::from_utf8_lossy(&out.stderr)));
-                }
-                Ok(())
-            }
+            Control::Tandem { bin, api, spec } => remote(bin, api, &["add-device", spec.as_str()]),
             Control::Qemu { qmp, bdf } => {
                 qmp.execute(
                     "device_add",
@@ -315,6 +310,76 @@ impl Control {
             }
         }
     }
+}
+
+/// `tandem remote --api-socket API ARGS...`, killed if it has not answered within 60 s
+/// (an orderly removal waits for the guest at most 10 s by default): a benchmark that
+/// stops at a call names the call instead of hanging.
+fn remote(bin: &std::path::Path, api: &std::path::Path, args: &[&str]) -> harness::Result<()> {
+    let mut child = std::process::Command::new(bin)
+        .args(["remote", "--api-socket"])
+        .arg(api)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| err!("tandem remote: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match child.try_wait().map_err(|e| err!("tandem remote: {e}"))? {
+            Some(st) if st.success() => return Ok(()),
+            Some(st) => {
+                let mut msg = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut msg);
+                }
+                return Err(err!(
+                    "tandem remote {}: {st}: {}",
+                    args.join(" "),
+                    msg.trim()
+                ));
+            }
+            None if Instant::now() > deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(err!(
+                    "tandem remote {} did not answer within 60 s",
+                    args.join(" ")
+                ));
+            }
+            None => std::thread::sleep(Duration::from_millis(1)),
+        }
+    }
+}
+
+/// Waits (at most 20 s) until the guest's own frames leave through the primary, not the
+/// standby: a ping burst from the guest grows the uplink's counter and not the tap's. A
+/// primary that is enslaved is not yet carrying (its link comes up later), and a removal
+/// measured before it carries measures nothing: the bridge still sends to the tap. The
+/// burst also leaves the bridge's entry for the guest's MAC on the uplink.
+fn wait_primary_carries(agent: &mut Agent, up: &str, tap: &str) -> harness::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (u0, t0) = (read_counter(up), read_counter(tap));
+        agent.run_ok(&format!(
+            "ping -q -c 5 -i 0.02 -W 1 {PEER_IP} >/dev/null 2>&1; true"
+        ))?;
+        let (du, dt) = (read_counter(up) - u0, read_counter(tap) - t0);
+        if du >= 5 && dt < 5 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(err!(
+                "the primary did not carry the guest's traffic within 20 s of being enslaved (last burst: {du} frames on the uplink, {dt} on the tap)"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// One line on stderr per measurement, so that a run that stops shows where.
+fn step(name: &str, what: &str) {
+    eprintln!("bench-hotplug: {name}: {what}");
 }
 
 fn guest_flood(agent: &mut Agent, secs: u32) -> harness::Result<()> {
@@ -414,6 +479,8 @@ fn run_once(
     .map_err(fail)?;
 
     // 1. Orderly removal, the peer pinging the guest.
+    wait_primary_carries(&mut agent, &up, tap_name).map_err(fail)?;
+    step(&name, "orderly removal under the peer's ping");
     let ping = start_peer_ping(8)?;
     std::thread::sleep(Duration::from_secs(2));
     let t0 = Instant::now();
@@ -424,9 +491,10 @@ fn run_once(
 
     // 1b. Back, then an orderly removal under a one-way stream the guest does not answer:
     // only an announce (or the guest's own traffic) tells the bridge where it went.
+    step(&name, "re-add, orderly removal under a one-way stream");
     ctl.add().map_err(fail)?;
     master(&mut agent, 2).map_err(fail)?;
-    std::thread::sleep(Duration::from_secs(3));
+    wait_primary_carries(&mut agent, &up, tap_name).map_err(fail)?;
     let (stop, stream) = start_udp_stream()?;
     std::thread::sleep(Duration::from_secs(1));
     let sampler = Sampler::start(vec![format!("{tap_name}/tx_packets")]);
@@ -452,6 +520,7 @@ fn run_once(
     master(&mut agent, 1).map_err(fail)?;
 
     // 2. Plug, the guest flooding the peer.
+    step(&name, "plug under the guest's flood");
     guest_flood(&mut agent, 30)?;
     std::thread::sleep(Duration::from_millis(500));
     let sampler = Sampler::start(vec![up.clone()]);
@@ -476,6 +545,7 @@ fn run_once(
     std::thread::sleep(Duration::from_secs(1));
 
     // 3. Orderly removal, the guest flooding the peer.
+    step(&name, "orderly removal under the guest's flood");
     guest_flood(&mut agent, 6)?;
     let sampler = Sampler::start(vec![up.clone(), tap_name.to_string()]);
     std::thread::sleep(Duration::from_secs(1));
@@ -490,10 +560,11 @@ fn run_once(
     if kind == "tandem" {
         ctl.add().map_err(fail)?;
         master(&mut agent, 2).map_err(fail)?;
-        std::thread::sleep(Duration::from_secs(2));
+        wait_primary_carries(&mut agent, &up, tap_name).map_err(fail)?;
         guest_flood(&mut agent, 6)?;
         let sampler = Sampler::start(vec![up.clone(), tap_name.to_string()]);
         std::thread::sleep(Duration::from_secs(1));
+        step(&name, "surprise removal under the guest's flood");
         let t0 = Instant::now();
         ctl.remove(true).map_err(fail)?;
         std::thread::sleep(Duration::from_secs(3));
@@ -502,9 +573,10 @@ fn run_once(
         master(&mut agent, 1).map_err(fail)?;
         ctl.add().map_err(fail)?;
         master(&mut agent, 2).map_err(fail)?;
-        std::thread::sleep(Duration::from_secs(2));
+        wait_primary_carries(&mut agent, &up, tap_name).map_err(fail)?;
         let ping = start_peer_ping(8)?;
         std::thread::sleep(Duration::from_secs(2));
+        step(&name, "surprise removal under the peer's ping");
         ctl.remove(true).map_err(fail)?;
         s.p2g_surprise_ms = Some(peer_outage(ping)?);
     }
@@ -513,7 +585,7 @@ fn run_once(
     Ok(())
 }
 
-fn measure(runs: usize, mode: Mode, why: &str) -> harness::Result<Report> {
+fn measure(runs: usize, vmms: &[String], mode: Mode, why: &str) -> harness::Result<Report> {
     let tandem = BENCH.tandem_bin()?;
     let guest = harness::image::test_guest()?;
     let dirs = BENCH.dirs()?;
@@ -539,7 +611,7 @@ fn measure(runs: usize, mode: Mode, why: &str) -> harness::Result<Report> {
     ));
     let mut samples = Vec::new();
     for run in 1..=runs {
-        for vmm in VMMS {
+        for vmm in vmms.iter().map(String::as_str) {
             let mut s = Sample {
                 vmm: vmm.into(),
                 run,
@@ -651,7 +723,7 @@ impl BenchReport for Report {
 }
 
 fn main() {
-    let runs = parse_args();
+    let (runs, vmms) = parse_args();
     // Three guests per run, about 5 minutes in a nested test host: more than the default
     // 15-minute limit on one test-host job for 3 runs.
     if std::env::var_os("TANDEM_TESTHOST_JOB_TIMEOUT").is_none() {
@@ -660,6 +732,9 @@ fn main() {
             (runs * 480 + 300).to_string(),
         );
     }
-    let relaunch = ["--runs".to_string(), runs.to_string()];
-    BENCH.main(&relaunch, |mode, why| measure(runs, mode, why));
+    let mut relaunch = vec!["--runs".to_string(), runs.to_string()];
+    for v in &vmms {
+        relaunch.extend(["--vmm".to_string(), v.clone()]);
+    }
+    BENCH.main(&relaunch, |mode, why| measure(runs, &vmms, mode, why));
 }

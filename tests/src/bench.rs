@@ -268,6 +268,12 @@ pub fn spawn_vmm(
             .arg("--api-socket")
             .arg(&api)
             .args(spec.tandem_args)
+            // Tandem's log in the benchmark's log dir: info (nothing per frame) unless
+            // TANDEM_TEST_LOG says otherwise.
+            .env(
+                "TANDEM_LOG",
+                std::env::var("TANDEM_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(f)
