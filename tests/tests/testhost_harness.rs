@@ -65,7 +65,7 @@ fn testhost_survives_broken_jobs() {
     // L1 stalls (its CPU stopped through QEMU's monitor, as a lost wakeup would leave
     // it): the watchdog saves its registers and wakes it, and the job goes on.
     let mut host = TestHost::new("harness-stall");
-    host.stall_kick = Some(Duration::from_secs(12));
+    host.stall_kick = Some(Duration::from_secs(10));
     let mut s = Session::boot(&host).expect("boot L1");
     let monitor = s.monitor_path().to_path_buf();
     let stopper = std::thread::spawn(move || {
@@ -73,7 +73,7 @@ fn testhost_survives_broken_jobs() {
         monitor_command(&monitor, "stop")
     });
     let o = s
-        .run_job("stalled", &sh("sleep 20; echo still-here"))
+        .run_job("stalled", &sh("sleep 16; echo still-here"))
         .expect("a stalled L1 that wakes is no error");
     let _ = stopper.join();
     assert!(o.output.contains("still-here"), "{}", o.output);
@@ -91,7 +91,7 @@ fn testhost_survives_broken_jobs() {
 
     // Without the wake-up, a stopped L1 is a freeze: no heartbeat, registers saved.
     let mut host = TestHost::new("harness-freeze");
-    host.freeze_timeout = Duration::from_secs(15);
+    host.freeze_timeout = Duration::from_secs(12);
     host.stall_kick = None;
     let mut s = Session::boot(&host).expect("boot L1");
     let monitor = s.monitor_path().to_path_buf();
@@ -115,7 +115,7 @@ fn testhost_survives_broken_jobs() {
 
     // A job that overruns while L1 is fine: a hang, not a freeze.
     let mut host = TestHost::new("harness-overrun");
-    host.job_timeout = Duration::from_secs(20);
+    host.job_timeout = Duration::from_secs(12);
     let mut s = Session::boot(&host).expect("boot L1");
     let e = s
         .run_job("sleeper", &sh("sleep 300"))
