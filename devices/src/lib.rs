@@ -20,6 +20,7 @@ pub mod rtc;
 pub mod sandbox;
 pub mod serial;
 pub mod snapshot;
+pub mod sriov;
 pub mod vfio;
 pub mod virtio;
 

@@ -148,6 +148,8 @@ const GUEST_RECIPE: Recipe = Recipe {
         // Throttling off: QEMU 7.2's emulated e1000e (the test host's NIC behind VFIO)
         // can abort on its throttling timer while MSI-X is enabled.
         ("e1000e", "InterruptThrottleRate=0,0,0,0"),
+        // The test host's SR-IOV VFs (QEMU's igb) as failover primaries.
+        ("igbvf", ""),
     ],
     binaries: &["usr/bin/iperf3"],
     init: GUEST_INIT,
@@ -174,6 +176,8 @@ pub fn test_host() -> Result<GuestImage> {
                 ("tun", ""),
                 ("veth", ""),
                 ("vhost_net", ""),
+                // The SR-IOV PF (QEMU's igb): its VFs and their MAC table.
+                ("igb", ""),
             ],
             binaries: &[],
             init: HOST_INIT,

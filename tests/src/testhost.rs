@@ -283,6 +283,14 @@ impl Session {
             "-device",
             "virtio-net-pci,netdev=up,mac=52:54:00:fe:00:01",
         ]);
+        // An SR-IOV NIC (QEMU's igb, an 82576 with VFs): L1's igb driver owns the PF
+        // and its VF table; its VFs can be bound to vfio-pci.
+        cmd.args([
+            "-netdev",
+            "hubport,id=sriov0,hubid=0",
+            "-device",
+            "igb,netdev=sriov0,addr=0x8,mac=52:54:00:fe:00:08",
+        ]);
         for (i, slot) in VFIO_SLOTS.iter().enumerate() {
             cmd.arg("-netdev")
                 .arg(format!("hubport,id=vf{i},hubid=0"))

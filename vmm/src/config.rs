@@ -473,24 +473,54 @@ pub fn check_vfio_host(d: &DeviceSpec) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// What Tandem can say about a primary's MAC: the guest pairs it with its standby only if
-/// its permanent MAC equals the standby's, and the host cannot tell that here.
-pub fn primary_mac_note(d: &DeviceSpec, nets: &[NetSpec]) -> Option<String> {
-    let standby = d.failover.as_ref()?;
-    let mac = nets
+/// A failover primary's MAC against its standby's: the guest pairs the two only if the
+/// primary's permanent MAC is the standby's. For an SR-IOV VF the host knows that MAC
+/// (its PF's VF table, [`devices::sriov`]): a different one, or none set (the VF's
+/// driver then makes one up), is refused with the command that sets it. Otherwise the
+/// answer is a note for the log saying what the host could not check. Nothing to say
+/// for a device that is no primary.
+pub fn check_primary_mac(d: &DeviceSpec, nets: &[NetSpec]) -> Result<Option<String>, ConfigError> {
+    let Some(standby) = d.failover.as_ref() else {
+        return Ok(None);
+    };
+    let Some(want) = nets
         .iter()
         .find(|n| &n.net.id == standby)
-        .map(|n| format_mac(&n.net.mac))?;
-    let what = if d.path.join("physfn").exists() {
-        "an SR-IOV VF, whose MAC Tandem does not check against its PF's VF table yet"
-    } else {
-        "not an SR-IOV VF, so the host cannot tell its MAC"
+        .map(|n| n.net.mac)
+    else {
+        return Ok(None);
     };
-    Some(format!(
-        "device {}: {} is {what}; the guest pairs it with {standby} only if its permanent MAC is {mac}",
-        d.id,
-        d.path.display()
-    ))
+    let msg = |what: String| format!("{}: {}: {what}", d.id, d.path.display());
+    let note = |what: &str| {
+        Ok(Some(msg(format!(
+            "{what}; the guest pairs it with {standby} only if its permanent MAC is {}",
+            format_mac(&want)
+        ))))
+    };
+    match devices::sriov::vf_mac(&d.path) {
+        Ok(devices::sriov::VfMac::NotAVf) => {
+            note("not an SR-IOV VF, so the host cannot tell its MAC")
+        }
+        Ok(devices::sriov::VfMac::Known { mac, .. }) if mac == want => Ok(Some(msg(format!(
+            "an SR-IOV VF whose MAC in its PF's table is {}, its standby {standby}'s",
+            format_mac(&mac)
+        )))),
+        Ok(devices::sriov::VfMac::Known { pf, vf, mac }) => {
+            let has = if mac == [0; 6] {
+                "has no MAC in its PF's table (its driver would make one up)".to_string()
+            } else {
+                format!("has MAC {} in its PF's table", format_mac(&mac))
+            };
+            Err(ConfigError::conflict(
+                "device",
+                msg(format!(
+                    "VF {vf} of {pf} {has}, but its standby {standby} has {w}: the guest would not pair them (ip link set {pf} vf {vf} mac {w})",
+                    w = format_mac(&want)
+                )),
+            ))
+        }
+        Err(e) => note(&format!("an SR-IOV VF whose MAC cannot be read ({e})")),
+    }
 }
 
 /// Checks across NICs and passthrough devices: ids unique, slots distinct, each
@@ -1020,5 +1050,37 @@ mod tests {
             parse_incoming_net("id=net0", 0).is_err(),
             "tap= is required"
         );
+    }
+
+    #[test]
+    fn a_primary_mac_is_checked_only_where_the_host_can_tell_it() {
+        let nets = [parse_net("id=net0,tap=t0,mac=52:54:00:aa:00:01,standby=on", 0).unwrap()];
+        let dir = std::env::temp_dir().join(format!("tandem-mac-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let plain = parse_device(&format!("id=v,path={}", dir.display()), 0).unwrap();
+        assert_eq!(
+            check_primary_mac(&plain, &nets).unwrap(),
+            None,
+            "no primary, nothing to say"
+        );
+        let primary =
+            parse_device(&format!("id=v,path={},failover=net0", dir.display()), 0).unwrap();
+        let note = check_primary_mac(&primary, &nets).unwrap().unwrap();
+        assert!(
+            note.contains("not an SR-IOV VF") && note.contains("52:54:00:aa:00:01"),
+            "{note}"
+        );
+        // A VF whose PF has no interface: said in the note, not refused (the host
+        // cannot tell).
+        let pf = dir.join("pf");
+        std::fs::create_dir_all(&pf).unwrap();
+        std::os::unix::fs::symlink(&pf, dir.join("physfn")).unwrap();
+        std::os::unix::fs::symlink(&dir, pf.join("virtfn0")).unwrap();
+        let note = check_primary_mac(&primary, &nets).unwrap().unwrap();
+        assert!(
+            note.contains("cannot be read") && note.contains("no network interface"),
+            "{note}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -331,7 +331,8 @@ impl Vmm {
         let kvm = Kvm::new().map_err(VmmError::Kvm)?;
         let failover = Failover::new(&mut cfg).map_err(|e| VmmError::Guest(e.to_string()))?;
         for d in &cfg.devices {
-            if let Some(note) = config::primary_mac_note(d, &cfg.nets) {
+            // Refusals were made when the command line was read; here only the note.
+            if let Ok(Some(note)) = config::check_primary_mac(d, &cfg.nets) {
                 tracing::info!("{note}");
             }
         }
@@ -894,11 +895,22 @@ impl Vmm {
         while self.cfg.devices.iter().any(|d| d.id == format!("dev{n}")) {
             n += 1;
         }
-        let mut spec = config::parse_device(&kv, n).map_err(refused)?;
+        let spec = config::parse_device(&kv, n).map_err(refused)?;
+        self.add_device_spec(vm, spec)
+    }
+
+    /// Adds the passthrough device `spec` (checked here against what the VM has): a
+    /// failover primary waits for its standby, anything else is hot-added at once.
+    pub(crate) fn add_device_spec(
+        &mut self,
+        vm: &mut Vm,
+        mut spec: config::DeviceSpec,
+    ) -> ApiResponse {
         let mut all = self.cfg.devices.clone();
         all.push(spec.clone());
         config::check_devices(&self.cfg.nets, &all).map_err(refused)?;
         config::check_vfio_host(&spec).map_err(refused)?;
+        let mac_note = config::check_primary_mac(&spec, &self.cfg.nets).map_err(refused)?;
         let slot = match &spec.failover {
             Some(standby) => {
                 let slot = match spec.slot {
@@ -922,7 +934,7 @@ impl Vmm {
                     .add_primary(standby, &spec.id, slot as u8)
                     .map_err(|e| ApiError::conflict(format!("--device {}: {e}", spec.id)))?;
                 vm.reserve_slot(slot);
-                if let Some(note) = config::primary_mac_note(&spec, &self.cfg.nets) {
+                if let Some(note) = mac_note {
                     tracing::info!("{note}");
                 }
                 self.cfg.devices.push(spec.clone());

@@ -229,6 +229,7 @@ fn build_config(a: RunArgs) -> Result<VmConfig, ConfigError> {
     config::check_devices(&nets, &devices)?;
     for d in &devices {
         config::check_vfio_host(d)?;
+        config::check_primary_mac(d, &nets)?;
     }
     Ok(VmConfig {
         nets,
