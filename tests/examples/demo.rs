@@ -387,6 +387,19 @@ fn demo(mode: Mode, why: &str) -> harness::Result<()> {
         "--net".into(),
         "id=net0,tap=tdemo1".into(),
     ];
+    // The destination's own primary for the standby (here the test host's second
+    // e1000e): plugged into the same slot as soon as the migrated standby reports the
+    // guest's STANDBY ack.
+    let dest_primary = env.vfio_nics.get(1).map(|n| {
+        format!(
+            "id=vf0,path=/sys/bus/pci/devices/{},failover=net0,slot=6",
+            n.bdf
+        )
+    });
+    let mut args2 = args2;
+    if let Some(spec) = &dest_primary {
+        args2.extend(["--device".to_string(), spec.clone()]);
+    }
     println!("$ {} {} &", tandem.display(), args2.join(" "));
     let tandem_log2 = logs.join("tandem-destination.log");
     let child2 = Command::new(&tandem)
@@ -411,6 +424,12 @@ fn demo(mode: Mode, why: &str) -> harness::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    println!(
+        "$ {} remote --api-socket {} events &   # the destination's events (its API answers while it waits)",
+        tandem.display(),
+        api2.display()
+    );
+    let events2 = Tandem(print_events(&tandem, &api2)?);
     guest_cmd(
         &mut agent,
         &format!("(ping -i 0.1 {p} > /tmp/ping.log 2>&1 &); sleep 1; tail -1 /tmp/ping.log"),
@@ -418,16 +437,11 @@ fn demo(mode: Mode, why: &str) -> harness::Result<()> {
     remote(&["send-migration", url])?;
     let status = vm.0.wait().map_err(|e| err!("{e}"))?;
     let _ = events.0.wait();
+    events = events2;
     println!("# the source tandem exited ({status}); the guest runs in the destination now");
     drop(agent);
     let mut agent = Agent::connect_unix(&serial2, logs.join("guest-console-destination.log"))?;
     agent.assume_ready();
-    println!(
-        "$ {} remote --api-socket {} events &   # the destination's events",
-        tandem.display(),
-        api2.display()
-    );
-    events = Tandem(print_events(&tandem, &api2)?);
     println!("# the ping never stopped: the guest's own count, then its address and slaves");
     guest_cmd(
         &mut agent,
@@ -437,13 +451,9 @@ fn demo(mode: Mode, why: &str) -> harness::Result<()> {
         &mut agent,
         &format!("ip -o -4 addr show {master}; ls -d /sys/class/net/{master}/lower_*"),
     )?;
-    if let Some(n) = env.vfio_nics.get(1) {
-        println!("# a primary with the same MAC, into the same slot (here the test host's second e1000e)");
-        let spec = format!(
-            "id=vf0,path=/sys/bus/pci/devices/{},failover=net0,slot=6",
-            n.bdf
-        );
-        remote_at(&api2, &["add-device", &spec])?;
+    if dest_primary.is_some() {
+        println!("# the destination's --device: a primary with the same MAC, in the same slot, plugged by");
+        println!("# Tandem itself once the migrated standby reported STANDBY acked (no API call)");
         guest_cmd(&mut agent, &slaves(2))?;
         guest_cmd(
             &mut agent,

@@ -697,3 +697,57 @@ harness::guest_test!(fn tandem_sriov_vf_primary_mac_checked(env) {
     let _ = sh(&format!("echo 0 > {d}/sriov_numvfs"));
     Ok(())
 });
+
+// Live migration of a VM with a failover pair, as an orchestrator runs it: the primary
+// leaves first (orderly), the guest moves to a second Tandem whose `--device` names this
+// host's primary for the same standby and slot, and that primary is plugged as soon as
+// the migrated standby reports the guest's STANDBY ack, with no API call at the
+// destination; the guest enslaves it and sends through it. Before that, a destination
+// whose `--device` pairs with a NIC the guest does not have refuses before any memory
+// moves, and the source keeps the guest.
+harness::guest_test_kernels!(fn tandem_failover_primary_replugged_after_migration(env) {
+    let Some(nics) = env.vfio_nics_or_skip(2) else { return Ok(()) };
+    let (a, b) = (nics[0].clone(), nics[1].clone());
+    let _tap = env.tap("tdtap0")?;
+    let _tap1 = env.tap("tdtap1")?;
+    let (mut vm, _events, mut agent, master) = boot_pair(env, "mgs", &a, &[])?;
+    vm.remote_args(&["remove-device", "vf0"])?;
+    master_with_slaves(&mut agent, 1)?;
+
+    let url = format!("unix:{}", env.socket_path("mg.sock").display());
+    let bad = format!("id=vf0,path=/sys/bus/pci/devices/{},failover=nope,slot=6", b.bdf);
+    let mut dest = Tandem::spawn_in(env, "mgbad", None, Some(&url), &["--net", "id=net0,tap=tdtap1", "--device", &bad])?;
+    dest.wait_log("waiting for a migration", Duration::from_secs(30))?;
+    let e = vm.remote_args(&["send-migration", &url]).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(e.contains("failover=nope: no NIC with that id"), "the source's answer: {e}");
+    let code = dest.wait_exit(Duration::from_secs(30))?;
+    assert_ne!(code, 0, "the refusing destination's exit status; log: {}", dest.log());
+    let out = agent.run(&format!("ping -c 2 -W 2 {PEER_IP}"), Duration::from_secs(30))?;
+    assert_eq!(out.status, 0, "the source kept the guest: {}", out.stdout);
+
+    let good = format!("id=vf0,path=/sys/bus/pci/devices/{},failover=net0,slot=6", b.bdf);
+    let mut dest = Tandem::spawn_in(env, "mgdst", None, Some(&url), &["--net", "id=net0,tap=tdtap1", "--device", &good])?;
+    dest.wait_log("waiting for a migration", Duration::from_secs(30))?;
+    let out = vm.remote_args(&["send-migration", &url])?;
+    assert!(out.contains("completed in"), "{out}");
+    assert_eq!(vm.wait_exit(Duration::from_secs(30))?, 0, "the source's exit status; log: {}", vm.log());
+    let mut agent = dest.migrated_agent(env, "mgdst")?;
+    // Plugged by the destination itself (no API call), into the slot --device gave.
+    let t0 = std::time::Instant::now();
+    while pair_state(&dest)?["state"] != "plugged" {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the destination's primary: {}", info(&dest)?);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (m, slaves) = master_with_slaves(&mut agent, 2)?;
+    assert_eq!(m, master, "the same failover master: {slaves:?}");
+    let primary = e1000e_dev(&mut agent)?;
+    agent.run_ok(&format!("ip link set {primary} up"))?;
+    wait_guest(&mut agent, &format!("[ \"$(cat /sys/class/net/{primary}/carrier)\" = 1 ]"), 30)?;
+    let before = counters(&mut agent, &primary)?;
+    let out = agent.run(&format!("sleep 1; ping -c 20 -i 0.05 -W 2 {PEER_IP}"), Duration::from_secs(60))?;
+    let after = counters(&mut agent, &primary)?;
+    assert!(out.status == 0 && after.1 - before.1 >= 20, "traffic on the new host's primary: {before:?} -> {after:?}: {}", out.stdout);
+    let p = pair_state(&dest)?;
+    assert_eq!((p["primary"].as_str(), p["slot"].as_u64()), (Some("vf0"), Some(6)), "{p}");
+    Ok(())
+});

@@ -130,11 +130,14 @@ pub struct VmConfig {
     pub boot: Option<std::sync::Arc<BootFiles>>,
 }
 
-/// A migration destination's own settings: where it listens and each NIC's tap.
+/// A migration destination's own settings: where it listens, each NIC's tap, and the
+/// passthrough devices this host adds once the guest runs here (a failover primary
+/// with the standby's MAC, plugged when the migrated standby reports STANDBY acked).
 #[derive(Debug, Clone, Serialize)]
 pub struct IncomingSpec {
     pub url: String,
     pub nets: Vec<IncomingNet>,
+    pub devices: Vec<DeviceSpec>,
 }
 
 /// `--net` on a destination: `id` and `tap` at least; any other key must agree

@@ -52,8 +52,10 @@ struct RunArgs {
     kernel: Option<PathBuf>,
     /// Receive a live migration on tcp:HOST:PORT or unix:PATH instead of booting:
     /// the VM's configuration comes from the source; give each NIC's tap with
-    /// --net id=ID,tap=NAME (other keys, if given, must agree with the source).
-    #[arg(long, value_name = "URL", conflicts_with_all = ["kernel", "initramfs", "device"])]
+    /// --net id=ID,tap=NAME (other keys, if given, must agree with the source), and
+    /// this host's passthrough devices with --device (a failover primary is plugged
+    /// once the migrated standby reports STANDBY acked).
+    #[arg(long, value_name = "URL", conflicts_with_all = ["kernel", "initramfs"])]
     incoming: Option<String>,
     /// Initramfs (cpio, optionally compressed) handed to the kernel.
     #[arg(long, value_name = "PATH")]
@@ -187,6 +189,26 @@ fn build_config(a: RunArgs) -> Result<VmConfig, ConfigError> {
             .enumerate()
             .map(|(i, s)| config::parse_incoming_net(s, i))
             .collect::<Result<Vec<_>, _>>()?;
+        // What can be checked before the source says which NICs the guest has: the
+        // keys, the host function, ids and functions not given twice. Pairing and
+        // slots are checked against the source's NICs before any memory moves.
+        let devices = a
+            .device
+            .iter()
+            .enumerate()
+            .map(|(i, s)| config::parse_device(s, i))
+            .collect::<Result<Vec<_>, _>>()?;
+        let unpaired: Vec<_> = devices
+            .iter()
+            .map(|d| config::DeviceSpec {
+                failover: None,
+                ..d.clone()
+            })
+            .collect();
+        config::check_devices(&[], &unpaired)?;
+        for d in &devices {
+            config::check_vfio_host(d)?;
+        }
         return Ok(VmConfig {
             nets: vec![],
             devices: vec![],
@@ -204,6 +226,7 @@ fn build_config(a: RunArgs) -> Result<VmConfig, ConfigError> {
             incoming: Some(config::IncomingSpec {
                 url: url.clone(),
                 nets,
+                devices,
             }),
             boot: None,
         });

@@ -71,11 +71,13 @@ impl Vmm {
                 version: migration::PROTOCOL_VERSION,
                 memory_bytes: self.cfg.memory_bytes,
                 vcpus: self.cfg.vcpus,
+                // The slot each NIC is in (one given none took the lowest free at
+                // boot): the destination keeps it, and places its devices around it.
                 nets: self
                     .cfg
                     .nets
                     .iter()
-                    .map(|n| (n.net.clone(), n.slot))
+                    .map(|n| (n.net.clone(), vm.devices().slot_of(&n.net.id).or(n.slot)))
                     .collect(),
                 cpuid: vm.cpuid().to_vec(),
                 kernel,
@@ -233,6 +235,13 @@ impl Vmm {
                     }
                     nets.push(here);
                 }
+                // This host's passthrough devices against the guest's NICs: a primary
+                // pairs with a migrated standby, no slot is taken twice, and a VF's MAC
+                // is its standby's.
+                config::check_devices(&nets, &inc.devices).map_err(|e| e.to_string())?;
+                for d in &inc.devices {
+                    config::check_primary_mac(d, &nets).map_err(|e| e.to_string())?;
+                }
                 let missing = crate::vmstate::missing_features(kvm, &hello.cpuid)?;
                 if !missing.is_empty() {
                     return Err(format!(
@@ -281,8 +290,15 @@ impl Vmm {
         self.cfg.memory_bytes = shape.0;
         self.cfg.vcpus = shape.1;
         self.cfg.nets = nets;
-        // The standbys came with the VM: a primary can pair with them here (the guest's
-        // STANDBY ack reaches the machine as the restored NICs report their status).
+        // This host's primaries pair with the standbys that came with the VM: each is
+        // plugged when the restored standby reports the guest's STANDBY ack. Devices
+        // that pair with nothing are added once the guest runs.
+        let (primaries, plain): (Vec<_>, Vec<_>) = inc
+            .devices
+            .iter()
+            .cloned()
+            .partition(|d| d.failover.is_some());
+        self.cfg.devices = primaries;
         self.failover = Failover::new(&mut self.cfg).map_err(|e| VmmError::Guest(e.to_string()))?;
         let fail = |conn: &mut Box<dyn migration::Stream>, e: String| {
             migration::refuse(conn.as_mut(), &e);
@@ -298,6 +314,11 @@ impl Vmm {
             Ok(vm) => vm,
             Err(e) => return Err(fail(&mut conn, e.to_string())),
         };
+        for d in &self.cfg.devices {
+            if let Some(slot) = d.slot {
+                vm.reserve_slot(slot);
+            }
+        }
         migration::ready_and_wait_go(conn.as_mut()).map_err(|e| {
             VmmError::Guest(format!(
                 "incoming migration: {e}; the source keeps the guest"
@@ -308,6 +329,12 @@ impl Vmm {
         vm.announce_moved();
         self.boots += 1;
         tracing::info!("the migrated guest runs here");
+        for d in plain {
+            let id = d.id.clone();
+            if let Err(e) = self.add_device_spec(&mut vm, d) {
+                tracing::warn!("--device {id}: not added: {}", e.message);
+            }
+        }
         self.hub.publish(
             None,
             if paused {
