@@ -194,6 +194,9 @@ fn longest_gap(grew: &[(Instant, usize)], from: Instant) -> Option<f64> {
 /// 10 ms, until the returned flag is set. The guest answers nothing.
 fn start_udp_stream() -> harness::Result<(Arc<AtomicBool>, std::thread::JoinHandle<()>)> {
     let sock = std::net::UdpSocket::bind("10.0.0.1:0").map_err(|e| err!("udp: {e}"))?;
+    // A datagram the kernel cannot take now is dropped, never waited for: the thread
+    // must stop when told to.
+    sock.set_nonblocking(true).map_err(|e| err!("udp: {e}"))?;
     let stop = Arc::new(AtomicBool::new(false));
     let s = stop.clone();
     let t = std::thread::spawn(move || {
@@ -379,7 +382,9 @@ fn wait_primary_carries(agent: &mut Agent, up: &str, tap: &str) -> harness::Resu
 
 /// One line on stderr per measurement, so that a run that stops shows where.
 fn step(name: &str, what: &str) {
-    eprintln!("bench-hotplug: {name}: {what}");
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let t = START.get_or_init(Instant::now).elapsed().as_secs_f64();
+    eprintln!("bench-hotplug: {t:7.1} s {name}: {what}");
 }
 
 fn guest_flood(agent: &mut Agent, secs: u32) -> harness::Result<()> {
@@ -512,11 +517,13 @@ fn run_once(
             .find(|(t, _)| *t >= released)
             .map(|(t, _)| t.duration_since(released).as_secs_f64() * 1000.0);
     }
+    step(&name, "released; the stream reached the tap or 15 s passed");
     sampler.finish();
     stop.store(true, Ordering::Relaxed);
     let _ = stream.join();
     // None: not within 15 s.
     s.oneway_orderly_ms = Some(first.unwrap_or(15_000.0));
+    step(&name, "one-way stream stopped");
     master(&mut agent, 1).map_err(fail)?;
 
     // 2. Plug, the guest flooding the peer.
@@ -648,11 +655,16 @@ fn print_report(r: &Report) {
         n("qemu")
     );
     type Get = fn(&Sample) -> Option<f64>;
-    let metrics: [(&str, Get, &str); 6] = [
+    let metrics: [(&str, Get, &str); 7] = [
         ("orderly removal: API -> released", |s| s.release_s, "s"),
         (
             "orderly removal: peer->guest outage",
             |s| s.p2g_orderly_ms,
+            "ms",
+        ),
+        (
+            "orderly: one-way stream on the tap after",
+            |s| s.oneway_orderly_ms,
             "ms",
         ),
         ("plug: API -> primary carries traffic", |s| s.plug_s, "s"),
