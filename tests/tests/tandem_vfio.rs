@@ -692,6 +692,21 @@ harness::guest_test!(fn tandem_sriov_vf_primary_mac_checked(env) {
     )?;
     let p = pair_state(&vm)?;
     assert_eq!((p["primary"].as_str(), p["state"].as_str(), p["slot"].as_u64()), (Some("vf0"), Some("plugged"), Some(6)), "{p}");
+    // The VF's BARs are 64-bit (QEMU's 82576 VF): placed in the 64-bit window above
+    // 4 GiB that the DSDT declares, and the driver reached its registers there (its
+    // mailbox reads above).
+    let res = agent.run_ok("cat /sys/bus/pci/devices/0000:00:06.0/resource")?;
+    let bars: Vec<(u64, u64)> = res
+        .lines()
+        .take(6)
+        .filter_map(|l| {
+            let v: Vec<u64> = l.split_whitespace().filter_map(|x| u64::from_str_radix(x.trim_start_matches("0x"), 16).ok()).collect();
+            (v.len() == 3 && v[0] != 0).then(|| (v[0], v[2]))
+        })
+        .collect();
+    // IORESOURCE_MEM_64
+    let mem64: Vec<_> = bars.iter().filter(|(_, flags)| flags & 0x0010_0000 != 0).collect();
+    assert!(!mem64.is_empty() && mem64.iter().all(|(start, _)| *start >= 1 << 32), "the VF's BARs in the guest: {res}");
     drop(agent);
     drop(vm);
     let _ = sh(&format!("echo 0 > {d}/sriov_numvfs"));
