@@ -77,6 +77,6 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let _ = config::check_nets(&nets);
     let _ = config::check_devices(&nets, &devs);
     for d in &devs {
-        let _ = config::primary_mac_note(d, &nets);
+        let _ = config::check_primary_mac(d, &nets);
     }
 });
