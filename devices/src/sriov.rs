@@ -17,7 +17,6 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 /// What the host can tell about a device's MAC.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -150,7 +149,7 @@ pub fn query_vf_macs(ifindex: u32) -> io::Result<Vec<(u32, [u8; 6])>> {
     let fd = std::os::fd::AsRawFd::as_raw_fd(&sock);
     // A kernel that does not answer must not hold the caller (the VMM's control loop).
     let timeout = libc::timeval {
-        tv_sec: Duration::from_secs(2).as_secs() as libc::time_t,
+        tv_sec: 2,
         tv_usec: 0,
     };
     // SAFETY: SO_RCVTIMEO takes a timeval; the pointer and size describe `timeout`.
@@ -187,20 +186,20 @@ pub fn query_vf_macs(ifindex: u32) -> io::Result<Vec<(u32, [u8; 6])>> {
     }
     // One RTM_NEWLINK; a PF with many VFs makes it large.
     let mut buf = vec![0u8; 256 * 1024];
-    loop {
+    let n = loop {
         // SAFETY: `buf` is writable for its length for the duration of the call.
         let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
+        match usize::try_from(n) {
+            Ok(n) => break n,
+            Err(_) => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
             }
-            return Err(e);
         }
-        let n = usize::try_from(n).unwrap_or(0);
-        return parse_link_reply(&buf[..n], seq)
-            .map_err(|m| io::Error::new(io::ErrorKind::InvalidData, m));
-    }
+    };
+    parse_link_reply(&buf[..n], seq).map_err(|m| io::Error::new(io::ErrorKind::InvalidData, m))
 }
 
 /// RTM_GETLINK for interface `index`, asking for the VF table.

@@ -619,7 +619,7 @@ harness::guest_test!(fn tandem_vfio_bad_input(env) {
 harness::guest_test!(fn tandem_sriov_vf_primary_mac_checked(env) {
     let pf_dev = std::path::Path::new("/sys/bus/pci/devices/0000:00:08.0");
     if !pf_dev.join("sriov_totalvfs").exists() {
-        eprintln!("no SR-IOV NIC here (the test host has one at 00:08.0); skipped");
+        eprintln!("SKIPPED: needs an SR-IOV NIC at 0000:00:08.0 (the test host has one)");
         return Ok(());
     }
     let _tap = env.tap("tdtap0")?;

@@ -330,12 +330,6 @@ impl Vmm {
     pub fn new(mut cfg: VmConfig, signals: OwnedFd) -> Result<Self, VmmError> {
         let kvm = Kvm::new().map_err(VmmError::Kvm)?;
         let failover = Failover::new(&mut cfg).map_err(|e| VmmError::Guest(e.to_string()))?;
-        for d in &cfg.devices {
-            // Refusals were made when the command line was read; here only the note.
-            if let Ok(Some(note)) = config::check_primary_mac(d, &cfg.nets) {
-                tracing::info!("{note}");
-            }
-        }
         crate::vcpu::install_kick_handler()
             .map_err(|e| io::Error::other(format!("cannot install the vCPU kick handler: {e}")))?;
         let events = Arc::new(VmEvents::new()?);

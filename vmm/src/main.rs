@@ -180,6 +180,15 @@ fn remote_body(command: &str, args: &[String]) -> Result<Option<String>, String>
     }
 }
 
+/// Every `--device`, parsed (ids default to devN by position).
+fn parse_devices(specs: &[String]) -> Result<Vec<config::DeviceSpec>, ConfigError> {
+    specs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| config::parse_device(s, i))
+        .collect()
+}
+
 fn build_config(a: RunArgs) -> Result<VmConfig, ConfigError> {
     if let Some(url) = &a.incoming {
         migration::Url::parse(url).map_err(ConfigError::Incoming)?;
@@ -192,12 +201,7 @@ fn build_config(a: RunArgs) -> Result<VmConfig, ConfigError> {
         // What can be checked before the source says which NICs the guest has: the
         // keys, the host function, ids and functions not given twice. Pairing and
         // slots are checked against the source's NICs before any memory moves.
-        let devices = a
-            .device
-            .iter()
-            .enumerate()
-            .map(|(i, s)| config::parse_device(s, i))
-            .collect::<Result<Vec<_>, _>>()?;
+        let devices = parse_devices(&a.device)?;
         let unpaired: Vec<_> = devices
             .iter()
             .map(|d| config::DeviceSpec {
@@ -243,16 +247,13 @@ fn build_config(a: RunArgs) -> Result<VmConfig, ConfigError> {
         .map(|(i, s)| config::parse_net(s, i))
         .collect::<Result<Vec<_>, _>>()?;
     config::check_nets(&nets)?;
-    let devices = a
-        .device
-        .iter()
-        .enumerate()
-        .map(|(i, s)| config::parse_device(s, i))
-        .collect::<Result<Vec<_>, _>>()?;
+    let devices = parse_devices(&a.device)?;
     config::check_devices(&nets, &devices)?;
     for d in &devices {
         config::check_vfio_host(d)?;
-        config::check_primary_mac(d, &nets)?;
+        if let Some(note) = config::check_primary_mac(d, &nets)? {
+            tracing::info!("{note}");
+        }
     }
     Ok(VmConfig {
         nets,

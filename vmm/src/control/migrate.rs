@@ -240,7 +240,11 @@ impl Vmm {
                 // is its standby's.
                 config::check_devices(&nets, &inc.devices).map_err(|e| e.to_string())?;
                 for d in &inc.devices {
-                    config::check_primary_mac(d, &nets).map_err(|e| e.to_string())?;
+                    if let Some(note) =
+                        config::check_primary_mac(d, &nets).map_err(|e| e.to_string())?
+                    {
+                        tracing::info!("{note}");
+                    }
                 }
                 let missing = crate::vmstate::missing_features(kvm, &hello.cpuid)?;
                 if !missing.is_empty() {
