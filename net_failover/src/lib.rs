@@ -36,12 +36,29 @@
 //! primary on its own parks it: it stays hidden until the standby is negotiated afresh
 //! (reset, then acked) or the VM reboots, so Tandem never fights the guest's wish.
 //!
+//! A live migration holds each primary off the bus before any memory is copied (a
+//! passthrough device's DMA writes are not in KVM's dirty log, and the device cannot
+//! move): [`Input::HoldPrimary`] takes the same orderly path with reason `Migration`, and
+//! the primary stays hidden, whatever the guest's driver does, until [`Input::Unhold`]
+//! (the migration failed and the guest stays) lets it back into its slot:
+//!
+//! ```text
+//!  migration (control loop)        Machine                       guest
+//!  HoldPrimary{vf0, 10 s} ───────▶ held, Ejecting ──RequestEject──▶ unbinds vf0, _EJ0
+//!                        ◀─────── Unplug, Event(DeviceReleased), Reply(Ok)
+//!  copy memory, devices; the destination plugs its own primary when the standby acks
+//!  (or, on failure) Unhold{vf0} ──▶ not held ──Plug{vf0, slot}──▶ enslaves it again
+//! ```
+//!
 //! Guarantees, checked over every input sequence up to a length by the tests:
-//! - no [`Action::Plug`] while the standby's STANDBY is not acked, and a primary left on the
-//!   bus after the ack went away always has its removal under way, with a timer;
+//! - no [`Action::Plug`] while the standby's STANDBY is not acked or a migration holds the
+//!   primary; a negotiated primary that is neither held nor parked is on the bus;
+//! - a primary left on the bus after the ack went away always has its removal under way,
+//!   with a timer;
 //! - every removal ends exactly once: released by the guest, removed by surprise, or timed
-//!   out (then the primary stays, and only an API request can time out that way);
-//! - every API request is answered exactly once;
+//!   out (then the primary stays, and only an API request or a hold can time out that way);
+//! - every API request and hold is answered exactly once, a hold's `Ok` only once the
+//!   primary is off the bus;
 //! - no action names a device that is not where the action assumes it is (no plug of a
 //!   primary on the bus, no eject request or unplug of one that is not).
 
@@ -105,6 +122,20 @@ pub enum Input {
         primary: DeviceId,
         how: Removal,
     },
+    /// A live migration needs `primary` off the bus (its DMA is not in the dirty log)
+    /// and kept off until [`Input::Unhold`]. Hidden: held at once. On the bus: an eject
+    /// request, answered when it is off (released, or removed by surprise if the
+    /// standby's ack goes meanwhile), or `Err(TimedOut)` after `timeout`, when it
+    /// stays, no longer held (the migration fails). Being removed by the API:
+    /// `Err(AlreadyRemoving)`.
+    HoldPrimary {
+        request: RequestId,
+        primary: DeviceId,
+        timeout: Duration,
+    },
+    /// The migration ended with the guest still here: a held primary comes back, if its
+    /// standby is negotiated and the guest did not eject it on its own.
+    Unhold { primary: DeviceId },
 }
 
 /// Why an eject request was sent.
@@ -114,6 +145,8 @@ pub enum EjectReason {
     StandbyReset,
     /// The API asked.
     Api,
+    /// A live migration needs it off the bus.
+    Migration,
 }
 
 /// How a removal ended by surprise.
@@ -281,6 +314,8 @@ pub struct PairView {
     /// The guest ejected the primary on its own; it stays hidden until the next
     /// negotiation.
     pub parked: bool,
+    /// A live migration holds the primary off the bus.
+    pub held: bool,
 }
 
 /// An eject request waiting for the guest.
@@ -307,6 +342,11 @@ struct Primary {
     id: DeviceId,
     slot: u8,
     state: State,
+    /// Kept off the bus for a live migration (see [`Input::HoldPrimary`]).
+    held: bool,
+    /// A migration's eject request ran out of time and still stands in the guest: its
+    /// late answer brings the primary back instead of parking it.
+    late_replug: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -393,6 +433,8 @@ impl Machine {
             id: primary.into(),
             slot,
             state: State::Hidden,
+            held: false,
+            late_replug: false,
         });
         let mut out = Vec::new();
         Self::plug_if_negotiated(pair, &mut out);
@@ -418,6 +460,7 @@ impl Machine {
                     )
                 }),
                 parked: p.parked,
+                held: p.primary.as_ref().is_some_and(|pr| pr.held),
             })
             .collect()
     }
@@ -518,6 +561,30 @@ impl Machine {
                     Some(pair) => Self::api_remove(pair, request, how, timer, &mut out),
                 }
             }
+            Input::HoldPrimary {
+                request,
+                primary,
+                timeout,
+            } => {
+                let timer = self.timer();
+                match self.pair_of_primary(&primary) {
+                    None => out.push(Action::Reply {
+                        request,
+                        result: Err(RemoveError::NotFound(primary)),
+                    }),
+                    Some(pair) => Self::hold(pair, request, timeout, timer, &mut out),
+                }
+            }
+            Input::Unhold { primary } => {
+                if let Some(pair) = self.pair_of_primary(&primary) {
+                    if let Some(p) = pair.primary.as_mut() {
+                        if p.held {
+                            p.held = false;
+                            Self::plug_if_negotiated(pair, &mut out);
+                        }
+                    }
+                }
+            }
         }
         out
     }
@@ -539,7 +606,7 @@ impl Machine {
             return;
         }
         if let Some(p) = pair.primary.as_mut() {
-            if matches!(p.state, State::Hidden) {
+            if matches!(p.state, State::Hidden) && !p.held {
                 p.state = State::Plugged;
                 out.push(Action::Plug {
                     primary: p.id.clone(),
@@ -551,6 +618,7 @@ impl Machine {
     }
 
     fn request_eject(p: &mut Primary, pending: Pending, after: Duration, out: &mut Vec<Action>) {
+        p.late_replug = false;
         out.push(Action::RequestEject {
             primary: p.id.clone(),
             slot: p.slot,
@@ -595,6 +663,7 @@ impl Machine {
             pair.primary = None;
         } else {
             p.state = State::Hidden;
+            p.late_replug = false;
             out.push(event(&id, EventKind::PrimaryHidden));
         }
     }
@@ -606,6 +675,17 @@ impl Machine {
         match std::mem::replace(&mut p.state, State::Plugged) {
             // Not on the bus: a stale or made-up eject.
             State::Hidden => p.state = State::Hidden,
+            State::Plugged if p.late_replug => {
+                // The late answer to a migration's eject request: that migration
+                // failed, so the primary comes back at once.
+                let end = (
+                    EventKind::DeviceReleased { asked: false },
+                    None,
+                    Removed::Released,
+                );
+                Self::take_off(pair, false, false, Some(end), out);
+                Self::plug_if_negotiated(pair, out);
+            }
             State::Plugged => {
                 // The guest's own wish: released, and parked until negotiated afresh.
                 pair.parked = true;
@@ -636,9 +716,16 @@ impl Machine {
             return;
         };
         let id = p.id.clone();
+        if e.reason == EjectReason::Migration {
+            // The migration fails; the primary is no longer held, and the guest's late
+            // answer to the request brings it back.
+            p.held = false;
+            p.late_replug = true;
+        }
         if e.on_timeout == OnTimeout::Error && pair.acked {
             // The primary stays; the eject request stands in the guest, and its late
-            // release counts as the guest's own.
+            // release counts as the guest's own (parked), or for a migration's request,
+            // brings it back.
             out.push(event(&id, EventKind::RemovalTimedOut));
             reply(e.request, Err(RemoveError::TimedOut(id)), out);
             return;
@@ -739,6 +826,47 @@ impl Machine {
                 // is forgotten then.
                 e.request = Some(request);
                 e.forget = true;
+            }
+        }
+    }
+}
+
+impl Machine {
+    fn hold(
+        pair: &mut Pair,
+        request: RequestId,
+        timeout: Duration,
+        timer: TimerToken,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(p) = pair.primary.as_mut() else {
+            return;
+        };
+        match &mut p.state {
+            State::Hidden => {
+                p.held = true;
+                reply(Some(request), Ok(Removed::WasHidden), out);
+            }
+            State::Plugged => {
+                p.held = true;
+                let pending = Pending {
+                    reason: EjectReason::Migration,
+                    timer,
+                    on_timeout: OnTimeout::Error,
+                    request: Some(request),
+                    forget: false,
+                };
+                Self::request_eject(p, pending, timeout, out);
+            }
+            State::Ejecting(e) if e.request.is_some() => out.push(Action::Reply {
+                request,
+                result: Err(RemoveError::AlreadyRemoving(p.id.clone())),
+            }),
+            State::Ejecting(e) => {
+                // The standby's reset already asked the guest (its timer and surprise
+                // policy stand): answered when that ends, and kept off after it.
+                p.held = true;
+                e.request = Some(request);
             }
         }
     }

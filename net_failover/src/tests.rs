@@ -427,6 +427,114 @@ fn a_timeout_with_the_error_policy_still_hides_a_primary_whose_standby_was_reset
 // --- Every sequence of inputs, against a model of the bus ---
 
 /// What the control loop would see happen, built from the machine's actions only.
+fn hold(r: u64, p: &str) -> Input {
+    Input::HoldPrimary {
+        request: RequestId(r),
+        primary: p.into(),
+        timeout: Duration::from_secs(10),
+    }
+}
+
+fn replies(actions: &[Action]) -> Vec<(RequestId, Result<Removed, RemoveError>)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Reply { request, result } => Some((*request, result.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A migration takes the primary off in order, keeps it off whatever the guest's driver
+/// does meanwhile, and lets it come back when the migration failed.
+#[test]
+fn a_migration_holds_the_primary_off_then_lets_it_back() {
+    let mut m = pair();
+    m.handle(ack("sb0"));
+    let a = m.handle(hold(1, "vf0"));
+    assert!(a.contains(&Action::RequestEject {
+        primary: "vf0".into(),
+        slot: 4
+    }));
+    assert!(events(&a).contains(&EventKind::EjectRequested {
+        slot: 4,
+        reason: EjectReason::Migration
+    }));
+    assert!(replies(&a).is_empty(), "answered once it is off");
+    let a = m.handle(eject("vf0"));
+    assert_eq!(replies(&a), vec![(RequestId(1), Ok(Removed::Released))]);
+    assert!(plugs(&a).is_empty(), "held: not plugged again");
+    assert_eq!(state(&m, "vf0"), Some(PrimaryState::Hidden));
+    assert!(m.pairs()[0].held);
+    // A driver reset and a new ack while held: still off.
+    m.handle(reset("sb0"));
+    assert!(plugs(&m.handle(ack("sb0"))).is_empty());
+    // The migration failed: back in its slot.
+    let a = m.handle(Input::Unhold {
+        primary: "vf0".into(),
+    });
+    assert_eq!(plugs(&a), vec![("vf0".into(), 4)]);
+    assert!(!m.pairs()[0].held);
+    // A second unhold changes nothing.
+    assert!(m
+        .handle(Input::Unhold {
+            primary: "vf0".into()
+        })
+        .is_empty());
+}
+
+#[test]
+fn a_hidden_primary_is_held_at_once_and_a_guest_that_keeps_it_fails_the_hold() {
+    let mut m = pair();
+    assert_eq!(
+        replies(&m.handle(hold(1, "vf0"))),
+        vec![(RequestId(1), Ok(Removed::WasHidden))]
+    );
+    assert!(
+        plugs(&m.handle(ack("sb0"))).is_empty(),
+        "held before the ack"
+    );
+    assert_eq!(
+        plugs(&m.handle(Input::Unhold {
+            primary: "vf0".into()
+        }))
+        .len(),
+        1
+    );
+    // The guest never ejects: the hold times out, the primary stays, no longer held.
+    let a = m.handle(hold(2, "vf0"));
+    let a = m.handle(Input::TimerFired { token: timer(&a) });
+    assert_eq!(
+        replies(&a),
+        vec![(RequestId(2), Err(RemoveError::TimedOut("vf0".into())))]
+    );
+    assert!(events(&a).contains(&EventKind::RemovalTimedOut));
+    assert_eq!(state(&m, "vf0"), Some(PrimaryState::Plugged));
+    assert!(!m.pairs()[0].held);
+    // The guest answers late: the migration failed meanwhile, so it comes back, not
+    // parked.
+    let a = m.handle(eject("vf0"));
+    assert!(a.iter().any(|x| matches!(x, Action::Unplug { .. })));
+    assert_eq!(plugs(&a), vec![("vf0".into(), 4)]);
+    assert!(!m.pairs()[0].parked);
+    // An API removal under way: the hold is refused; unknown primaries too.
+    let a = m.handle(remove(3, "vf0", orderly(OnTimeout::Error)));
+    assert!(replies(&a).is_empty());
+    // (the earlier eject request still stands, so this is the API's own)
+    let a = m.handle(hold(4, "vf0"));
+    assert_eq!(
+        replies(&a),
+        vec![(
+            RequestId(4),
+            Err(RemoveError::AlreadyRemoving("vf0".into()))
+        )]
+    );
+    assert_eq!(
+        replies(&m.handle(hold(5, "nope"))),
+        vec![(RequestId(5), Err(RemoveError::NotFound("nope".into())))]
+    );
+}
+
 #[derive(Clone, Default)]
 struct World {
     /// The guest's ack per standby, as the inputs said.
@@ -439,6 +547,8 @@ struct World {
     timers: BTreeSet<TimerToken>,
     /// API requests not answered yet, and the primary each asked about.
     requests: BTreeMap<RequestId, String>,
+    /// Which of them are a migration's holds.
+    holds: BTreeSet<RequestId>,
     next_request: u64,
 }
 
@@ -456,6 +566,9 @@ enum Step {
     ReAdd(usize),
     /// The control loop could not carry out the last plug of this primary.
     PlugFails(usize),
+    /// A migration holds the primary off the bus, then lets it come back.
+    Hold(usize),
+    Unhold(usize),
 }
 
 const PAIRS: [(&str, &str, u8); 2] = [("sb0", "vf0", 4), ("sb1", "vf1", 5)];
@@ -498,6 +611,20 @@ fn world_step(m: &mut Machine, w: &mut World, step: Step, trace: &[Step]) {
                 how,
             }
         }
+        Step::Hold(i) => {
+            w.next_request += 1;
+            let r = RequestId(w.next_request);
+            w.requests.insert(r, PAIRS[i].1.into());
+            w.holds.insert(r);
+            Input::HoldPrimary {
+                request: r,
+                primary: PAIRS[i].1.into(),
+                timeout: UNPLUG,
+            }
+        }
+        Step::Unhold(i) => Input::Unhold {
+            primary: PAIRS[i].1.into(),
+        },
         Step::PlugFails(i) => {
             let p = PAIRS[i].1;
             // Only a primary the machine just plugged can fail to plug.
@@ -591,11 +718,19 @@ fn apply(w: &mut World, actions: &[Action], trace: &[Step]) {
                 }
                 _ => {}
             },
-            Action::Reply { request, .. } => {
+            Action::Reply { request, result } => {
+                let p = w.requests.remove(request);
                 assert!(
-                    w.requests.remove(request).is_some(),
+                    p.is_some(),
                     "request {request:?} answered twice or never asked: {trace:?}"
                 );
+                if w.holds.remove(request) && result.is_ok() {
+                    let p = p.unwrap_or_default();
+                    assert!(
+                        !w.on_bus.contains(&p),
+                        "hold of {p} answered while it is on the bus: {trace:?}"
+                    );
+                }
             }
         }
     }
@@ -616,6 +751,15 @@ fn check(m: &Machine, w: &World, trace: &[Step]) {
                 *st == PrimaryState::Ejecting,
                 w.removing.contains(id),
                 "{id}: removal model disagrees with {st:?}: {trace:?}"
+            );
+            assert!(
+                !(v.held && *st == PrimaryState::Plugged),
+                "{id} plugged while a migration holds it: {trace:?}"
+            );
+            let acked = w.acked.get(&v.standby).copied().unwrap_or(false);
+            assert!(
+                !acked || v.parked || v.held || *st != PrimaryState::Hidden,
+                "{id} hidden, though negotiated, not parked and not held: {trace:?}"
             );
             if visible && !w.acked.get(&v.standby).copied().unwrap_or(false) {
                 assert_eq!(
@@ -664,6 +808,8 @@ fn alphabet(pairs: usize) -> Vec<Step> {
             Step::Remove(i, Removal::Surprise),
             Step::ReAdd(i),
             Step::PlugFails(i),
+            Step::Hold(i),
+            Step::Unhold(i),
         ]);
     }
     steps
