@@ -248,10 +248,26 @@ pub struct DeviceAdded {
 pub struct DeviceRemoved {
     pub id: String,
     pub slot: usize,
-    /// `released` (the guest ejected it), `surprise`, `timeout-surprise`, or
-    /// `reboot` (the VM rebooted while the removal waited).
+    /// `released` (the guest ejected it), `surprise`, `timeout-surprise`, `reboot`
+    /// (the VM rebooted while the removal waited) or `hidden` (a failover primary the
+    /// guest could not see).
     pub how: String,
+    /// From the request to the answer.
     pub elapsed_ms: u64,
+    /// For `released`: where that time went.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<ReleaseSteps>,
+}
+
+/// The steps of an orderly removal the guest answered, as the VMM saw them (ms, to
+/// 0.1 ms): the guest reading the eject request (interrupt and ACPI `_EVT`), the guest's
+/// own release (driver unbound, device removed, up to its `_EJ0` write), and the VMM's
+/// tear-down of the device and its answer after that write.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct ReleaseSteps {
+    pub notify_ms: f64,
+    pub guest_ms: f64,
+    pub vmm_ms: f64,
 }
 
 /// A request body as `T`: a JSON object only (serde would also take a struct
@@ -408,6 +424,10 @@ pub struct PairInfo {
     /// The guest ejected the primary on its own: it stays hidden until STANDBY is
     /// negotiated afresh.
     pub parked: bool,
+    /// A live migration holds the primary off the bus (until it ends; if it fails, the
+    /// primary comes back).
+    #[serde(default)]
+    pub held: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -12,7 +12,10 @@
 //!    `device_del`); the outage is the longest run of unanswered pings. The bridge keeps
 //!    sending to the port where it last saw the guest's MAC until something tells it
 //!    otherwise. The removal's latency (API call → released: Tandem's
-//!    answer, QEMU's DEVICE_DELETED) is taken here too.
+//!    answer, QEMU's DEVICE_DELETED; both called over their sockets, no process
+//!    started) is taken here too, and for Tandem where it went, from its answer's
+//!    `steps`: the guest reading the eject request, the guest's own release up to its
+//!    `_EJ0` write, and Tandem's tear-down and answer after that write.
 //!    Then the same removal under a one-way peer→guest UDP stream the guest does not
 //!    answer: the time from the release until the bridge sends the stream to the
 //!    standby's tap (capped at 15 s), which only an announce or the guest's own frames
@@ -57,6 +60,14 @@ struct Sample {
     error: Option<String>,
     /// Orderly removal: API call -> released (s).
     release_s: Option<f64>,
+    /// Tandem's answer to that removal: the guest reading the request, the guest's
+    /// release up to its `_EJ0` write, Tandem's tear-down and answer after it (ms).
+    #[serde(default)]
+    release_notify_ms: Option<f64>,
+    #[serde(default)]
+    release_guest_ms: Option<f64>,
+    #[serde(default)]
+    release_vmm_ms: Option<f64>,
     /// Orderly removal: longest run of unanswered peer->guest pings (ms).
     p2g_orderly_ms: Option<f64>,
     /// Orderly removal, a one-way peer->guest stream the guest does not answer:
@@ -279,14 +290,26 @@ enum Control {
 }
 
 impl Control {
-    fn remove(&mut self, surprise: bool) -> harness::Result<()> {
+    /// Removes the primary; for Tandem's orderly removal, where the time went as
+    /// Tandem saw it (the answer's `steps`: notify, guest, Tandem, in ms). Tandem is
+    /// called straight over its API socket, as QEMU is over QMP: no process start in
+    /// the measured time.
+    fn remove(&mut self, surprise: bool) -> harness::Result<Option<[f64; 3]>> {
         match self {
-            Control::Tandem { bin, api, .. } => {
-                let mut args = vec!["remove-device", "vf0"];
-                if surprise {
-                    args.push("--surprise");
-                }
-                remote(bin, api, &args)
+            Control::Tandem { api, .. } => {
+                let answer = harness::tandem::api_put(
+                    api,
+                    "vm.remove-device",
+                    &serde_json::json!({ "id": "vf0", "surprise": surprise }),
+                    Duration::from_secs(60),
+                )?;
+                let st = &answer["steps"];
+                Ok(["notify_ms", "guest_ms", "vmm_ms"]
+                    .map(|k| st[k].as_f64())
+                    .iter()
+                    .copied()
+                    .collect::<Option<Vec<f64>>>()
+                    .map(|v| [v[0], v[1], v[2]]))
             }
             Control::Qemu { qmp, .. } => {
                 qmp.clear_events();
@@ -296,7 +319,7 @@ impl Control {
                     |d| d["device"] == "hostdev0",
                     Duration::from_secs(30),
                 )?;
-                Ok(())
+                Ok(None)
             }
         }
     }
@@ -493,8 +516,13 @@ fn run_once(
     let ping = start_peer_ping(8)?;
     std::thread::sleep(Duration::from_secs(2));
     let t0 = Instant::now();
-    ctl.remove(false).map_err(fail)?;
+    let steps = ctl.remove(false).map_err(fail)?;
     s.release_s = Some(t0.elapsed().as_secs_f64());
+    if let Some([notify, guest, vmm]) = steps {
+        s.release_notify_ms = Some(notify);
+        s.release_guest_ms = Some(guest);
+        s.release_vmm_ms = Some(vmm);
+    }
     s.p2g_orderly_ms = Some(peer_outage(ping)?);
     master(&mut agent, 1).map_err(fail)?;
 
@@ -659,8 +687,19 @@ fn print_report(r: &Report) {
         n("qemu")
     );
     type Get = fn(&Sample) -> Option<f64>;
-    let metrics: [(&str, Get, &str); 7] = [
+    let metrics: [(&str, Get, &str); 10] = [
         ("orderly removal: API -> released", |s| s.release_s, "s"),
+        (
+            "  of it: the guest reads the request",
+            |s| s.release_notify_ms,
+            "ms",
+        ),
+        (
+            "  of it: the guest's release, to _EJ0",
+            |s| s.release_guest_ms,
+            "ms",
+        ),
+        ("  of it: Tandem, after _EJ0", |s| s.release_vmm_ms, "ms"),
         (
             "orderly removal: peer->guest outage",
             |s| s.p2g_orderly_ms,
@@ -703,7 +742,13 @@ fn print_report(r: &Report) {
                 .collect();
             bench::stats(&v)
         };
-        let prec = if unit == "s" { 2 } else { 0 };
+        let prec = if unit == "s" {
+            2
+        } else if name.starts_with("  of it") {
+            1
+        } else {
+            0
+        };
         let fmt = |x: Option<(f64, f64, f64)>| {
             x.map_or("-".into(), |st| bench::fmt_range(st, prec, unit))
         };

@@ -6,9 +6,9 @@
 //! with both slaves, renames them while UP, pings the peer through the master and shows
 //! which slave carried it; removes the primary in order through the API (traffic moves to
 //! the standby), adds it back into the same slot (traffic moves back), prints `vm.info`.
-//! Then it live-migrates the guest to a second Tandem while the guest pings the peer: the
-//! primary leaves first, the guest moves over TCP, a primary with the same MAC is added
-//! into the same slot at the destination. It powers the guest off there and checks that
+//! Then it live-migrates the guest to a second Tandem while the guest pings the peer: Tandem
+//! takes the primary off itself once the destination accepted the VM, the guest moves over
+//! TCP, and the destination plugs a primary with the same MAC into the same slot. It powers the guest off there and checks that
 //! tandem exits 0. Every line is real output.
 //! Without a passthrough NIC (direct mode without `TANDEM_VFIO_NICS`) it shows the
 //! standby alone and says so.
@@ -363,16 +363,20 @@ fn demo(mode: Mode, why: &str) -> harness::Result<()> {
 
     // Live migration to a second Tandem on this host, with its own tap.
     println!(
-        "# live migration: a passthrough NIC cannot move, so the primary leaves first (orderly);"
+        "# live migration: a passthrough NIC cannot move, so once the destination has accepted"
     );
     println!(
-        "# then the guest moves over TCP to a second Tandem with its own tap (tdemo1) while it"
+        "# the VM, Tandem takes the primary off itself (orderly eject, net_failover moves to the"
     );
-    println!("# pings the peer, and gets a primary with the same MAC in the same slot there");
-    if vf.is_some() {
-        remote(&["remove-device", "vf0"])?;
-        guest_cmd(&mut agent, &slaves(1))?;
-    }
+    println!(
+        "# standby) before any memory is copied; the guest moves over TCP to a second Tandem with"
+    );
+    println!(
+        "# its own tap (tdemo1) while it pings the peer, and gets a primary with the same MAC in"
+    );
+    println!(
+        "# the same slot there. Had the migration failed, the primary would be plugged back here."
+    );
     let _tap1 = env.tap("tdemo1")?;
     let (serial2, api2) = (run.join("serial2.sock"), run.join("api2.sock"));
     let url = "tcp:127.0.0.1:7700";
@@ -492,7 +496,6 @@ fn demo(mode: Mode, why: &str) -> harness::Result<()> {
             log_tail()
         ));
     }
-    println!("# not yet: Tandem doing the unplug / migrate / re-plug itself, with rollback");
     drop(agent);
     if !harness::mode::in_testhost() {
         let _ = std::fs::remove_dir_all(&logs);

@@ -163,6 +163,16 @@ impl Tandem {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// `PUT /api/v1/<endpoint>` with `body` straight over the API socket (no `tandem
+    /// remote` process: for timing a call); the answer's JSON.
+    pub fn put(
+        &self,
+        endpoint: &str,
+        body: &serde_json::Value,
+    ) -> crate::Result<serde_json::Value> {
+        api_put(&self.api, endpoint, body, Duration::from_secs(60))
+    }
+
     /// Subscribes to the event stream (`tandem remote events`) and collects its lines.
     pub fn events(&self) -> crate::Result<EventLog> {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -371,4 +381,41 @@ impl Drop for EventLog {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `PUT /api/v1/<endpoint>` with a JSON `body` over the API socket at `api`, answered
+/// within `limit`: the answer's JSON, or an error with its status and body.
+pub fn api_put(
+    api: &Path,
+    endpoint: &str,
+    body: &serde_json::Value,
+    limit: Duration,
+) -> crate::Result<serde_json::Value> {
+    use std::io::{Read, Write};
+    let what = || format!("PUT {endpoint} on {}", api.display());
+    let mut s =
+        std::os::unix::net::UnixStream::connect(api).map_err(|e| err!("{}: {e}", what()))?;
+    s.set_read_timeout(Some(limit))
+        .map_err(|e| err!("{}: {e}", what()))?;
+    let body = body.to_string();
+    write!(
+        s,
+        "PUT /api/v1/{endpoint} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .map_err(|e| err!("{}: {e}", what()))?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)
+        .map_err(|e| err!("{}: no whole answer within {limit:?}: {e}", what()))?;
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse::<u16>().ok())
+        .ok_or_else(|| err!("{}: not an HTTP answer: {answer:?}", what()))?;
+    let text = answer.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    if status != 200 {
+        return Err(err!("{}: {status}: {}", what(), text.trim()));
+    }
+    serde_json::from_str(text)
+        .map_err(|e| err!("{}: the answer is not JSON ({e}): {text:?}", what()))
 }

@@ -713,22 +713,23 @@ harness::guest_test!(fn tandem_sriov_vf_primary_mac_checked(env) {
     Ok(())
 });
 
-// Live migration of a VM with a failover pair, as an orchestrator runs it: the primary
-// leaves first (orderly), the guest moves to a second Tandem whose `--device` names this
-// host's primary for the same standby and slot, and that primary is plugged as soon as
-// the migrated standby reports the guest's STANDBY ack, with no API call at the
-// destination; the guest enslaves it and sends through it. Before that, a destination
-// whose `--device` pairs with a NIC the guest does not have refuses before any memory
-// moves, and the source keeps the guest.
+// Live migration of a VM with a failover pair, with the primary on the bus: Tandem
+// takes it off itself (an orderly eject once the destination accepted the VM, before any
+// memory moves, its events on the stream), and the guest moves to a second Tandem whose
+// `--device` names this host's primary for the same standby and slot; that primary is
+// plugged as soon as the migrated standby reports the guest's STANDBY ack, with no API
+// call at the destination, and the guest enslaves it and sends through it. Before that:
+// a destination whose `--device` pairs with a NIC the guest does not have refuses before
+// any memory moves, and the source's primary is not touched; a migration cancelled after
+// the primary left brings the primary back into its slot on the source.
 harness::guest_test_kernels!(fn tandem_failover_primary_replugged_after_migration(env) {
     let Some(nics) = env.vfio_nics_or_skip(2) else { return Ok(()) };
     let (a, b) = (nics[0].clone(), nics[1].clone());
     let _tap = env.tap("tdtap0")?;
     let _tap1 = env.tap("tdtap1")?;
-    let (mut vm, _events, mut agent, master) = boot_pair(env, "mgs", &a, &[])?;
-    vm.remote_args(&["remove-device", "vf0"])?;
-    master_with_slaves(&mut agent, 1)?;
+    let (mut vm, events, mut agent, master) = boot_pair(env, "mgs", &a, &[])?;
 
+    // Refused in the Hello: the primary stays where it is, untouched.
     let url = format!("unix:{}", env.socket_path("mg.sock").display());
     let bad = format!("id=vf0,path=/sys/bus/pci/devices/{},failover=nope,slot=6", b.bdf);
     let mut dest = Tandem::spawn_in(env, "mgbad", None, Some(&url), &["--net", "id=net0,tap=tdtap1", "--device", &bad])?;
@@ -737,14 +738,75 @@ harness::guest_test_kernels!(fn tandem_failover_primary_replugged_after_migratio
     assert!(e.contains("failover=nope: no NIC with that id"), "the source's answer: {e}");
     let code = dest.wait_exit(Duration::from_secs(30))?;
     assert_ne!(code, 0, "the refusing destination's exit status; log: {}", dest.log());
+    assert!(!events.all().iter().any(|e| e["type"] == "eject-requested"), "no eject for a refused migration: {:?}", events.all());
+    assert_eq!(pair_state(&vm)?["state"], "plugged");
     let out = agent.run(&format!("ping -c 2 -W 2 {PEER_IP}"), Duration::from_secs(30))?;
     assert_eq!(out.status, 0, "the source kept the guest: {}", out.stdout);
 
+    // Cancelled once the primary is off the bus: it comes back on the source.
     let good = format!("id=vf0,path=/sys/bus/pci/devices/{},failover=net0,slot=6", b.bdf);
+    let mut dest = Tandem::spawn_in(env, "mgcancel", None, Some(&url), &["--net", "id=net0,tap=tdtap1", "--device", &good])?;
+    dest.wait_log("waiting for a migration", Duration::from_secs(30))?;
+    vm.put("vm.send-migration", &serde_json::json!({ "url": url }))?;
+    let t0 = std::time::Instant::now();
+    loop {
+        let p = pair_state(&vm)?;
+        if p["held"] == true && p["state"] == "hidden" {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "the primary did not leave for the migration: {p}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    vm.remote("cancel-migration")?;
+    events.wait_for(|e| e["type"] == "migration-failed", Duration::from_secs(60))?;
+    let code = dest.wait_exit(Duration::from_secs(30))?;
+    assert_ne!(code, 0, "the abandoned destination's exit status; log: {}", dest.log());
+    let t0 = std::time::Instant::now();
+    loop {
+        let p = pair_state(&vm)?;
+        if p["held"] == false && p["state"] == "plugged" {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "the primary did not come back: {p}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // From the second migration on (the first was refused).
+    let mut seq: Vec<String> = events
+        .all()
+        .iter()
+        .filter(|e| e["device"] == "vf0" || e["type"].as_str().is_some_and(|t| t.starts_with("migration-")))
+        .map(|e| e["type"].as_str().unwrap_or("?").to_string())
+        .collect();
+    let second = seq.iter().rposition(|x| x == "migration-started").unwrap_or(0);
+    seq.drain(..second);
+    let pos = |t: &str| seq.iter().position(|x| x == t);
+    assert!(
+        pos("migration-started") < pos("eject-requested")
+            && pos("eject-requested") < pos("device-released")
+            && pos("device-released") < pos("migration-failed")
+            && seq.iter().rposition(|x| x == "primary-plugged") > pos("migration-failed"),
+        "the source's events, in order: {seq:?}"
+    );
+    master_with_slaves(&mut agent, 2)?;
+    let primary = e1000e_dev(&mut agent)?;
+    agent.run_ok(&format!("ip link set {primary} up"))?;
+    wait_guest(&mut agent, &format!("[ \"$(cat /sys/class/net/{primary}/carrier)\" = 1 ]"), 30)?;
+    let before = counters(&mut agent, &primary)?;
+    let out = agent.run(&format!("sleep 1; ping -c 10 -i 0.05 -W 2 {PEER_IP}"), Duration::from_secs(60))?;
+    let after = counters(&mut agent, &primary)?;
+    assert!(out.status == 0 && after.1 - before.1 >= 10, "traffic on the primary that came back: {before:?} -> {after:?}: {}", out.stdout);
+
+    // The migration itself, the primary on the bus: Tandem takes it off first.
+let good = format!("id=vf0,path=/sys/bus/pci/devices/{},failover=net0,slot=6", b.bdf);
     let mut dest = Tandem::spawn_in(env, "mgdst", None, Some(&url), &["--net", "id=net0,tap=tdtap1", "--device", &good])?;
     dest.wait_log("waiting for a migration", Duration::from_secs(30))?;
     let out = vm.remote_args(&["send-migration", &url])?;
-    assert!(out.contains("completed in"), "{out}");
+    assert!(
+        out.contains("completed in")
+            && out.contains("failover primary vf0: the guest is asked to release it (slot 6)")
+            && out.contains("failover primary vf0: released by the guest"),
+        "{out}"
+    );
     assert_eq!(vm.wait_exit(Duration::from_secs(30))?, 0, "the source's exit status; log: {}", vm.log());
     let mut agent = dest.migrated_agent(env, "mgdst")?;
     // Plugged by the destination itself (no API call), into the slot --device gave.

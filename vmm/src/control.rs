@@ -115,6 +115,18 @@ struct Outgoing {
     rx: Receiver<migration::ToLoop>,
     /// The guest was frozen for the last copy; `Some(was paused before)`.
     frozen: Option<bool>,
+    /// The failover primaries this migration holds off the bus (they come back if it
+    /// fails), and how long the guest gets to release each.
+    held: Vec<String>,
+    unplug_timeout: Duration,
+    /// The migration thread waits for the primaries to be off the bus.
+    hold: Option<HoldWait>,
+}
+
+/// The say-so a migration thread waits for before it copies: every primary held.
+struct HoldWait {
+    go: Sender<Result<(), String>>,
+    waiting: Vec<(String, Receiver<ApiResponse>)>,
 }
 
 #[derive(Clone, Copy)]
@@ -165,24 +177,43 @@ struct PendingRemoval {
     reply: Sender<ApiResponse>,
 }
 
-/// The answer of a finished removal.
-fn removed(id: &str, slot: usize, how: &str, started: Instant) -> ApiResponse {
+/// The answer of a finished removal; `steps` for one the guest answered.
+fn removed(
+    id: &str,
+    slot: usize,
+    how: &str,
+    started: Instant,
+    steps: Option<api::ReleaseSteps>,
+) -> ApiResponse {
     let elapsed_ms = started.elapsed().as_millis() as u64;
-    tracing::info!("device {id} removed from slot {slot} ({how}) after {elapsed_ms} ms");
+    match &steps {
+        Some(s) => tracing::info!(
+            "device {id} removed from slot {slot} ({how}) after {elapsed_ms} ms: the guest read the request after {} ms and ejected {} ms later; Tandem answered {} ms after that",
+            s.notify_ms,
+            s.guest_ms,
+            s.vmm_ms
+        ),
+        None => tracing::info!("device {id} removed from slot {slot} ({how}) after {elapsed_ms} ms"),
+    }
     serde_json::to_value(DeviceRemoved {
         id: id.to_string(),
         slot,
         how: how.into(),
         elapsed_ms,
+        steps,
     })
     .map_err(|e| ApiError::internal(e.to_string()))
 }
 
 impl PendingRemoval {
     fn answer(self, how: &str) {
+        self.answer_with(how, None);
+    }
+
+    fn answer_with(self, how: &str, steps: Option<api::ReleaseSteps>) {
         let _ = self
             .reply
-            .send(removed(&self.id, self.slot, how, self.started));
+            .send(removed(&self.id, self.slot, how, self.started, steps));
     }
 }
 
@@ -503,6 +534,7 @@ impl Vmm {
         let mut next_reraise = Instant::now();
         loop {
             self.expire_removals(&mut vm);
+            self.advance_hold();
             for input in self.failover.expired_timers() {
                 let actions = self.failover.machine.handle(input);
                 self.carry_out(Some(&mut vm), actions);
@@ -842,7 +874,7 @@ impl Vmm {
             for p in self.take_pending(&req.id) {
                 p.answer("surprise");
             }
-            let _ = reply.send(removed(&req.id, slot, "surprise", started));
+            let _ = reply.send(removed(&req.id, slot, "surprise", started, None));
             return;
         }
         if let Err(e) = vm.request_eject(&req.id) {
@@ -1084,19 +1116,30 @@ impl Vmm {
                         continue;
                     };
                     let answer = match result {
+                        // A migration's hold: the primary stays configured, off the bus.
+                        Ok(how) if w.hold => Ok(serde_json::json!({
+                            "id": w.id,
+                            "how": format!("{how:?}"),
+                        })),
                         Ok(how) => {
                             // An API removal ends the primary's configuration.
                             self.cfg.devices.retain(|d| d.id != w.id);
                             if let Some(vm) = vm.as_deref_mut() {
                                 vm.release_slot(w.slot);
                             }
+                            let steps = match how {
+                                net_failover::Removed::Released => {
+                                    vm.as_deref().and_then(|vm| vm.release_steps(w.slot))
+                                }
+                                _ => None,
+                            };
                             let how = match how {
                                 net_failover::Removed::Released => "released",
                                 net_failover::Removed::Surprise => "surprise",
                                 net_failover::Removed::VmReset => "reboot",
                                 net_failover::Removed::WasHidden => "hidden",
                             };
-                            removed(&w.id, w.slot, how, w.started)
+                            removed(&w.id, w.slot, how, w.started, steps)
                         }
                         Err(e @ net_failover::RemoveError::NotFound(_)) => {
                             Err(ApiError::not_found(e.to_string()))
@@ -1200,7 +1243,8 @@ impl Vmm {
                 tracing::info!("device {id} in slot {slot} released by the guest on its own");
             }
             for p in waiting {
-                p.answer("released");
+                let steps = vm.release_steps(slot);
+                p.answer_with("released", steps);
             }
         }
     }
@@ -1329,6 +1373,7 @@ impl Vmm {
                         slot,
                         state: state.into(),
                         parked: p.parked,
+                        held: p.held,
                     }
                 })
                 .collect(),

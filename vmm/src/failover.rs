@@ -15,12 +15,15 @@ use crate::config::VmConfig;
 /// primary is removed by surprise (it must not stay visible without STANDBY).
 pub const UNPLUG_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// An API removal of a primary, answered when the machine says so.
+/// An API removal of a primary, or a migration's hold of one, answered when the
+/// machine says so.
 pub struct Waiting {
     pub id: String,
     pub slot: usize,
     pub started: Instant,
     pub reply: Sender<ApiResponse>,
+    /// A migration's hold (the primary's configuration stays), not an API removal.
+    pub hold: bool,
 }
 
 pub struct Failover {
@@ -116,6 +119,26 @@ impl Failover {
 
     /// Keep `reply` until the machine answers the request this returns.
     pub fn remember(&mut self, id: &str, slot: usize, reply: Sender<ApiResponse>) -> RequestId {
+        self.remember_as(id, slot, reply, false)
+    }
+
+    /// [`Failover::remember`] for a migration's hold of primary `id`.
+    pub fn remember_hold(
+        &mut self,
+        id: &str,
+        slot: usize,
+        reply: Sender<ApiResponse>,
+    ) -> RequestId {
+        self.remember_as(id, slot, reply, true)
+    }
+
+    fn remember_as(
+        &mut self,
+        id: &str,
+        slot: usize,
+        reply: Sender<ApiResponse>,
+        hold: bool,
+    ) -> RequestId {
         self.next_request += 1;
         let r = RequestId(self.next_request);
         self.requests.insert(
@@ -125,9 +148,19 @@ impl Failover {
                 slot,
                 started: Instant::now(),
                 reply,
+                hold,
             },
         );
         r
+    }
+
+    /// The primaries (failover=) of `cfg`.
+    pub fn primaries(cfg: &VmConfig) -> Vec<String> {
+        cfg.devices
+            .iter()
+            .filter(|d| d.failover.is_some())
+            .map(|d| d.id.clone())
+            .collect()
     }
 
     pub fn answer(&mut self, request: RequestId) -> Option<Waiting> {

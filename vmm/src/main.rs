@@ -107,7 +107,8 @@ struct RemoteArgs {
     /// (the --net syntax). add-device: id=ID,path=PATH[,failover=STANDBY_ID][,slot=S]
     /// (the --device syntax). remove-device: ID [--surprise] [--timeout-ms N]
     /// [--on-timeout error|surprise]. send-migration: URL [--downtime-ms N]
-    /// [--bandwidth-mbps N] [--timeout-s N] (prints progress, then the result).
+    /// [--bandwidth-mbps N] [--timeout-s N] [--unplug-timeout-ms N] (prints progress,
+    /// then the result).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     args: Vec<String>,
 }
@@ -138,6 +139,7 @@ fn remote_body(command: &str, args: &[String]) -> Result<Option<String>, String>
                     "--downtime-ms" => "downtime_ms",
                     "--bandwidth-mbps" => "bandwidth_mbps",
                     "--timeout-s" => "timeout_s",
+                    "--unplug-timeout-ms" => "unplug_timeout_ms",
                     other => return Err(format!("send-migration: unknown option {other}")),
                 };
                 let v = it.next().ok_or(format!("{a} needs a value"))?;
@@ -422,6 +424,20 @@ fn remote_send_migration(socket: &std::path::Path, body: &str) -> ExitCode {
                     "guest paused after round {} with {} pages left",
                     n("round"),
                     n("pages_left")
+                ),
+                // A failover primary leaving before the copying (or back after a failure).
+                kind @ ("eject-requested" | "device-released" | "surprise-removed"
+                | "removal-timed-out" | "primary-plugged") => println!(
+                    "failover primary {}: {} (slot {})",
+                    ev["device"].as_str().unwrap_or("?"),
+                    match kind {
+                        "eject-requested" => "the guest is asked to release it",
+                        "device-released" => "released by the guest",
+                        "surprise-removed" => "removed by surprise",
+                        "removal-timed-out" => "the guest did not release it in time",
+                        _ => "plugged again",
+                    },
+                    n("slot")
                 ),
                 "migration-completed" => {
                     outcome = Some(Ok(format!(

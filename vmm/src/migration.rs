@@ -348,9 +348,15 @@ pub struct SendParams {
     pub bandwidth_mbps: u64,
     #[serde(default = "default_timeout")]
     pub timeout_s: u64,
+    /// How long the guest gets to release each failover primary before the copying.
+    #[serde(default = "default_unplug_timeout")]
+    pub unplug_timeout_ms: u64,
 }
 
 impl SendParams {
+    /// Longest wait for the guest to release a primary: the destination waits a minute
+    /// for the memory after it accepted the VM.
+    pub const MAX_UNPLUG_TIMEOUT_MS: u64 = 30_000;
     /// Longest pause asked for: a minute is already no live migration.
     pub const MAX_DOWNTIME_MS: u64 = 60_000;
     /// Longest a migration may run: a day.
@@ -374,6 +380,13 @@ impl SendParams {
                 Self::MAX_TIMEOUT_S
             ));
         }
+        if !(1..=Self::MAX_UNPLUG_TIMEOUT_MS).contains(&self.unplug_timeout_ms) {
+            return Err(format!(
+                "unplug_timeout_ms={}: from 1 to {}",
+                self.unplug_timeout_ms,
+                Self::MAX_UNPLUG_TIMEOUT_MS
+            ));
+        }
         if self.bandwidth_mbps > Self::MAX_BANDWIDTH_MBPS {
             return Err(format!(
                 "bandwidth_mbps={}: at most {} (0: no cap)",
@@ -393,8 +406,16 @@ fn default_timeout() -> u64 {
     600
 }
 
+fn default_unplug_timeout() -> u64 {
+    10_000
+}
+
 /// What the migration thread asks of the control loop.
 pub enum ToLoop {
+    /// The destination accepted the VM: may the copying start? The control loop
+    /// answers once every failover primary is off the bus (their DMA is not in the
+    /// dirty log), or why not.
+    Accepted(Sender<Result<(), String>>),
     /// Stop the guest and return its saved state (JSON), or why not.
     Freeze(Sender<Result<Vec<u8>, String>>),
     Progress(MigrationProgress),
@@ -452,6 +473,30 @@ impl Source {
     fn tell(&self, m: ToLoop) {
         let _ = self.to_loop.send(m);
         let _ = self.wake.write(1);
+    }
+
+    /// The control loop's say-so for the copying (see [`ToLoop::Accepted`]), waited for
+    /// no longer than the guest's time to release the primaries and a margin, and
+    /// given up on a cancel.
+    fn wait_go_ahead(&self, started: Instant) -> io::Result<()> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.tell(ToLoop::Accepted(tx));
+        let limit = Instant::now()
+            + Duration::from_millis(self.params.unplug_timeout_ms)
+            + Duration::from_secs(10);
+        loop {
+            self.check_cancel(started)?;
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(why)) => return Err(io::Error::other(why)),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) if Instant::now() < limit => {}
+                Err(_) => {
+                    return Err(io::Error::other(
+                        "the failover primaries did not leave the bus in time",
+                    ))
+                }
+            }
+        }
     }
 
     fn check_cancel(&self, started: Instant) -> io::Result<()> {
@@ -622,6 +667,7 @@ impl Source {
         write_json(s, Kind::Hello, &self.hello)?;
         expect(s, Kind::Accept)?;
         self.send_boot_files(s)?;
+        self.wait_go_ahead(started)?;
 
         // Round 0: everything. The logs are cleared first, so what is dirtied while
         // it goes is what round 1 sends.
@@ -945,13 +991,15 @@ mod tests {
     fn send_params_limits() {
         let p = |v: serde_json::Value| serde_json::from_value::<SendParams>(v).unwrap().check();
         assert!(p(serde_json::json!({"url": "unix:/x"})).is_ok());
-        assert!(p(serde_json::json!({"url": "unix:/x", "downtime_ms": 60000, "timeout_s": 86400, "bandwidth_mbps": 10000000})).is_ok());
+        assert!(p(serde_json::json!({"url": "unix:/x", "downtime_ms": 60000, "timeout_s": 86400, "bandwidth_mbps": 10000000, "unplug_timeout_ms": 30000})).is_ok());
         for bad in [
             serde_json::json!({"url": "unix:/x", "downtime_ms": 0}),
             serde_json::json!({"url": "unix:/x", "downtime_ms": 60001}),
             serde_json::json!({"url": "unix:/x", "timeout_s": 0}),
             serde_json::json!({"url": "unix:/x", "timeout_s": 86401}),
             serde_json::json!({"url": "unix:/x", "bandwidth_mbps": 10000001u64}),
+            serde_json::json!({"url": "unix:/x", "unplug_timeout_ms": 0}),
+            serde_json::json!({"url": "unix:/x", "unplug_timeout_ms": 30001}),
         ] {
             assert!(p(bad.clone()).is_err(), "{bad}");
         }

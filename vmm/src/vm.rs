@@ -561,6 +561,19 @@ impl Vm {
         self.hotplug().reraise_if_pending()
     }
 
+    /// Where the time of the last eject of `slot` went (see [`api::ReleaseSteps`]),
+    /// if the guest answered a request; the VMM's share runs until now.
+    pub fn release_steps(&self, slot: usize) -> Option<api::ReleaseSteps> {
+        let t = self.hotplug().release_timing(slot);
+        let (requested, read, ejected) = (t.requested?, t.read?, t.ejected?);
+        let ms = |d: std::time::Duration| (d.as_secs_f64() * 10_000.0).round() / 10.0;
+        Some(api::ReleaseSteps {
+            notify_ms: ms(read.saturating_duration_since(requested)),
+            guest_ms: ms(ejected.saturating_duration_since(read)),
+            vmm_ms: ms(ejected.elapsed()),
+        })
+    }
+
     /// Slots the guest ejected since the last call, with the device in each.
     pub fn take_ejected(&self) -> Vec<(usize, Option<String>)> {
         let bits = self.hotplug().take_ejected();

@@ -28,6 +28,8 @@
 //! that never answers and later ejects the new device on its own has that one eject
 //! ignored (logged), as if it had not written.
 
+use std::time::Instant;
+
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
@@ -57,6 +59,19 @@ pub struct PciHotplug {
     eject_evt: EventFd,
     /// Interrupts raised so far (for `vm.info`).
     raised: u64,
+    /// Per slot: when its eject was requested, when the guest read the request, when
+    /// it ejected (see [`PciHotplug::release_timing`]).
+    timing: [ReleaseTiming; 32],
+}
+
+/// When the steps of one eject happened, as the VMM saw them: the request (the VMM
+/// set the slot's `DOWN` bit and raised the interrupt), the guest reading it (its `_EVT`
+/// read `DOWN`), and the guest's `_EJ0` write.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ReleaseTiming {
+    pub requested: Option<Instant>,
+    pub read: Option<Instant>,
+    pub ejected: Option<Instant>,
 }
 
 impl PciHotplug {
@@ -72,6 +87,7 @@ impl PciHotplug {
             irq,
             eject_evt,
             raised: 0,
+            timing: [ReleaseTiming::default(); 32],
         }
     }
 
@@ -120,6 +136,9 @@ impl PciHotplug {
         self.up |= bit;
         self.down &= !bit;
         self.ejected &= !bit;
+        if let Some(t) = self.timing.get_mut(slot) {
+            *t = ReleaseTiming::default();
+        }
         self.raise();
     }
 
@@ -129,7 +148,29 @@ impl PciHotplug {
         self.down |= bit;
         self.asked |= bit;
         self.ejected &= !bit;
+        if let Some(t) = self.timing.get_mut(slot).filter(|_| bit != 0) {
+            *t = ReleaseTiming {
+                requested: Some(Instant::now()),
+                ..ReleaseTiming::default()
+            };
+        }
         self.raise();
+    }
+
+    /// The steps of the last eject of `slot` (requested or not) since a device was
+    /// last put there or taken away.
+    pub fn release_timing(&self, slot: usize) -> ReleaseTiming {
+        self.timing.get(slot).copied().unwrap_or_default()
+    }
+
+    /// Stamp now into the timing of every slot set in `bits`, where `field` is unset.
+    fn stamp(&mut self, bits: u32, field: fn(&mut ReleaseTiming) -> &mut Option<Instant>) {
+        let now = Instant::now();
+        for (slot, t) in self.timing.iter_mut().enumerate() {
+            if bits & (1 << slot) != 0 {
+                field(t).get_or_insert(now);
+            }
+        }
     }
 
     /// Slots the guest ejected since the last call.
@@ -147,7 +188,11 @@ impl BusDevice for PciHotplug {
     fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
         let v = match (offset, data.len()) {
             (UP_OFFSET, 4) => std::mem::take(&mut self.up),
-            (DOWN_OFFSET, 4) => std::mem::take(&mut self.down),
+            (DOWN_OFFSET, 4) => {
+                let v = std::mem::take(&mut self.down);
+                self.stamp(v, |t| &mut t.read);
+                v
+            }
             _ => 0,
         };
         for (d, b) in data.iter_mut().zip(v.to_le_bytes()) {
@@ -179,6 +224,7 @@ impl BusDevice for PciHotplug {
         tracing::debug!("pci hotplug: the guest ejected slots {v:#x}");
         self.asked &= !v;
         self.ejected |= v;
+        self.stamp(v, |t| &mut t.ejected);
         if let Err(e) = self.eject_evt.write(1) {
             tracing::warn!("pci hotplug: cannot signal the eject: {e}");
         }
@@ -246,6 +292,33 @@ mod tests {
         assert!(irq2.read().unwrap() >= 1, "raised again after the restore");
         assert_eq!(read32(&mut b, UP_OFFSET), 1 << 3);
         assert_eq!(read32(&mut b, DOWN_OFFSET), 1 << 9);
+    }
+
+    /// Each step of an eject is stamped once, in order; a new device in the slot
+    /// forgets them; a slot the guest ejects unasked has no request or read.
+    #[test]
+    fn release_timing_follows_the_steps() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let ej = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut h = PciHotplug::new(irq.try_clone().unwrap(), ej.try_clone().unwrap());
+        h.request_eject(6);
+        let t = h.release_timing(6);
+        assert!(t.requested.is_some() && t.read.is_none() && t.ejected.is_none());
+        assert_eq!(read32(&mut h, DOWN_OFFSET), 1 << 6);
+        let read = h.release_timing(6).read.expect("read stamped");
+        h.write(HOTPLUG_BASE, EJECT_OFFSET, &(1u32 << 6).to_le_bytes());
+        let t = h.release_timing(6);
+        assert!(t.requested.unwrap() <= read && read <= t.ejected.expect("eject stamped"));
+        assert!(h.release_timing(7).ejected.is_none(), "only slot 6");
+        h.notify_changed(6);
+        assert!(
+            h.release_timing(6).requested.is_none(),
+            "a new device forgets them"
+        );
+        h.write(HOTPLUG_BASE, EJECT_OFFSET, &(1u32 << 9).to_le_bytes());
+        let t = h.release_timing(9);
+        assert!(t.ejected.is_some() && t.requested.is_none() && t.read.is_none());
+        assert!(h.release_timing(40).ejected.is_none(), "no such slot");
     }
 
     #[test]

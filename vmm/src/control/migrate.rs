@@ -25,21 +25,42 @@ impl Vmm {
         let params: migration::SendParams = api::from_body(body).map_err(ApiError::bad_request)?;
         let url = migration::Url::parse(&params.url).map_err(ApiError::bad_request)?;
         params.check().map_err(ApiError::bad_request)?;
-        let passthrough = vm.devices().passthrough_ids();
-        if !passthrough.is_empty() || !self.cfg.devices.is_empty() {
+        // Failover primaries leave the bus before the copying and come back if the
+        // migration fails; any other passthrough device pins the VM here.
+        let primaries = Failover::primaries(&self.cfg);
+        let mut pinned: Vec<String> = vm
+            .devices()
+            .passthrough_ids()
+            .into_iter()
+            .chain(self.cfg.devices.iter().map(|d| d.id.clone()))
+            .filter(|id| !primaries.contains(id))
+            .collect();
+        pinned.dedup();
+        if !pinned.is_empty() {
             return Err(ApiError::conflict(format!(
-                "the VM has passthrough devices ({}): a passthrough device cannot migrate; remove it first",
-                passthrough
-                    .into_iter()
-                    .chain(self.cfg.devices.iter().map(|d| d.id.clone()))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                "the VM has passthrough devices that are no failover primary ({}): such a device cannot migrate; remove it first",
+                pinned.join(", ")
             )));
         }
         if !self.pending.is_empty() {
             return Err(ApiError::conflict(
                 "a device removal is waiting for the guest: migrate once it is done",
             ));
+        }
+        for p in self.failover.machine.pairs() {
+            let Some((id, _, st)) = p.primary else {
+                continue;
+            };
+            if st == net_failover::PrimaryState::Ejecting {
+                return Err(ApiError::conflict(format!(
+                    "failover primary {id} is being removed: migrate once it is done"
+                )));
+            }
+            if st == net_failover::PrimaryState::Plugged && vm.paused() {
+                return Err(ApiError::conflict(format!(
+                    "the VM is paused and its failover primary {id} is on the bus, which a paused guest cannot release: resume it, or remove the primary first"
+                )));
+            }
         }
         let boot = self.cfg.boot.clone().ok_or_else(|| {
             ApiError::internal("the VM has no boot files to send (a bug: it runs)")
@@ -110,14 +131,97 @@ impl Vmm {
             cancel,
             rx,
             frozen: None,
+            held: Vec::new(),
+            unplug_timeout: std::time::Duration::from_millis(params.unplug_timeout_ms),
+            hold: None,
         });
         Ok(serde_json::json!({ "url": params.url }))
     }
 
-    pub(super) fn cancel_migration(&self, why: &str) {
-        if let Some(m) = &self.migration {
+    pub(super) fn cancel_migration(&mut self, why: &str) {
+        if let Some(m) = self.migration.as_mut() {
             tracing::warn!("migration cancelled: {why}");
             m.cancel.store(true, Ordering::SeqCst);
+            if let Some(h) = m.hold.take() {
+                let _ = h.go.send(Err(format!("cancelled: {why}")));
+            }
+        }
+    }
+
+    /// The destination accepted the VM: hold every failover primary off the bus, and
+    /// let the copying start once they all are (see [`Vmm::advance_hold`]).
+    fn hold_primaries(&mut self, vm: &mut Vm, go: std::sync::mpsc::Sender<Result<(), String>>) {
+        let primaries = Failover::primaries(&self.cfg);
+        let Some(timeout) = self.migration.as_ref().map(|m| m.unplug_timeout) else {
+            return;
+        };
+        let mut waiting = Vec::new();
+        for id in &primaries {
+            let (tx, rx) = channel();
+            let slot = self.primary_slot(id);
+            let request = self.failover.remember_hold(id, slot, tx);
+            tracing::info!("migration: failover primary {id} leaves the bus first");
+            let actions = self
+                .failover
+                .machine
+                .handle(net_failover::Input::HoldPrimary {
+                    request,
+                    primary: id.clone(),
+                    timeout,
+                });
+            self.carry_out(Some(vm), actions);
+            waiting.push((id.clone(), rx));
+        }
+        if let Some(m) = self.migration.as_mut() {
+            m.held = primaries;
+            m.hold = Some(super::HoldWait { go, waiting });
+        }
+        self.advance_hold();
+    }
+
+    /// A migration waiting for its primaries to leave the bus: go once all are off,
+    /// fail at the first that cannot.
+    pub(super) fn advance_hold(&mut self) {
+        let Some(m) = self.migration.as_mut() else {
+            return;
+        };
+        let Some(h) = m.hold.as_mut() else {
+            return;
+        };
+        let mut failed = None;
+        h.waiting.retain(|(id, rx)| match rx.try_recv() {
+            Ok(Ok(_)) => false,
+            Ok(Err(e)) => {
+                failed.get_or_insert(format!("failover primary {id}: {}", e.message));
+                false
+            }
+            Err(std::sync::mpsc::TryRecvError::Empty) => true,
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                failed.get_or_insert(format!("failover primary {id}: no answer"));
+                false
+            }
+        });
+        let answer = match failed {
+            Some(why) => Err(why),
+            None if h.waiting.is_empty() => {
+                tracing::info!("migration: the failover primaries are off the bus; copying");
+                Ok(())
+            }
+            None => return,
+        };
+        if let Some(h) = m.hold.take() {
+            let _ = h.go.send(answer);
+        }
+    }
+
+    /// The migration ended with the guest here: its primaries come back.
+    fn unhold_primaries(&mut self, vm: &mut Vm, held: Vec<String>) {
+        for id in held {
+            let actions = self
+                .failover
+                .machine
+                .handle(net_failover::Input::Unhold { primary: id });
+            self.carry_out(Some(vm), actions);
         }
     }
 
@@ -129,6 +233,7 @@ impl Vmm {
         let msgs: Vec<_> = m.rx.try_iter().collect();
         for msg in msgs {
             match msg {
+                migration::ToLoop::Accepted(go) => self.hold_primaries(vm, go),
                 migration::ToLoop::Progress(p) => {
                     tracing::info!(
                         "migration round {}: {} pages left, {} Mbit/s",
@@ -167,7 +272,11 @@ impl Vmm {
                     return true;
                 }
                 migration::ToLoop::Failed(reason) => {
-                    let frozen = self.migration.take().and_then(|m| m.frozen);
+                    let (frozen, held) = self
+                        .migration
+                        .take()
+                        .map(|m| (m.frozen, m.held))
+                        .unwrap_or_default();
                     let mut guest = "runs on here".to_string();
                     if let Some(was_paused) = frozen {
                         if let Err(e) = vm.thaw(was_paused) {
@@ -180,9 +289,17 @@ impl Vmm {
                     if let Err(e) = vm.log_dirty_pages(false) {
                         tracing::warn!("cannot turn dirty logging off: {e}");
                     }
+                    if !held.is_empty() {
+                        guest.push_str(&format!(
+                            ", its failover primaries ({}) plugged again",
+                            held.join(", ")
+                        ));
+                    }
+
                     tracing::error!("migration failed: {reason}; the guest {guest}");
                     self.hub
                         .publish(None, EventKind::MigrationFailed { reason, guest });
+                    self.unhold_primaries(vm, held);
                     return false;
                 }
             }
