@@ -621,6 +621,25 @@ fn run_once(
     }
     drop(agent);
     drop(proc);
+    // Where Tandem's share of the first orderly removal went, from its own log.
+    if kind == "tandem" {
+        let log = dirs.logs.join(format!("{name}.tandem.log"));
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let mut on = false;
+        for l in text.lines() {
+            on |= l.contains("eject requested");
+            if on
+                && (l.contains("eject")
+                    || l.contains("off the bus")
+                    || l.contains("removed from slot"))
+            {
+                step(&name, l.trim());
+            }
+            if on && l.contains("removed from slot") {
+                break;
+            }
+        }
+    }
     Ok(())
 }
 

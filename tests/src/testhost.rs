@@ -387,7 +387,7 @@ impl Session {
             stall: None,
             stalls: Vec::new(),
             next_job: 1,
-            keep: false,
+            keep: std::env::var("TANDEM_TESTHOST_KEEP").is_ok_and(|v| v == "1"),
             dead: false,
         };
         session.wait_for(Wait::Ready)?;

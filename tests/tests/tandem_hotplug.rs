@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use harness::err;
 use harness::guestnet::{netdev_by_mac, up_and_ping, wait_guest};
 use harness::tandem::Tandem;
 
@@ -59,6 +60,18 @@ harness::guest_test_kernels!(fn tandem_hotplug_add_and_remove_net(env) {
     // stream shows each step.
     let out = vm.remote_args(&["remove-device", "hp0"])?;
     assert_eq!(field(&out, "how"), "released", "{out}");
+    // Where the time went: the guest reading the request, its release up to _EJ0,
+    // Tandem's share after that; together the whole answer, within a few ms.
+    let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| err!("{e}: {out}"))?;
+    let part = |k: &str| v["steps"][k].as_f64();
+    let (Some(notify), Some(guest), Some(vmm)) = (part("notify_ms"), part("guest_ms"), part("vmm_ms")) else {
+        return Err(err!("no steps in the answer: {out}").into());
+    };
+    let total = v["elapsed_ms"].as_f64().unwrap_or(0.0);
+    assert!(
+        guest > 0.0 && notify >= 0.0 && vmm >= 0.0 && (notify + guest + vmm - total).abs() <= 5.0,
+        "steps {notify} + {guest} + {vmm} ms against {total} ms: {out}"
+    );
     let steps = events.sequence_from(|e| e["type"] == "device-added" && e["device"] == "hp0");
     let hp0: Vec<&str> = steps.iter().filter(|(_, d)| d == "hp0").map(|(t, _)| t.as_str()).collect();
     assert_eq!(

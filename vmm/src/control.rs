@@ -1056,15 +1056,24 @@ impl Vmm {
                     let Some(vm) = vm.as_deref_mut() else {
                         continue;
                     };
-                    if let Err(e) = vm.remove_device(&primary, notify_guest) {
-                        tracing::warn!("failover primary {primary} (slot {slot}): {e}");
-                    }
-                    // The network must find the guest behind the standby's tap now. (The
-                    // configuration still names the standby: an API removal forgets the
-                    // primary only when it is answered, after this.)
+                    // The network must find the guest behind the standby's tap now, first
+                    // thing, before the function's reset. (The configuration still names
+                    // the standby: an API removal forgets the primary only when it is
+                    // answered, after this.)
                     let standby = self.cfg.devices.iter().find(|d| d.id == primary);
                     if let Some(standby) = standby.and_then(|d| d.failover.as_deref()) {
                         vm.devices().announce(standby);
+                    }
+                    let t = Instant::now();
+                    match vm.remove_device(&primary, notify_guest) {
+                        // Most of it is the kernel's: vfio-pci resetting the function as
+                        // its descriptor closes, and the container's IOMMU context going
+                        // (all guest RAM unmapped and unpinned).
+                        Ok(_) => tracing::info!(
+                            "failover primary {primary}: off the bus and its function released in {:.1} ms",
+                            t.elapsed().as_secs_f64() * 1000.0
+                        ),
+                        Err(e) => tracing::warn!("failover primary {primary} (slot {slot}): {e}"),
                     }
                 }
                 Action::StartTimer { token, after } => self.failover.start_timer(token, after),

@@ -35,6 +35,7 @@ impl Vmm {
             .chain(self.cfg.devices.iter().map(|d| d.id.clone()))
             .filter(|id| !primaries.contains(id))
             .collect();
+        pinned.sort();
         pinned.dedup();
         if !pinned.is_empty() {
             return Err(ApiError::conflict(format!(
@@ -295,7 +296,6 @@ impl Vmm {
                             held.join(", ")
                         ));
                     }
-
                     tracing::error!("migration failed: {reason}; the guest {guest}");
                     self.hub
                         .publish(None, EventKind::MigrationFailed { reason, guest });
