@@ -551,30 +551,16 @@ impl Machine {
                 request,
                 primary,
                 how,
-            } => {
-                let timer = self.timer();
-                match self.pair_of_primary(&primary) {
-                    None => out.push(Action::Reply {
-                        request,
-                        result: Err(RemoveError::NotFound(primary)),
-                    }),
-                    Some(pair) => Self::api_remove(pair, request, how, timer, &mut out),
-                }
-            }
+            } => self.requested(request, primary, &mut out, |pair, timer, out| {
+                Self::api_remove(pair, request, how, timer, out)
+            }),
             Input::HoldPrimary {
                 request,
                 primary,
                 timeout,
-            } => {
-                let timer = self.timer();
-                match self.pair_of_primary(&primary) {
-                    None => out.push(Action::Reply {
-                        request,
-                        result: Err(RemoveError::NotFound(primary)),
-                    }),
-                    Some(pair) => Self::hold(pair, request, timeout, timer, &mut out),
-                }
-            }
+            } => self.requested(request, primary, &mut out, |pair, timer, out| {
+                Self::hold(pair, request, timeout, timer, out)
+            }),
             Input::Unhold { primary } => {
                 if let Some(pair) = self.pair_of_primary(&primary) {
                     if let Some(p) = pair.primary.as_mut() {
@@ -587,6 +573,25 @@ impl Machine {
             }
         }
         out
+    }
+
+    /// A request about `primary`: `then` with its pair and a fresh timer, or answered
+    /// `NotFound`.
+    fn requested(
+        &mut self,
+        request: RequestId,
+        primary: DeviceId,
+        out: &mut Vec<Action>,
+        then: impl FnOnce(&mut Pair, TimerToken, &mut Vec<Action>),
+    ) {
+        let timer = self.timer();
+        match self.pair_of_primary(&primary) {
+            None => out.push(Action::Reply {
+                request,
+                result: Err(RemoveError::NotFound(primary)),
+            }),
+            Some(pair) => then(pair, timer, out),
+        }
     }
 
     fn timer(&mut self) -> TimerToken {

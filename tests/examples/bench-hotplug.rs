@@ -301,15 +301,12 @@ impl Control {
                     api,
                     "vm.remove-device",
                     &serde_json::json!({ "id": "vf0", "surprise": surprise }),
-                    Duration::from_secs(60),
                 )?;
-                let st = &answer["steps"];
-                Ok(["notify_ms", "guest_ms", "vmm_ms"]
-                    .map(|k| st[k].as_f64())
-                    .iter()
-                    .copied()
-                    .collect::<Option<Vec<f64>>>()
-                    .map(|v| [v[0], v[1], v[2]]))
+                let st = |k: &str| answer["steps"][k].as_f64();
+                Ok(match (st("notify_ms"), st("guest_ms"), st("vmm_ms")) {
+                    (Some(n), Some(g), Some(v)) => Some([n, g, v]),
+                    _ => None,
+                })
             }
             Control::Qemu { qmp, .. } => {
                 qmp.clear_events();

@@ -170,7 +170,7 @@ impl Tandem {
         endpoint: &str,
         body: &serde_json::Value,
     ) -> crate::Result<serde_json::Value> {
-        api_put(&self.api, endpoint, body, Duration::from_secs(60))
+        api_put(&self.api, endpoint, body)
     }
 
     /// Subscribes to the event stream (`tandem remote events`) and collects its lines.
@@ -383,39 +383,24 @@ impl Drop for EventLog {
     }
 }
 
-/// `PUT /api/v1/<endpoint>` with a JSON `body` over the API socket at `api`, answered
-/// within `limit`: the answer's JSON, or an error with its status and body.
+/// `PUT /api/v1/<endpoint>` with a JSON `body` over the API socket at `api` (the API
+/// crate's own client): the answer's JSON, or an error with its status and body.
 pub fn api_put(
     api: &Path,
     endpoint: &str,
     body: &serde_json::Value,
-    limit: Duration,
 ) -> crate::Result<serde_json::Value> {
-    use std::io::{Read, Write};
     let what = || format!("PUT {endpoint} on {}", api.display());
-    let mut s =
-        std::os::unix::net::UnixStream::connect(api).map_err(|e| err!("{}: {e}", what()))?;
-    s.set_read_timeout(Some(limit))
-        .map_err(|e| err!("{}: {e}", what()))?;
-    let body = body.to_string();
-    write!(
-        s,
-        "PUT /api/v1/{endpoint} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
+    let r = api::client::request(
+        api,
+        "PUT",
+        &format!("{}{endpoint}", api::API_PREFIX),
+        Some(&body.to_string()),
     )
     .map_err(|e| err!("{}: {e}", what()))?;
-    let mut answer = String::new();
-    s.read_to_string(&mut answer)
-        .map_err(|e| err!("{}: no whole answer within {limit:?}: {e}", what()))?;
-    let status = answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse::<u16>().ok())
-        .ok_or_else(|| err!("{}: not an HTTP answer: {answer:?}", what()))?;
-    let text = answer.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    if status != 200 {
-        return Err(err!("{}: {status}: {}", what(), text.trim()));
+    if r.status != 200 {
+        return Err(err!("{}: {}: {}", what(), r.status, r.body.trim()));
     }
-    serde_json::from_str(text)
-        .map_err(|e| err!("{}: the answer is not JSON ({e}): {text:?}", what()))
+    serde_json::from_str(&r.body)
+        .map_err(|e| err!("{}: the answer is not JSON ({e}): {:?}", what(), r.body))
 }

@@ -298,9 +298,10 @@ mod tests {
     /// forgets them; a slot the guest ejects unasked has no request or read.
     #[test]
     fn release_timing_follows_the_steps() {
-        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let ej = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut h = PciHotplug::new(irq.try_clone().unwrap(), ej.try_clone().unwrap());
+        let mut h = PciHotplug::new(
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        );
         h.request_eject(6);
         let t = h.release_timing(6);
         assert!(t.requested.is_some() && t.read.is_none() && t.ejected.is_none());
