@@ -478,6 +478,7 @@ pub fn init(mode: Mode) -> Result<(), Error> {
     if mode == Mode::Off {
         return Ok(());
     }
+    no_heap_shrinking();
     let programs = KINDS
         .iter()
         .map(|&k| Ok((k, program(k, mode)?)))
@@ -492,6 +493,21 @@ pub fn init(mode: Mode) -> Result<(), Error> {
     let _ = PROGRAMS.set(programs);
     sandbox::set_hook(enter);
     Ok(())
+}
+
+/// glibc's malloc gives a thread's own heap (an arena other than the main one) back to
+/// the kernel when its free top grows past the trim threshold, and the first time it
+/// does, in any thread, it reads /proc/sys/vm/overcommit_memory to choose how: an
+/// `openat` in whatever thread that is, which no filter but the control loop's allows.
+/// It once ended a VMM from the API server's helper thread in the middle of a
+/// migration. With a threshold no heap reaches (a heap is at most 64 MiB) no heap
+/// shrinks; freed memory stays with its thread's heap for its next allocations.
+fn no_heap_shrinking() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt changes a malloc parameter; any int is a valid value for it.
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX);
+    }
 }
 
 /// Install the calling thread's filter (the hook behind `devices::sandbox::enter`).
