@@ -14,6 +14,7 @@
 pub mod acpi_pm;
 pub mod bus;
 pub mod i8042;
+pub mod netlink;
 pub mod pci;
 pub mod ratelimit;
 pub mod rtc;

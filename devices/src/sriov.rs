@@ -114,141 +114,39 @@ fn pf_netdev(pf: &Path) -> Result<(String, u32), SriovError> {
     Ok((name, index))
 }
 
+use crate::netlink::{attrs, u16_at, u32_at, NLMSG_ERROR, NLMSG_HDR, NLM_F_REQUEST};
+
 const RTM_NEWLINK: u16 = 16;
 const RTM_GETLINK: u16 = 18;
-const NLMSG_ERROR: u16 = 2;
-const NLM_F_REQUEST: u16 = 1;
 const IFLA_EXT_MASK: u16 = 29;
 const RTEXT_FILTER_VF: u32 = 1;
 const IFLA_VFINFO_LIST: u16 = 22;
 const IFLA_VF_INFO: u16 = 1;
 const IFLA_VF_MAC: u16 = 1;
-/// nlmsghdr, then ifinfomsg.
-const NLMSG_HDR: usize = 16;
+/// ifinfomsg, after the netlink header.
 const IFINFOMSG: usize = 16;
-/// The flag bit that marks a nested attribute in some kernels' replies.
-const NLA_TYPE_MASK: u16 = 0x3fff;
 
 /// The PF's VF table through rtnetlink: (VF number, MAC) for each entry.
 pub fn query_vf_macs(ifindex: u32) -> io::Result<Vec<(u32, [u8; 6])>> {
     let index = i32::try_from(ifindex)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "interface index too large"))?;
-    // SAFETY: socket(2) with constant arguments; the result is checked before use.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a descriptor this function just opened and owns alone.
-    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&sock);
-    // A kernel that does not answer must not hold the caller (the VMM's control loop).
-    let timeout = libc::timeval {
-        tv_sec: 2,
-        tv_usec: 0,
-    };
-    // SAFETY: SO_RCVTIMEO takes a timeval; the pointer and size describe `timeout`.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&timeout as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
     let seq = 1;
-    let req = link_request(index, seq);
-    // SAFETY: a zeroed sockaddr_nl is valid; the fields set below make it the kernel's.
-    let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-    // SAFETY: `req` and `kernel` are live for the call; the lengths are theirs.
-    let sent = unsafe {
-        libc::sendto(
-            fd,
-            req.as_ptr().cast(),
-            req.len(),
-            0,
-            (&kernel as *const libc::sockaddr_nl).cast(),
-            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-        )
-    };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // One RTM_NEWLINK; a PF with many VFs makes it large.
-    let mut buf = vec![0u8; 256 * 1024];
-    let n = loop {
-        // SAFETY: `buf` is writable for its length for the duration of the call.
-        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-        match usize::try_from(n) {
-            Ok(n) => break n,
-            Err(_) => {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
-        }
-    };
-    parse_link_reply(&buf[..n], seq).map_err(|m| io::Error::new(io::ErrorKind::InvalidData, m))
+    let answer = crate::netlink::request(&link_request(index, seq))?;
+    parse_link_reply(&answer, seq).map_err(|m| io::Error::new(io::ErrorKind::InvalidData, m))
 }
 
 /// RTM_GETLINK for interface `index`, asking for the VF table.
 fn link_request(index: i32, seq: u32) -> Vec<u8> {
-    let attr_len = 4 + 4;
-    let len = NLMSG_HDR + IFINFOMSG + attr_len;
-    let mut m = Vec::with_capacity(len);
-    m.extend_from_slice(&(len as u32).to_ne_bytes());
-    m.extend_from_slice(&RTM_GETLINK.to_ne_bytes());
-    m.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
-    m.extend_from_slice(&seq.to_ne_bytes());
-    m.extend_from_slice(&0u32.to_ne_bytes());
+    let mut body = Vec::with_capacity(IFINFOMSG + 8);
     // ifinfomsg: family AF_UNSPEC, pad, type, index, flags, change.
-    m.extend_from_slice(&[0, 0, 0, 0]);
-    m.extend_from_slice(&index.to_ne_bytes());
-    m.extend_from_slice(&0u32.to_ne_bytes());
-    m.extend_from_slice(&0u32.to_ne_bytes());
-    m.extend_from_slice(&(attr_len as u16).to_ne_bytes());
-    m.extend_from_slice(&IFLA_EXT_MASK.to_ne_bytes());
-    m.extend_from_slice(&RTEXT_FILTER_VF.to_ne_bytes());
-    m
-}
-
-fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
-}
-
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-
-/// The attributes in `b`: (type without the nested/byte-order flags, payload). Stops with
-/// an error at an attribute whose length does not fit.
-fn attrs(mut b: &[u8]) -> Result<Vec<(u16, &[u8])>, String> {
-    let mut out = Vec::new();
-    while b.len() >= 4 {
-        let len = usize::from(u16_at(b, 0).unwrap_or(0));
-        let kind = u16_at(b, 2).unwrap_or(0) & NLA_TYPE_MASK;
-        if len < 4 || len > b.len() {
-            return Err(format!(
-                "attribute {kind} says {len} bytes, {} are left",
-                b.len()
-            ));
-        }
-        out.push((kind, &b[4..len]));
-        let next = (len + 3) & !3;
-        b = b.get(next..).unwrap_or(&[]);
-    }
-    Ok(out)
+    body.extend_from_slice(&[0, 0, 0, 0]);
+    body.extend_from_slice(&index.to_ne_bytes());
+    body.extend_from_slice(&0u32.to_ne_bytes());
+    body.extend_from_slice(&0u32.to_ne_bytes());
+    body.extend_from_slice(&8u16.to_ne_bytes());
+    body.extend_from_slice(&IFLA_EXT_MASK.to_ne_bytes());
+    body.extend_from_slice(&RTEXT_FILTER_VF.to_ne_bytes());
+    crate::netlink::message(RTM_GETLINK, NLM_F_REQUEST, seq, &body)
 }
 
 /// The VF table in the kernel's answer to [`link_request`] (sequence `seq`).

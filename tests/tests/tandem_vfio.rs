@@ -803,7 +803,7 @@ harness::guest_test_kernels!(fn tandem_failover_primary_replugged_after_migratio
     assert!(out.status == 0 && after.1 - before.1 >= 10, "traffic on the primary that came back: {before:?} -> {after:?}: {}", out.stdout);
 
     // The migration itself, the primary on the bus: Tandem takes it off first.
-let good = format!("id=vf0,path=/sys/bus/pci/devices/{},failover=net0,slot=6", b.bdf);
+    let good = format!("id=vf0,path=/sys/bus/pci/devices/{},failover=net0,slot=6", b.bdf);
     let mut dest = Tandem::spawn_in(env, "mgdst", None, Some(&url), &["--net", "id=net0,tap=tdtap1", "--device", &good])?;
     dest.wait_log("waiting for a migration", Duration::from_secs(30))?;
     let out = vm.remote_args(&["send-migration", &url])?;
@@ -822,6 +822,23 @@ let good = format!("id=vf0,path=/sys/bus/pci/devices/{},failover=net0,slot=6", b
     let primary = e1000e_dev(&mut agent)?;
     agent.run_ok(&format!("ip link set {primary} up"))?;
     wait_guest(&mut agent, &format!("[ \"$(cat /sys/class/net/{primary}/carrier)\" = 1 ]"), 30)?;
+    // The peer reaches the guest through the new primary before the guest sends a frame
+    // of its own. While it has a primary the guest ignores what arrives on the standby,
+    // and the bridge last saw the guest's MAC behind the standby's tap: without the
+    // destination's steering (vmm/src/steer.rs) these pings went unanswered for 16 to
+    // 60 s in the test host.
+    let before = counters(&mut agent, &primary)?;
+    let out = std::process::Command::new("ping")
+        .args(["-c", "15", "-i", "0.2", "-W", "1", "10.0.0.2"])
+        .output()
+        .map_err(|e| err!("ping: {e}"))?;
+    let answered = String::from_utf8_lossy(&out.stdout).matches("bytes from").count();
+    let after = counters(&mut agent, &primary)?;
+    assert!(
+        answered >= 10 && after.1 - before.1 >= 10,
+        "the peer's pings through the new primary: {answered} of 15 answered, primary {before:?} -> {after:?}; the destination's log: {}",
+        dest.log()
+    );
     let before = counters(&mut agent, &primary)?;
     let out = agent.run(&format!("sleep 1; ping -c 20 -i 0.05 -W 2 {PEER_IP}"), Duration::from_secs(60))?;
     let after = counters(&mut agent, &primary)?;

@@ -351,6 +351,8 @@ pub struct Vmm {
     pending: Vec<PendingRemoval>,
     /// The failover pairs: `net_failover` decides, this loop carries it out.
     failover: Failover,
+    /// Bridges being steered to primaries that just came up.
+    steering: crate::steer::Steering,
     migration: Option<Outgoing>,
     /// Wakes this loop when the migration thread has news.
     migration_evt: EventFd,
@@ -441,6 +443,7 @@ impl Vmm {
             sockets,
             pending: Vec::new(),
             failover,
+            steering: Default::default(),
             migration: None,
             migration_evt: EventFd::new(libc::EFD_NONBLOCK)?,
             _tty: tty,
@@ -535,6 +538,7 @@ impl Vmm {
         loop {
             self.expire_removals(&mut vm);
             self.advance_hold();
+            self.steering.run();
             for input in self.failover.expired_timers() {
                 let actions = self.failover.machine.handle(input);
                 self.carry_out(Some(&mut vm), actions);
@@ -545,6 +549,7 @@ impl Vmm {
                 .iter()
                 .map(|p| p.deadline)
                 .chain(self.failover.next_deadline())
+                .chain(self.steering.next_deadline())
                 .min();
             if vm.hotplug_pending() == (0, 0) {
                 next_reraise = Instant::now() + HOTPLUG_RERAISE;
@@ -589,6 +594,7 @@ impl Vmm {
                         self.cancel_migration("the guest reset");
                         vm.stop();
                         self.forget_old_resets();
+                        self.steering.clear();
                         vm = self.boot()?;
                     }
                     Token::Error => {
@@ -629,6 +635,7 @@ impl Vmm {
                             // Stop first: the new boot reopens the same taps.
                             vm.stop();
                             self.forget_old_resets();
+                            self.steering.clear();
                             vm = self.boot()?;
                         }
                     },
@@ -1060,6 +1067,7 @@ impl Vmm {
                     // thing, before the function's reset. (The configuration still names
                     // the standby: an API removal forgets the primary only when it is
                     // answered, after this.)
+                    self.steering.stop(&primary);
                     let standby = self.cfg.devices.iter().find(|d| d.id == primary);
                     if let Some(standby) = standby.and_then(|d| d.failover.as_deref()) {
                         vm.devices().announce(standby);
@@ -1197,6 +1205,7 @@ impl Vmm {
                 DriverStatus::FeaturesOk(_) => continue,
                 DriverStatus::DriverOk => {
                     self.hub.publish(Some(&id), EventKind::DriverReady { slot });
+                    self.steer_to_primary(&id);
                     None
                 }
                 DriverStatus::Reset => {
@@ -1210,6 +1219,28 @@ impl Vmm {
                 let actions = self.failover.machine.handle(input);
                 self.carry_out(Some(vm), actions);
             }
+        }
+    }
+
+    /// A failover primary's driver came up in the guest: the host's bridge must find the
+    /// guest behind the primary now, not behind the standby's tap (see [`crate::steer`]).
+    fn steer_to_primary(&mut self, id: &str) {
+        let Some(standby) = self
+            .cfg
+            .devices
+            .iter()
+            .find(|d| d.id == id)
+            .and_then(|d| d.failover.as_deref())
+        else {
+            return;
+        };
+        if let Some(n) = self
+            .cfg
+            .nets
+            .iter()
+            .find(|n| n.net.id == standby && n.net.announce)
+        {
+            self.steering.start(id, &n.net.tap, n.net.mac);
         }
     }
 

@@ -13,6 +13,7 @@ mod layout;
 mod memory;
 mod migration;
 mod seccomp;
+mod steer;
 mod vcpu;
 mod vfio;
 mod vm;
