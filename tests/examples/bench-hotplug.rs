@@ -34,7 +34,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use harness::bench::{self, Bench, BenchReport, Dirs, VmSpec};
-use harness::guestnet::wait_guest;
+use harness::guestnet::{
+    bridge_uplink, failover_master, host_counter, wait_guest, wait_primary_carries,
+};
 use harness::qmp::Qmp;
 use harness::{err, Agent, GuestImage, Mode, VfioNic, FAILOVER_MAC, PEER_IP};
 use serde::{Deserialize, Serialize};
@@ -136,15 +138,6 @@ fn parse_args() -> (usize, Vec<String>) {
     (runs, vmms)
 }
 
-/// `dev` or `dev/stat` (default rx_packets).
-fn read_counter(dev: &str) -> u64 {
-    let (dev, stat) = dev.split_once('/').unwrap_or((dev, "rx_packets"));
-    std::fs::read_to_string(format!("/sys/class/net/{dev}/statistics/{stat}"))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// Samples the rx counters of host netdevs every 2 ms: when each of them grew.
 struct Sampler {
     stop: Arc<AtomicBool>,
@@ -158,10 +151,10 @@ impl Sampler {
         let grew = Arc::new(Mutex::new(Vec::new()));
         let (s, g) = (stop.clone(), grew.clone());
         let thread = std::thread::spawn(move || {
-            let mut last: Vec<u64> = devs.iter().map(|d| read_counter(d)).collect();
+            let mut last: Vec<u64> = devs.iter().map(|d| host_counter(d)).collect();
             while !s.load(Ordering::Relaxed) {
                 for (i, d) in devs.iter().enumerate() {
-                    let v = read_counter(d);
+                    let v = host_counter(d);
                     if v > last[i] {
                         g.lock()
                             .unwrap_or_else(|e| e.into_inner())
@@ -257,23 +250,6 @@ fn peer_outage(child: std::process::Child) -> harness::Result<f64> {
         prev = *s;
     }
     Ok(gap as f64 * 10.0)
-}
-
-/// The bridge port that is neither tap: the test host's uplink (the primary's path).
-fn uplink(bridge: &str, tap: &str) -> harness::Result<String> {
-    std::fs::read_dir(format!("/sys/class/net/{bridge}/brif"))
-        .map_err(|e| err!("{bridge}: {e}"))?
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .find(|n| n != tap)
-        .ok_or_else(|| err!("no uplink on {bridge}"))
-}
-
-/// The guest's failover master once it has `want` slaves.
-fn master(agent: &mut Agent, want: usize) -> harness::Result<String> {
-    let find = "for n in /sys/class/net/*; do [ \"$(cat $n/phys_port_name 2>/dev/null)\" = sby ] && basename $(readlink $n/master); done; true";
-    wait_guest(agent, &format!("m=$({find}) && [ -n \"$m\" ] && [ $(ls -d /sys/class/net/$m/lower_* | wc -l) -eq {want} ]"), 90)?;
-    Ok(agent.run_ok(find)?.trim().to_string())
 }
 
 /// How one VMM adds and removes its primary.
@@ -375,35 +351,6 @@ fn remote(bin: &std::path::Path, api: &std::path::Path, args: &[&str]) -> harnes
     }
 }
 
-/// Waits (at most 20 s) until the guest's own frames leave through the primary, not the
-/// standby: a ping burst from the guest grows the uplink's counter and not the tap's. A
-/// primary that is enslaved is not yet carrying (its link comes up later), and a removal
-/// measured before it carries measures nothing: the bridge still sends to the tap. The
-/// burst also leaves the bridge's entry for the guest's MAC on the uplink.
-fn wait_primary_carries(agent: &mut Agent, up: &str, tap: &str) -> harness::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (u0, t0) = (read_counter(up), read_counter(tap));
-        agent.run_ok(&format!(
-            "ping -q -c 5 -i 0.02 -W 1 {PEER_IP} >/dev/null 2>&1; true"
-        ))?;
-        // A counter that cannot be read counts 0: no growth, never an underflow.
-        let (du, dt) = (
-            read_counter(up).saturating_sub(u0),
-            read_counter(tap).saturating_sub(t0),
-        );
-        if du >= 5 && dt < 5 {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(err!(
-                "the primary did not carry the guest's traffic within 20 s of being enslaved (last burst: {du} frames on the uplink, {dt} on the tap)"
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// One line on stderr per measurement, so that a run that stops shows where.
 fn step(name: &str, what: &str) {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
@@ -438,7 +385,7 @@ fn run_once(
     let name = format!("{vmm}-{run}");
     let tap_name = "tdbhtap0";
     let _tap = harness::tap_on(tap_name, bridge, false)?;
-    let up = uplink(bridge, tap_name)?;
+    let up = bridge_uplink(bridge, &[tap_name])?;
     let announce = if vmm == "tandem-noannounce" {
         ",announce=off"
     } else {
@@ -495,7 +442,7 @@ fn run_once(
             spec: spec_dev,
         }
     };
-    let m = master(&mut agent, 2).map_err(fail)?;
+    let m = failover_master(&mut agent, 2).map_err(fail)?;
     agent.run_ok("for f in /proc/sys/net/ipv6/conf/*/disable_ipv6; do echo 1 > $f; done")?;
     agent.run_ok(&format!(
         "for l in /sys/class/net/{m}/lower_*; do ip link set ${{l##*lower_}} up; done; ip link set {m} up; ip addr add {GUEST_IP}/24 dev {m}"
@@ -521,13 +468,13 @@ fn run_once(
         s.release_vmm_ms = Some(vmm);
     }
     s.p2g_orderly_ms = Some(peer_outage(ping)?);
-    master(&mut agent, 1).map_err(fail)?;
+    failover_master(&mut agent, 1).map_err(fail)?;
 
     // 1b. Back, then an orderly removal under a one-way stream the guest does not answer:
     // only an announce (or the guest's own traffic) tells the bridge where it went.
     step(&name, "re-add, orderly removal under a one-way stream");
     ctl.add().map_err(fail)?;
-    master(&mut agent, 2).map_err(fail)?;
+    failover_master(&mut agent, 2).map_err(fail)?;
     wait_primary_carries(&mut agent, &up, tap_name).map_err(fail)?;
     let (stop, stream) = start_udp_stream()?;
     std::thread::sleep(Duration::from_secs(1));
@@ -553,7 +500,7 @@ fn run_once(
     // None: not within 15 s.
     s.oneway_orderly_ms = Some(first.unwrap_or(15_000.0));
     step(&name, "one-way stream stopped");
-    master(&mut agent, 1).map_err(fail)?;
+    failover_master(&mut agent, 1).map_err(fail)?;
 
     // 2. Plug, the guest flooding the peer.
     step(&name, "plug under the guest's flood");
@@ -577,7 +524,7 @@ fn run_once(
     sampler.finish();
     s.plug_s = plug;
     stop_guest_flood(&mut agent)?;
-    master(&mut agent, 2).map_err(fail)?;
+    failover_master(&mut agent, 2).map_err(fail)?;
     std::thread::sleep(Duration::from_secs(1));
 
     // 3. Orderly removal, the guest flooding the peer.
@@ -590,12 +537,12 @@ fn run_once(
     std::thread::sleep(Duration::from_secs(3));
     s.g2p_orderly_ms = longest_gap(&sampler.finish(), t0);
     stop_guest_flood(&mut agent)?;
-    master(&mut agent, 1).map_err(fail)?;
+    failover_master(&mut agent, 1).map_err(fail)?;
 
     // 4. Surprise removals (Tandem only).
     if kind == "tandem" {
         ctl.add().map_err(fail)?;
-        master(&mut agent, 2).map_err(fail)?;
+        failover_master(&mut agent, 2).map_err(fail)?;
         wait_primary_carries(&mut agent, &up, tap_name).map_err(fail)?;
         guest_flood(&mut agent, 6)?;
         let sampler = Sampler::start(vec![up.clone(), tap_name.to_string()]);
@@ -606,9 +553,9 @@ fn run_once(
         std::thread::sleep(Duration::from_secs(3));
         s.g2p_surprise_ms = longest_gap(&sampler.finish(), t0);
         stop_guest_flood(&mut agent)?;
-        master(&mut agent, 1).map_err(fail)?;
+        failover_master(&mut agent, 1).map_err(fail)?;
         ctl.add().map_err(fail)?;
-        master(&mut agent, 2).map_err(fail)?;
+        failover_master(&mut agent, 2).map_err(fail)?;
         wait_primary_carries(&mut agent, &up, tap_name).map_err(fail)?;
         let ping = start_peer_ping(8)?;
         std::thread::sleep(Duration::from_secs(2));

@@ -1,6 +1,6 @@
 //! Live-migration benchmark: Tandem against the reference QEMU, same guest, same host.
 //!
-//! `cargo run --release -p tests --example bench-migrate [-- --runs N] [--sizes 512,2048]`
+//! `cargo run --release -p tests --example bench-migrate [-- --runs N] [--sizes 512,2048] [--pair]`
 //!
 //! For each guest size (MiB) and load (idle, or two loops rewriting 64 MiB with
 //! `dd if=/dev/urandom` the whole time) and each VMM, N runs: boot the test guest (2
@@ -17,6 +17,16 @@
 //! - the pause the network sees: the peer pings the guest every 10 ms; the longest run
 //!   of unanswered pings (ms).
 //!
+//! With `--pair` the guest instead has a failover pair, on the source and on the
+//! destination alike: a virtio-net standby (`standby=on`, QEMU `failover=on`) and a
+//! passthrough e1000e of the test host as its primary (the source gets the first, the
+//! destination the second). Each VMM takes the primary off the bus before it copies
+//! memory and the destination plugs its own after the guest resumes. Measured besides:
+//! the call → the primary off the bus (Tandem: its `released by the guest` line; QEMU:
+//! the end of its `wait-unplug` status, polled every 20 ms), and the call → the guest's
+//! frames leaving through the destination's primary (the test host's uplink, which only
+//! primaries reach, grows by 3 frames within 100 ms while the peer pings the guest).
+//!
 //! Medians with min–max over the runs. When /dev/kvm cannot boot Linux, everything runs
 //! inside ONE test host (L1: QEMU TCG, 1 vCPU, 4 GiB): figures are slow in absolute terms
 //! and swing between runs; compare the two VMMs, not the numbers with bare metal.
@@ -25,8 +35,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use harness::bench::{self, Bench, BenchReport, Dirs, VmSpec};
+use harness::guestnet::{
+    bridge_uplink, failover_master, host_counter, wait_guest, wait_primary_carries,
+};
 use harness::qmp::Qmp;
-use harness::{err, Agent, GuestImage, Mode, PEER_IP};
+use harness::{err, Agent, GuestImage, Mode, VfioNic, FAILOVER_MAC, PEER_IP};
 use serde::{Deserialize, Serialize};
 
 const RESULT_TAG: &str = "@@BENCH-RESULT@@ ";
@@ -44,6 +57,10 @@ const BENCH: Bench = Bench {
 
 const VMMS: [&str; 2] = ["tandem", "qemu"];
 const LOADS: [&str; 2] = ["idle", "dirty"];
+/// The load of `--pair`: an idle guest with a failover pair.
+const PAIR: &str = "failover pair";
+/// The primary's slot, on both sides.
+const SLOT: u32 = 6;
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct Sample {
@@ -60,6 +77,10 @@ struct Sample {
     guest_jitter_ms: Option<f64>,
     ping_gap_ms: Option<f64>,
     mib_sent: Option<f64>,
+    /// `--pair`: the call → the source's primary off the bus.
+    primary_off_ms: Option<f64>,
+    /// `--pair`: the call → the guest's frames through the destination's primary.
+    primary_back_ms: Option<f64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -71,14 +92,20 @@ struct Report {
 struct Args {
     runs: usize,
     sizes: Vec<u32>,
+    pair: bool,
+    vmms: Vec<String>,
+    kernel: harness::GuestKernel,
 }
 
 fn parse_args() -> Args {
     let mut a = Args {
         runs: 3,
         sizes: vec![512, 2048],
+        pair: false,
+        vmms: Vec::new(),
+        kernel: harness::GuestKernel::Stable,
     };
-    let usage = "usage: bench-migrate [--runs N] [--sizes MiB,MiB...]";
+    let usage = "usage: bench-migrate [--runs N] [--sizes MiB,MiB...] [--pair] [--vmm tandem|qemu]... [--kernel stable|backports]";
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let val = |it: &mut dyn Iterator<Item = String>| {
@@ -109,6 +136,28 @@ fn parse_args() -> Args {
                         std::process::exit(2)
                     });
             }
+            "--pair" => a.pair = true,
+            "--kernel" => {
+                a.kernel = match val(&mut it).as_str() {
+                    "stable" => harness::GuestKernel::Stable,
+                    "backports" => harness::GuestKernel::Backports,
+                    v => {
+                        eprintln!("bench-migrate: --kernel needs stable or backports (got {v:?})");
+                        std::process::exit(2)
+                    }
+                }
+            }
+            "--vmm" => {
+                let v = val(&mut it);
+                if !VMMS.contains(&v.as_str()) {
+                    eprintln!(
+                        "bench-migrate: --vmm needs one of {} (got {v:?})",
+                        VMMS.join(", ")
+                    );
+                    std::process::exit(2)
+                }
+                a.vmms.push(v)
+            }
             "-h" | "--help" => {
                 println!("{usage}");
                 std::process::exit(0)
@@ -118,6 +167,9 @@ fn parse_args() -> Args {
                 std::process::exit(2)
             }
         }
+    }
+    if a.vmms.is_empty() {
+        a.vmms = VMMS.iter().map(|v| v.to_string()).collect();
     }
     a
 }
@@ -131,11 +183,60 @@ fn tap(name: &str) -> harness::Result<harness::Tap> {
     )
 }
 
-/// The longest run of unanswered pings in `ping -i 0.01` output (by icmp_seq), in ms.
-fn ping_gap(log: &str) -> Option<f64> {
-    let seqs = bench::icmp_seqs(log);
-    let gap = seqs.windows(2).map(|w| w[1].saturating_sub(w[0])).max()?;
-    Some(gap.saturating_sub(1) as f64 * 10.0)
+/// The longest run of unanswered pings in `ping -D -i 0.01` output (by icmp_seq), in
+/// ms, and when the last reply before it came (wall clock, s since the epoch).
+fn ping_gap(log: &str) -> Option<(f64, f64)> {
+    let replies: Vec<(f64, u64)> = log
+        .lines()
+        .filter_map(|l| {
+            let at = l.strip_prefix('[')?.split(']').next()?.parse().ok()?;
+            let seq = bench::icmp_seqs(l).first().copied()?;
+            Some((at, seq))
+        })
+        .collect();
+    // By the stamps, not by icmp_seq: in the test host ping does not keep its 10 ms.
+    let w = replies
+        .windows(2)
+        .max_by(|a, b| (a[1].0 - a[0].0).total_cmp(&(b[1].0 - b[0].0)))?;
+    Some(((w[1].0 - w[0].0) * 1000.0, w[0].0))
+}
+
+/// Seconds since the epoch, for `ping -D`'s stamps.
+fn wall() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Waits (at most 120 s) until the guest's frames leave through a primary again (the
+/// peer's ping keeps it answering): the uplink grows by 3 frames within 100 ms, sampled
+/// every 5 ms. The time since `t` in ms.
+fn primary_back(up: &str, t: Instant) -> harness::Result<f64> {
+    let mut seen: std::collections::VecDeque<(Instant, u64)> = Default::default();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let now = Instant::now();
+        let c = host_counter(up);
+        while seen
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > Duration::from_millis(100))
+        {
+            seen.pop_front();
+        }
+        if seen
+            .front()
+            .is_some_and(|(_, c0)| c.saturating_sub(*c0) >= 3)
+        {
+            return Ok(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        if now > deadline {
+            return Err(err!(
+                "no frame through the destination's primary within 120 s of the migration"
+            ));
+        }
+        seen.push_back((now, c));
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// The guest's stamp loop: /proc/uptime about every millisecond into /tmp/up.
@@ -178,18 +279,65 @@ fn measure_one(
 ) -> harness::Result<()> {
     let _t0 = tap("tbm0")?;
     let _t1 = tap("tbm1")?;
-    let name = format!("{vmm}-{mem}-{load}-{run}");
+    let name = format!("{vmm}-{mem}-{}-{run}", load.replace(' ', "-"));
     let url = format!("tcp:127.0.0.1:{PORT}");
-    let tandem_args = vec!["--net".to_string(), format!("id=net0,tap=tbm0,mac={MAC}")];
-    let qemu_net = |tap: &str| {
-        vec![
-            "-netdev".to_string(),
-            format!("tap,id=nd0,ifname={tap},script=no,downscript=no"),
-            "-device".into(),
-            format!("virtio-net-pci,id=net0,netdev=nd0,mac={MAC},romfile="),
-        ]
+    // With a pair: the source's primary and the destination's.
+    let pair: Option<[VfioNic; 2]> = if load == PAIR {
+        match harness::vfio_nics_from_env()?.as_slice() {
+            [a, b, ..] => Some([a.clone(), b.clone()]),
+            _ => return Err(err!("--pair needs two passthrough NICs (TANDEM_VFIO_NICS); run it where the test host provides them")),
+        }
+    } else {
+        None
     };
-    let qemu_args = qemu_net("tbm0");
+    let mac = if pair.is_some() { FAILOVER_MAC } else { MAC };
+    // `--net` and `--device` for Tandem, with the destination's tap and NIC.
+    let tandem_nics = |tap: &str, side: usize, dest: bool| -> Vec<String> {
+        let net = if dest {
+            format!("id=net0,tap={tap}")
+        } else if pair.is_some() {
+            format!("id=net0,tap={tap},mac={mac},standby=on,slot=3")
+        } else {
+            format!("id=net0,tap={tap},mac={mac}")
+        };
+        let mut v = vec!["--net".to_string(), net];
+        if let Some(p) = &pair {
+            v.push("--device".into());
+            v.push(format!(
+                "id=vf0,path=/sys/bus/pci/devices/{},failover=net0,slot={SLOT}",
+                p[side].bdf
+            ));
+        }
+        v
+    };
+    let qemu_net = |tap: &str, side: usize| -> Vec<String> {
+        let mut v = vec![
+            "-netdev".to_string(),
+            format!("tap,id=nd0,ifname={tap},script=no,downscript=no,vhost=off"),
+        ];
+        match &pair {
+            None => v.extend([
+                "-device".into(),
+                format!("virtio-net-pci,id=net0,netdev=nd0,mac={mac},romfile="),
+            ]),
+            Some(p) => v.extend([
+                "-device".into(),
+                "pcie-root-port,id=rp1,chassis=1,slot=1,bus=pcie.0".into(),
+                "-device".into(),
+                "pcie-root-port,id=rp2,chassis=2,slot=2,bus=pcie.0".into(),
+                "-device".into(),
+                format!("virtio-net-pci,id=net0,netdev=nd0,mac={mac},bus=rp1,romfile=,failover=on"),
+                "-device".into(),
+                format!(
+                    "vfio-pci,id=hostdev0,host={},bus=rp2,rombar=0,failover_pair_id=net0",
+                    p[side].bdf
+                ),
+            ]),
+        }
+        v
+    };
+    let tandem_args = tandem_nics("tbm0", 0, false);
+    let qemu_args = qemu_net("tbm0", 0);
     let spec = VmSpec {
         cpus: 2,
         mem_mib: mem,
@@ -201,11 +349,30 @@ fn measure_one(
     agent
         .wait_ready(Duration::from_secs(180))
         .map_err(|e| src.fail(e))?;
-    let dev = agent
-        .run_ok(&format!("for n in /sys/class/net/*; do [ \"$(cat $n/address)\" = {MAC} ] && echo ${{n##*/}}; done; true"))?
-        .trim()
-        .to_string();
-    harness::guestnet::up_and_ping(&mut agent, &dev, GUEST_IP)?;
+    let bridge = std::env::var("TANDEM_BRIDGE").unwrap_or_else(|_| "br0".into());
+    let up = bridge_uplink(&bridge, &["tbm0", "tbm1"])?;
+    if pair.is_some() {
+        // The failover master carries the address; its primary the traffic.
+        let m = failover_master(&mut agent, 2).map_err(|e| src.fail(e))?;
+        agent.run_ok(&format!(
+            "for f in /proc/sys/net/ipv6/conf/*/disable_ipv6; do echo 1 > $f; done; \
+             for l in /sys/class/net/{m}/lower_*; do ip link set ${{l##*lower_}} up; done; \
+             ip link set {m} up; ip addr add {GUEST_IP}/24 dev {m}"
+        ))?;
+        wait_guest(
+            &mut agent,
+            &format!("ping -c 1 -W 1 {PEER_IP} >/dev/null"),
+            60,
+        )
+        .map_err(|e| src.fail(e))?;
+        wait_primary_carries(&mut agent, &up, "tbm0").map_err(|e| src.fail(e))?;
+    } else {
+        let dev = agent
+            .run_ok(&format!("for n in /sys/class/net/*; do [ \"$(cat $n/address)\" = {mac} ] && echo ${{n##*/}}; done; true"))?
+            .trim()
+            .to_string();
+        harness::guestnet::up_and_ping(&mut agent, &dev, GUEST_IP)?;
+    }
     if load == "dirty" {
         agent.run_ok(
             "mkdir -p /dev/shm; rm -f /tmp/stop; for f in a b; do \
@@ -218,7 +385,8 @@ fn measure_one(
     let dest_log = dirs.logs.join(format!("{name}-dst.log"));
     let _dest: Box<dyn std::any::Any> = if vmm == "tandem" {
         let child = Command::new(tandem)
-            .args(["run", "--incoming", &url, "--net", "id=net0,tap=tbm1"])
+            .args(["run", "--incoming", &url])
+            .args(tandem_nics("tbm1", 1, true))
             .arg("--serial")
             .arg(format!("socket={}", dest_serial.display()))
             .arg("--api-socket")
@@ -247,7 +415,7 @@ fn measure_one(
         let mut b = harness::qemu::QemuVm::builder(guest, &dirs.run, &format!("{name}-dst"))
             .cpus(2)
             .mem_mib(mem);
-        for a in qemu_net("tbm1") {
+        for a in qemu_net("tbm1", 1) {
             b = b.arg(&a);
         }
         let q = b.arg("-incoming").arg(&url).spawn()?;
@@ -272,21 +440,36 @@ fn measure_one(
     agent.run_ok(STAMP_START)?;
     let ping_log = dirs.logs.join(format!("{name}-ping.log"));
     let mut ping = Command::new("ping")
-        .args(["-i", "0.01", "-W", "1", GUEST_IP])
+        .args(["-D", "-i", "0.01", "-W", "1", GUEST_IP])
         .stdout(std::fs::File::create(&ping_log).map_err(|e| err!("{e}"))?)
         .spawn()
         .map_err(|e| err!("ping: {e}"))?;
     std::thread::sleep(Duration::from_millis(500));
     let t = Instant::now();
+    let t_wall = wall();
     if vmm == "tandem" {
         let src_api = dirs.run.join(format!("{name}-src.api"));
-        let out = Command::new(tandem)
+        let mut child = Command::new(tandem)
             .args(["remote", "--api-socket"])
             .arg(&src_api)
             .args(["send-migration", &url])
-            .output()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .map_err(|e| err!("{e}"))?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        // Its progress lines as they come, for the moment the primary left.
+        let mut text = String::new();
+        if let Some(out) = child.stdout.take() {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if line.contains(": released by the guest") {
+                    s.primary_off_ms = Some(t.elapsed().as_secs_f64() * 1000.0);
+                }
+                text.push_str(&line);
+                text.push('\n');
+            }
+        }
+        let out = child.wait_with_output().map_err(|e| err!("{e}"))?;
         if !out.status.success() {
             return Err(err!(
                 "send-migration: {text}{}",
@@ -320,9 +503,17 @@ fn measure_one(
         let mut qmp = Qmp::connect(&q.qmp, Duration::from_secs(10))?;
         qmp.execute("migrate", serde_json::json!({ "uri": url }))?;
         let deadline = Instant::now() + Duration::from_secs(600);
+        let mut unplugging = false;
         loop {
             let st = qmp.execute("query-migrate", serde_json::json!({}))?;
-            match st["status"].as_str().unwrap_or("") {
+            let status = st["status"].as_str().unwrap_or("");
+            // QEMU waits in `wait-unplug` until the guest released its primaries.
+            if status == "wait-unplug" {
+                unplugging = true;
+            } else if unplugging && s.primary_off_ms.is_none() {
+                s.primary_off_ms = Some(t.elapsed().as_secs_f64() * 1000.0);
+            }
+            match status {
                 "completed" => {
                     s.total_ms = st["total-time"].as_f64();
                     s.reported_downtime_ms = st["downtime"].as_f64();
@@ -335,22 +526,35 @@ fn measure_one(
             if Instant::now() > deadline {
                 return Err(err!("QEMU migration did not end in 600 s"));
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
     eprintln!("{name}: migrated in {:.2} s", t.elapsed().as_secs_f64());
+    if pair.is_some() {
+        s.primary_back_ms = Some(primary_back(&up, t)?);
+        eprintln!(
+            "{name}: the destination's primary carries traffic {:.2} s after the call",
+            t.elapsed().as_secs_f64()
+        );
+    }
     std::thread::sleep(Duration::from_secs(1));
     let _ = ping.kill();
     let _ = ping.wait();
-    s.ping_gap_ms = ping_gap(&std::fs::read_to_string(&ping_log).unwrap_or_default());
+    if let Some((gap, at)) = ping_gap(&std::fs::read_to_string(&ping_log).unwrap_or_default()) {
+        s.ping_gap_ms = Some(gap);
+        eprintln!(
+            "{name}: the longest ping gap, {gap:.0} ms, began {:.0} ms after the call",
+            (at - t_wall) * 1000.0
+        );
+    }
     drop(agent);
     let mut agent = Agent::connect_unix(
         &dest_serial,
         dirs.logs.join(format!("{name}-dst.console.log")),
     )?;
     agent.assume_ready();
-    let up = agent.run_ok(STAMP_END)?;
-    s.guest_pause_ms = up.trim().parse::<f64>().ok().map(|v| v * 1000.0);
+    let stamps = agent.run_ok(STAMP_END)?;
+    s.guest_pause_ms = stamps.trim().parse::<f64>().ok().map(|v| v * 1000.0);
     agent.run_ok("touch /tmp/stop; true")?;
     drop(src);
     Ok(())
@@ -380,7 +584,7 @@ impl BenchReport for Report {
     fn print(&self) {
         println!("bench-migrate: live migration, Tandem against the reference QEMU");
         bench::print_env(&self.env, 18);
-        let metrics: [Metric; 6] = [
+        let metrics: [Metric; 8] = [
             ("total time", |s| s.total_ms, 0, " ms"),
             (
                 "downtime (VMM's own figure)",
@@ -407,6 +611,18 @@ impl BenchReport for Report {
                 " ms",
             ),
             ("sent", |s| s.mib_sent, 0, " MiB"),
+            (
+                "primary off the bus (from the call)",
+                |s| s.primary_off_ms,
+                0,
+                " ms",
+            ),
+            (
+                "primary carries again (from the call)",
+                |s| s.primary_back_ms,
+                0,
+                " ms",
+            ),
         ];
         let mut cases: Vec<(u32, String)> = self
             .samples
@@ -421,6 +637,9 @@ impl BenchReport for Report {
                 "", "tandem", "qemu", "ratio"
             );
             for (label, get, prec, unit) in metrics {
+                if label.starts_with("primary") && load != PAIR {
+                    continue;
+                }
                 let col = |vmm: &str| -> Option<(f64, f64, f64)> {
                     let v: Vec<f64> = self
                         .samples
@@ -453,6 +672,9 @@ impl BenchReport for Report {
             );
         }
         println!("\nmedian min–max over the runs; ratio = tandem / qemu (medians). Guest 2 vCPUs, virtio-net on a tap, TCP on the loopback.");
+        if self.samples.iter().any(|s| s.load == PAIR) {
+            println!("failover pair: virtio-net standby + passthrough e1000e (source and destination each their own), primary in slot {SLOT}; VMM's downtime excludes the primary's absence, the ping gap includes it.");
+        }
     }
 
     fn failed(&self) -> bool {
@@ -462,7 +684,7 @@ impl BenchReport for Report {
 
 fn measure(args: &Args, mode: Mode, why: &str) -> harness::Result<Report> {
     let tandem = BENCH.tandem_bin()?;
-    let guest = harness::image::test_guest()?;
+    let guest = harness::image::test_guest_with(args.kernel)?;
     let dirs = BENCH.dirs()?;
     let mut env = bench::env_header(mode, why);
     env.push(("tandem".into(), bench::describe_tandem(&tandem)));
@@ -477,9 +699,10 @@ fn measure(args: &Args, mode: Mode, why: &str) -> harness::Result<Report> {
     let _ = PEER_IP;
     let mut samples = Vec::new();
     for &mem in &args.sizes {
-        for load in LOADS {
+        let loads: &[&str] = if args.pair { &[PAIR] } else { &LOADS };
+        for &load in loads {
             for run in 0..args.runs {
-                for vmm in VMMS {
+                for vmm in args.vmms.iter().map(String::as_str) {
                     let s = one(vmm, mem, load, run, &tandem, &guest, &dirs);
                     eprintln!("bench-migrate: {s:?}");
                     samples.push(s);
@@ -494,18 +717,28 @@ fn measure(args: &Args, mode: Mode, why: &str) -> harness::Result<Report> {
 fn main() {
     let args = parse_args();
     if std::env::var_os("TANDEM_TESTHOST_JOB_TIMEOUT").is_none() {
-        let cases = args.sizes.len() * LOADS.len() * VMMS.len() * args.runs;
+        let loads = if args.pair { 1 } else { LOADS.len() };
+        let cases = args.sizes.len() * loads * args.vmms.len() * args.runs;
         std::env::set_var(
             "TANDEM_TESTHOST_JOB_TIMEOUT",
             (cases * 240 + 300).to_string(),
         );
     }
     let sizes: Vec<String> = args.sizes.iter().map(u32::to_string).collect();
-    let relaunch = [
+    let mut relaunch = vec![
         "--runs".to_string(),
         args.runs.to_string(),
         "--sizes".into(),
         sizes.join(","),
     ];
+    if args.pair {
+        relaunch.push("--pair".into());
+    }
+    for v in &args.vmms {
+        relaunch.extend(["--vmm".to_string(), v.clone()]);
+    }
+    if args.kernel == harness::GuestKernel::Backports {
+        relaunch.extend(["--kernel".to_string(), "backports".into()]);
+    }
     BENCH.main(&relaunch, |mode, why| measure(&args, mode, why));
 }

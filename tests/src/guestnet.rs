@@ -1,7 +1,8 @@
-//! Guest-side network helpers shared by the network tests: find a NIC by its
-//! MAC, bring it up with an address and ping the peer.
+//! Network helpers shared by the network tests and benchmarks: find a NIC by its
+//! MAC, bring it up with an address and ping the peer; the guest's failover master;
+//! the host side of the test bridge (its uplink, a netdev's counters).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::{err, Agent, Result, PEER_IP};
 
@@ -57,4 +58,62 @@ pub fn wait_guest(agent: &mut Agent, cond: &str, secs: u32) -> Result<()> {
         return Err(err!("the guest never saw `{cond}` within {secs} s"));
     }
     Ok(())
+}
+
+/// The guest's failover master once it has `want` slaves (the standby is the netdev
+/// whose `phys_port_name` is `sby`).
+pub fn failover_master(agent: &mut Agent, want: usize) -> Result<String> {
+    let find = "for n in /sys/class/net/*; do [ \"$(cat $n/phys_port_name 2>/dev/null)\" = sby ] && basename $(readlink $n/master); done; true";
+    wait_guest(agent, &format!("m=$({find}) && [ -n \"$m\" ] && [ $(ls -d /sys/class/net/$m/lower_* | wc -l) -eq {want} ]"), 90)?;
+    Ok(agent.run_ok(find)?.trim().to_string())
+}
+
+/// A host netdev's counter: `dev` (rx_packets) or `dev/STAT`. One that cannot be
+/// read counts 0, so that a difference of two readings never underflows into growth.
+pub fn host_counter(dev: &str) -> u64 {
+    let (dev, stat) = dev.split_once('/').unwrap_or((dev, "rx_packets"));
+    std::fs::read_to_string(format!("/sys/class/net/{dev}/statistics/{stat}"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The port of `bridge` that is none of `taps`: the test host's uplink, the only
+/// path a passthrough primary's frames take to the bridge.
+pub fn bridge_uplink(bridge: &str, taps: &[&str]) -> Result<String> {
+    std::fs::read_dir(format!("/sys/class/net/{bridge}/brif"))
+        .map_err(|e| err!("{bridge}: {e}"))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| !taps.contains(&n.as_str()))
+        .ok_or_else(|| err!("no uplink on {bridge}"))
+}
+
+/// Waits (at most 20 s) until the guest's own frames leave through the primary, not the
+/// standby: a ping burst from the guest grows the uplink's counter (`up`) and not the
+/// standby tap's (`tap`). A primary that is enslaved is not yet carrying (its link
+/// comes up later), and a removal measured before it carries measures nothing: the
+/// bridge still sends to the tap. The burst also leaves the bridge's entry for the
+/// guest's MAC on the uplink.
+pub fn wait_primary_carries(agent: &mut Agent, up: &str, tap: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (u0, t0) = (host_counter(up), host_counter(tap));
+        agent.run_ok(&format!(
+            "ping -q -c 5 -i 0.02 -W 1 {PEER_IP} >/dev/null 2>&1; true"
+        ))?;
+        let (du, dt) = (
+            host_counter(up).saturating_sub(u0),
+            host_counter(tap).saturating_sub(t0),
+        );
+        if du >= 5 && dt < 5 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(err!(
+                "the primary did not carry the guest's traffic within 20 s of being enslaved (last burst: {du} frames on the uplink, {dt} on the tap)"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
