@@ -26,6 +26,16 @@ const NDA_LLADDR: u16 = 2;
 /// The bridge's own table, not the port device's.
 const NTF_MASTER: u8 = 0x04;
 
+/// The index of network device `name` in the calling thread's network namespace; 0 when
+/// there is none. (Not from sysfs, which shows the namespace it was mounted in.)
+pub fn ifindex(name: &str) -> u32 {
+    let Ok(c) = std::ffi::CString::new(name) else {
+        return 0;
+    };
+    // SAFETY: if_nametoindex reads the NUL-terminated string `c` owns and nothing else.
+    unsafe { libc::if_nametoindex(c.as_ptr()) }
+}
+
 /// Sends `msg` (a whole netlink message) to the kernel and returns its answer.
 pub fn request(msg: &[u8]) -> io::Result<Vec<u8>> {
     // SAFETY: socket(2) with constant arguments; the result is checked before use.
@@ -297,18 +307,11 @@ mod tests {
                 if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                     return Err(io::Error::last_os_error().to_string());
                 }
-                // Not sysfs: it shows the namespace it was mounted in.
-                let index = |name: &str| {
-                    let c = std::ffi::CString::new(name).unwrap_or_default();
-                    // SAFETY: if_nametoindex reads a NUL-terminated string that lives
-                    // for the call.
-                    unsafe { libc::if_nametoindex(c.as_ptr()) }
-                };
-                let p0 = index("p0");
+                let p0 = ifindex("p0");
                 Ok((
                     forget_bridge_entry(p0, mac).map_err(|e| e.to_string()),
                     forget_bridge_entry(p0, mac).map_err(|e| e.to_string()),
-                    forget_bridge_entry(index("p1"), mac).is_err(),
+                    forget_bridge_entry(ifindex("p1"), mac).is_err(),
                 ))
             })
             .join()

@@ -299,11 +299,7 @@ fn claim_socket_path(path: &Path, what: &str) -> io::Result<()> {
 
 /// Whether network device `name` exists in this process's network namespace.
 fn netdev_exists(name: &str) -> bool {
-    let Ok(c) = std::ffi::CString::new(name) else {
-        return false;
-    };
-    // SAFETY: if_nametoindex reads the NUL-terminated string `c` owns and nothing else.
-    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
+    devices::netlink::ifindex(name) != 0
 }
 
 /// Block SIGINT/SIGTERM in every thread and receive them on a signalfd.

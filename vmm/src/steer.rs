@@ -43,19 +43,11 @@ pub struct Steering {
     active: Vec<Steer>,
 }
 
-fn ifindex(name: &str) -> u32 {
-    let Ok(c) = std::ffi::CString::new(name) else {
-        return 0;
-    };
-    // SAFETY: if_nametoindex reads a NUL-terminated string that lives for the call.
-    unsafe { libc::if_nametoindex(c.as_ptr()) }
-}
-
 impl Steering {
     /// Primary `primary` came up in the guest: steer `tap`'s bridge away from `mac`.
     pub fn start(&mut self, primary: &str, tap: &str, mac: [u8; 6]) {
         self.stop(primary);
-        let index = ifindex(tap);
+        let index = devices::netlink::ifindex(tap);
         if index == 0 {
             tracing::warn!(
                 "failover primary {primary}: the standby's tap {tap} is gone; nothing to steer"
