@@ -428,6 +428,10 @@ pub struct PairInfo {
     /// primary comes back).
     #[serde(default)]
     pub held: bool,
+    /// The primary is off the bus with its host function kept open (quiet, no DMA):
+    /// plugging it again skips opening the function and mapping guest RAM for DMA.
+    #[serde(default)]
+    pub kept_open: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

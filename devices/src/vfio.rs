@@ -33,6 +33,13 @@
 //! reset (an FLR waits 100 ms) on every hot-add and every removal. A function whose
 //! reset is known not to stop it (`RESET_QUIRKS`) is also reset through its own
 //! register on open and on drop.
+//!
+//! A function that leaves the bus while its VM may want it back (a hidden failover
+//! primary) is parked instead of dropped: quiesced (interrupts, decoding and bus
+//! mastering off, BARs out of guest memory) but open, so its container keeps guest
+//! RAM mapped. Plugged again, it gets VFIO's function reset and the quirk reset, as
+//! a fresh open would, and nothing else: no close-time reset, no IOMMU unmapping
+//! and re-pinning of all guest RAM.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -57,6 +64,7 @@ const PAGE: u64 = 4096;
 const COMMAND_REG: usize = COMMAND_STATUS_REG;
 const ROM_REG: usize = 12;
 const MSI_CAP_ID: u8 = 0x05;
+const CMD_IO: u16 = 1;
 const CMD_MEMORY: u16 = 1 << 1;
 const CMD_BUS_MASTER: u16 = crate::pci::config::COMMAND_BUS_MASTER;
 const MSIX_ENABLE: u16 = 1 << 15;
@@ -230,6 +238,17 @@ impl Msi {
         }
     }
 
+    /// Back to power-on state: disabled, no message, no route.
+    fn reset(&mut self) {
+        if self.enabled {
+            self.route(false);
+        }
+        self.enabled = false;
+        self.addr_lo = 0;
+        self.addr_hi = 0;
+        self.data = 0;
+    }
+
     /// Point the vector's route at the guest's message, or take it away.
     fn route(&self, live: bool) {
         let msg = live.then(|| crate::pci::msix::MsiMessage {
@@ -299,19 +318,9 @@ impl VfioPciDevice {
             return Err(VfioPciError::NotType0(header));
         }
         let id = cfg(0);
-        let class = cfg(2);
         // What the last owner left running stops before this guest can enable DMA.
         device_reset_quirk(&device, id);
-        let shadow = PciConfig::new(
-            id as u16,
-            (id >> 16) as u16,
-            PciClass {
-                class: (class >> 24) as u8,
-                subclass: (class >> 16) as u8,
-                prog_if: (class >> 8) as u8,
-            },
-            class as u8,
-        );
+        let shadow = blank_shadow(id, cfg(2));
 
         // BARs: kind from the device's registers, size from VFIO's regions.
         let mut bars = Vec::new();
@@ -375,17 +384,7 @@ impl VfioPciDevice {
         if msix_at.is_none() && msi_at.is_none() {
             return Err(VfioPciError::NoMsix);
         }
-        let msix = match msix_at {
-            Some(cap) => Some(Self::msix(cap, &cfg, &bars, routes.clone())?),
-            None => None,
-        };
-        let msi = match msi_at {
-            Some(cap) => {
-                let is64 = (cfg(cap / 4) >> 16) as u16 & MSI_64BIT != 0;
-                Some(Msi::new(cap, is64, routes).map_err(VfioPciError::Msix)?)
-            }
-            None => None,
-        };
+        let (msix, msi) = Self::interrupts(msix_at, msi_at, &cfg, &bars, &routes)?;
 
         let mut dev = Self {
             device,
@@ -404,6 +403,74 @@ impl VfioPciDevice {
         };
         dev.map_bars()?;
         Ok(dev)
+    }
+
+    /// The emulated MSI-X and MSI capabilities (at `msix_at` and `msi_at`) as they
+    /// are at power-on: disabled, every vector masked, each with routes of its own.
+    fn interrupts(
+        msix_at: Option<usize>,
+        msi_at: Option<usize>,
+        cfg: &dyn Fn(usize) -> u32,
+        bars: &[BarInfo],
+        routes: &Arc<dyn InterruptRoutes>,
+    ) -> Result<(Option<Msix>, Option<Msi>), VfioPciError> {
+        let msix = match msix_at {
+            Some(cap) => Some(Self::msix(cap, cfg, bars, routes.clone())?),
+            None => None,
+        };
+        let msi = match msi_at {
+            Some(cap) => {
+                let is64 = (cfg(cap / 4) >> 16) as u16 & MSI_64BIT != 0;
+                Some(Msi::new(cap, is64, routes.clone()).map_err(VfioPciError::Msix)?)
+            }
+            None => None,
+        };
+        Ok((msix, msi))
+    }
+
+    /// Take the function off the guest but keep it open (a failover primary hidden
+    /// while its pair may come back): interrupts off on the host, memory and I/O
+    /// decoding and bus mastering off in the real command register (so it does no
+    /// DMA), its BARs out of guest memory, and what the guest sees back to power-on
+    /// state with the BARs unplaced (the interrupt vectors keep their GSIs and
+    /// irqfds, without routes). The VFIO descriptor, and with it the container's
+    /// DMA mappings of guest RAM, stay: plugging it again
+    /// ([`VfioPciDevice::rearm`]) skips opening the function, its reset on close,
+    /// and the IOMMU unmapping and re-pinning all guest RAM.
+    pub fn park(&mut self) {
+        if self.msix_enabled() {
+            let _ = self.device.disable_msix();
+        }
+        if self.msi_enabled() {
+            let _ = self.device.disable_msi();
+        }
+        // The BARs leave guest memory before decoding stops: vfio-pci refuses faults
+        // on a BAR mapping while decoding is off, and a vCPU that touched one
+        // through its KVM slot would fail with EFAULT.
+        self.memory_on = false;
+        self.sync_slots();
+        let cmd = self.real_read(COMMAND_REG) as u16 & !(CMD_IO | CMD_MEMORY | CMD_BUS_MASTER);
+        self.device.region_write(
+            VFIO_PCI_CONFIG_REGION_INDEX,
+            &cmd.to_le_bytes(),
+            COMMAND_REG as u64 * 4,
+        );
+        self.bus_master = false;
+        self.ready = false;
+        self.shadow = blank_shadow(self.real_read(0), self.real_read(2));
+        if let Some(m) = self.msix.as_mut() {
+            m.state.reset();
+        }
+        if let Some(m) = self.msi.as_mut() {
+            m.reset();
+        }
+    }
+
+    /// Make a parked function fit for a guest's driver again, as a fresh open
+    /// would: VFIO's function reset (if the device has one) and the quirk reset.
+    pub fn rearm(&mut self) {
+        self.device.reset();
+        device_reset_quirk(&self.device, self.real_read(0));
     }
 
     /// The MSI-X capability at `cap`: where its table and PBA are, and its vectors.
@@ -763,6 +830,13 @@ impl PciDevice for VfioPciDevice {
         }
         match reg {
             COMMAND_REG | HEADER_REG => {
+                // Decoding turned off: the BARs leave guest memory first (vfio-pci
+                // refuses faults on a BAR mapping while decoding is off, and another
+                // vCPU touching one through its KVM slot would fail with EFAULT).
+                if reg == COMMAND_REG && offset == 0 && data[0] as u16 & CMD_MEMORY == 0 {
+                    self.memory_on = false;
+                    self.sync_slots();
+                }
                 self.device.region_write(
                     VFIO_PCI_CONFIG_REGION_INDEX,
                     data,
@@ -910,6 +984,21 @@ impl Drop for VfioPciDevice {
         // function whose reset does not stop it is reset here first.
         device_reset_quirk(&self.device, self.real_read(0));
     }
+}
+
+/// What the guest sees of a function's own config header before it places BARs:
+/// ids from register 0, class and revision from register 2.
+fn blank_shadow(id: u32, class: u32) -> PciConfig {
+    PciConfig::new(
+        id as u16,
+        (id >> 16) as u16,
+        PciClass {
+            class: (class >> 24) as u8,
+            subclass: (class >> 16) as u8,
+            prog_if: (class >> 8) as u8,
+        },
+        class as u8,
+    )
 }
 
 /// Resets a function listed in [`RESET_QUIRKS`] through its own register (memory

@@ -297,6 +297,8 @@ harness::guest_test_kernels!(fn tandem_failover_pair_primary_carries_traffic(env
         "traffic moved to the standby during the orderly removal: {received} of {sent} arrived"
     );
     master_with_slaves(&mut agent, 1)?;
+    // Answered first, closed next: an API removal leaves no VFIO group open.
+    wait_vfio_groups(&vm, 0, "after the API removal")?;
     let out = agent.run(&format!("ping -c 5 -W 2 {PEER_IP}"), Duration::from_secs(60))?;
     if out.status != 0 {
         let d = agent.run_ok(&format!(
@@ -332,6 +334,9 @@ harness::guest_test_kernels!(fn tandem_failover_pair_primary_carries_traffic(env
     events.wait_for(ev("primary-hidden", "vf0"), Duration::from_secs(15))?;
     let i = info(&vm)?;
     assert_eq!(i["pairs"][0]["state"], "hidden", "{}", i["pairs"]);
+    // Hidden, not forgotten: the function stays open (and quiet) for its return.
+    assert_eq!(i["pairs"][0]["kept_open"], true, "{}", i["pairs"]);
+    wait_vfio_groups(&vm, 1, "while the primary is hidden")?;
     wait_guest(&mut agent, "! ls /sys/bus/pci/drivers/e1000e/ | grep -q 0000:", 10)?;
     // Counted before the bind: the plug may come before the agent's answer does.
     let n = events.all().iter().filter(|e| e["type"] == "primary-plugged").count();
@@ -341,9 +346,49 @@ harness::guest_test_kernels!(fn tandem_failover_pair_primary_carries_traffic(env
         assert!(t0.elapsed() < Duration::from_secs(30), "the primary came back after the rebind");
         std::thread::sleep(Duration::from_millis(100));
     }
-    master_with_slaves(&mut agent, 2)?;
+    // Plugged as it was kept, and reset for the guest's driver: it carries traffic
+    // (through a new master: the rebound virtio_net made one).
+    let (master, slaves) = master_with_slaves(&mut agent, 2)?;
+    vm.wait_log("(kept open since it left)", Duration::from_secs(5))?;
+    assert_eq!(info(&vm)?["pairs"][0]["kept_open"], false);
+    let primary = e1000e_dev(&mut agent)?;
+    agent.run_ok(&format!(
+        "ip link set {master} up; for s in {}; do ip link set $s up; done; ip addr add 10.0.0.2/24 dev {master}",
+        slaves.join(" ")
+    ))?;
+    wait_guest(&mut agent, &format!("[ \"$(cat /sys/class/net/{primary}/carrier)\" = 1 ]"), 30)?;
+    let b = counters(&mut agent, &primary)?;
+    let out = agent.run(&format!("sleep 1; ping -c 20 -i 0.05 -W 2 {PEER_IP}"), Duration::from_secs(60))?;
+    let a = counters(&mut agent, &primary)?;
+    assert!(out.status == 0 && a.1 - b.1 >= 20 && a.0 - b.0 >= 20, "traffic on the primary kept open while hidden: {b:?} -> {a:?}: {}", out.stdout);
     Ok(())
 });
+
+/// Waits up to 5 s until Tandem holds `want` VFIO group descriptors (`/dev/vfio/N`).
+fn wait_vfio_groups(vm: &Tandem, want: usize, when: &str) -> harness::Result<()> {
+    let t0 = std::time::Instant::now();
+    loop {
+        let fds = std::fs::read_dir(format!("/proc/{}/fd", vm.child.id()))
+            .map_err(|e| err!("Tandem's descriptors: {e}"))?;
+        let groups = fds
+            .filter_map(|f| std::fs::read_link(f.ok()?.path()).ok())
+            .filter(|l| {
+                l.parent() == Some(std::path::Path::new("/dev/vfio"))
+                    && l.file_name()
+                        .is_some_and(|n| n.to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+            })
+            .count();
+        if groups == want {
+            return Ok(());
+        }
+        if t0.elapsed() > Duration::from_secs(5) {
+            return Err(err!(
+                "{when}: Tandem holds {groups} VFIO groups open, not {want}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
 
 /// Boot with a pair (standby net0 on tdtap0 in slot 3, primary vf0 in slot 6), wait
 /// until the guest's master has both slaves, give the master 10.0.0.2 (IPv6 off).
@@ -801,6 +846,8 @@ harness::guest_test_kernels!(fn tandem_failover_primary_replugged_after_migratio
     let out = agent.run(&format!("sleep 1; ping -c 10 -i 0.05 -W 2 {PEER_IP}"), Duration::from_secs(60))?;
     let after = counters(&mut agent, &primary)?;
     assert!(out.status == 0 && after.1 - before.1 >= 10, "traffic on the primary that came back: {before:?} -> {after:?}: {}", out.stdout);
+    // It came back as it had been kept: open, its guest RAM mapped for DMA.
+    vm.wait_log("(kept open since it left)", Duration::from_secs(1))?;
 
     // The migration itself, the primary on the bus: Tandem takes it off first.
     let good = format!("id=vf0,path=/sys/bus/pci/devices/{},failover=net0,slot=6", b.bdf);

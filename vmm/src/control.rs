@@ -637,6 +637,11 @@ impl Vmm {
                     },
                 }
             }
+            // Whoever waited has been answered: passthrough functions that left the
+            // bus are quiesced, and those that nothing names any more are closed (a
+            // hidden failover primary stays open for its return).
+            let configured: Vec<_> = self.cfg.devices.iter().map(|d| d.path.clone()).collect();
+            vm.settle_removed(|p| configured.iter().any(|c| c == p));
         }
     }
 
@@ -1070,11 +1075,11 @@ impl Vmm {
                     }
                     let t = Instant::now();
                     match vm.remove_device(&primary, notify_guest) {
-                        // Most of it is the kernel's: vfio-pci resetting the function as
-                        // its descriptor closes, and the container's IOMMU context going
-                        // (all guest RAM unmapped and unpinned).
+                        // The function stays open until it comes back or the
+                        // configuration forgets it (an API removal, once answered);
+                        // it is quiesced once the removal is answered.
                         Ok(_) => tracing::info!(
-                            "failover primary {primary}: off the bus and its function released in {:.1} ms",
+                            "failover primary {primary}: off the bus in {:.1} ms",
                             t.elapsed().as_secs_f64() * 1000.0
                         ),
                         Err(e) => tracing::warn!("failover primary {primary} (slot {slot}): {e}"),
@@ -1390,6 +1395,12 @@ impl Vmm {
                 .pairs()
                 .into_iter()
                 .map(|p| {
+                    let kept_open = p.primary.as_ref().is_some_and(|(id, ..)| {
+                        self.cfg
+                            .devices
+                            .iter()
+                            .any(|d| &d.id == id && vm.devices().is_kept_open(&d.path))
+                    });
                     let (primary, slot, state) = match p.primary {
                         Some((id, slot, st)) => (
                             Some(id),
@@ -1410,6 +1421,7 @@ impl Vmm {
                         state: state.into(),
                         parked: p.parked,
                         held: p.held,
+                        kept_open,
                     }
                 })
                 .collect(),

@@ -164,6 +164,20 @@ pub struct DeviceManager {
     reserved: Vec<usize>,
     events: Arc<VmEvents>,
     vfio: VfioHost,
+    /// Passthrough functions taken off the bus but kept open: see
+    /// [`DeviceManager::remove`]. A function is here while the configuration still
+    /// names it (a hidden failover primary), and closed once it does not
+    /// ([`DeviceManager::settle`]).
+    kept_open: Vec<KeptOpen>,
+}
+
+/// A passthrough function off the bus, still open.
+struct KeptOpen {
+    path: PathBuf,
+    device: Arc<Mutex<VfioPciDevice>>,
+    /// Quiesced ([`VfioPciDevice::park`]); until then its BARs may still be in
+    /// guest memory, where nothing else is placed before it is.
+    parked: bool,
 }
 
 impl DeviceManager {
@@ -186,6 +200,7 @@ impl DeviceManager {
             reserved: vec![],
             events,
             vfio,
+            kept_open: vec![],
         }
     }
 
@@ -341,6 +356,8 @@ impl DeviceManager {
         slot: Option<usize>,
         saved: Option<DeviceState>,
     ) -> Result<usize, DeviceError> {
+        // Its BARs may get the space a function that left the bus still maps.
+        self.park_leaving();
         let id = cfg.id.clone();
         let bad = |what: String| DeviceError::Restore {
             id: id.clone(),
@@ -481,39 +498,76 @@ impl DeviceManager {
                 what: format!("{} is already passed through as {}", path.display(), e.id),
             });
         }
-        let mut dev = self.vfio.open(path).map_err(|e| DeviceError::Vfio {
-            id: id.to_string(),
-            what: format!("{}: {e}", path.display()),
-        })?;
-        let want: Vec<_> = dev.bars().iter().map(|b| (b.kind, b.size)).collect();
+        self.park_leaving();
+        let parked = self
+            .kept_open
+            .iter()
+            .position(|k| k.path == path)
+            .map(|i| self.kept_open.swap_remove(i).device);
+        let (dev, reopened) = match parked {
+            Some(dev) => {
+                dev.lock().unwrap_or_else(|e| e.into_inner()).rearm();
+                (dev, false)
+            }
+            None => {
+                let dev = self.vfio.open(path).map_err(|e| DeviceError::Vfio {
+                    id: id.to_string(),
+                    what: format!("{}: {e}", path.display()),
+                })?;
+                (Arc::new(Mutex::new(dev)), true)
+            }
+        };
+        let placed = self.place_vfio(id, path, slot, &dev);
+        let (slot, (vendor, device)) = match placed {
+            Ok(placed) => placed,
+            Err(e) => {
+                // Still open and unplaced: kept for the next try, or closed once
+                // nothing names it.
+                self.leave(path, dev);
+                return Err(e);
+            }
+        };
+        tracing::info!(
+            "device {id}: {} ({vendor:04x}:{device:04x}) passed through in slot {slot}{}",
+            path.display(),
+            if reopened {
+                ""
+            } else {
+                " (kept open since it left)"
+            }
+        );
+        Ok(slot)
+    }
+
+    /// Give the open function `dev` its BARs and slot; returns the slot and its ids.
+    fn place_vfio(
+        &mut self,
+        id: &str,
+        path: &Path,
+        slot: Option<usize>,
+        dev: &Arc<Mutex<VfioPciDevice>>,
+    ) -> Result<(usize, (u16, u16)), DeviceError> {
+        let mut d = dev.lock().unwrap_or_else(|e| e.into_inner());
+        let want: Vec<_> = d.bars().iter().map(|b| (b.kind, b.size)).collect();
         let alloc = self.allocate_bars(id, &want)?;
-        let infos = dev.bars().to_vec();
+        let infos = d.bars().to_vec();
         let mut bars = Vec::new();
         for (b, &(kind, base, _)) in infos.iter().zip(&alloc) {
-            dev.set_bar(b.index, base);
+            d.set_bar(b.index, base);
             bars.push((b.index, kind, base, b.size));
         }
         let (events, who) = (self.events.clone(), id.to_string());
-        dev.set_ready_observer(Box::new(move || {
+        d.set_ready_observer(Box::new(move || {
             events.driver_status(&who, DriverStatus::DriverOk)
         }));
-        let (vendor, device) = dev.ids();
-        let dev = Arc::new(Mutex::new(dev));
-        let slot = self.place(
-            id,
-            slot,
-            dev.clone(),
-            bars,
-            Kind::Vfio {
-                path: path.to_path_buf(),
-                device: dev,
-            },
-        )?;
-        tracing::info!(
-            "device {id}: {} ({vendor:04x}:{device:04x}) passed through in slot {slot}",
-            path.display()
-        );
-        Ok(slot)
+        let ids = d.ids();
+        drop(d);
+        let kind = Kind::Vfio {
+            path: path.to_path_buf(),
+            device: dev.clone(),
+        };
+        let slot = self.place(id, slot, dev.clone(), bars, kind)?;
+        Ok((slot, ids))
     }
 
     /// The slot of device `id`.
@@ -561,7 +615,62 @@ impl DeviceManager {
             tracing::warn!("device {id}: slot {}: {e}", entry.slot);
         }
         self.free_bars(&entry.bars);
+        if let Kind::Vfio { path, device } = entry.kind {
+            self.leave(&path, device);
+        }
         Ok(entry.slot)
+    }
+
+    /// A passthrough function off the bus stays open, to be parked by
+    /// [`DeviceManager::settle`] once whoever waits for the removal is answered.
+    fn leave(&mut self, path: &Path, device: Arc<Mutex<VfioPciDevice>>) {
+        self.kept_open.push(KeptOpen {
+            path: path.to_path_buf(),
+            device,
+            parked: false,
+        });
+    }
+
+    /// Quiesce the functions that left the bus (see [`VfioPciDevice::park`]): their
+    /// BARs leave guest memory before anything else is placed there.
+    fn park_leaving(&mut self) {
+        for k in self.kept_open.iter_mut().filter(|k| !k.parked) {
+            let t = std::time::Instant::now();
+            k.device.lock().unwrap_or_else(|e| e.into_inner()).park();
+            k.parked = true;
+            tracing::debug!(
+                "{}: parked in {:.1} ms",
+                k.path.display(),
+                t.elapsed().as_secs_f64() * 1000.0
+            );
+        }
+    }
+
+    /// After a removal has been answered: park the functions that left the bus, and
+    /// close those whose host path `keep` refuses. A close takes a while (in the
+    /// nested test host 150-300 ms): the kernel resets the function as its
+    /// descriptor closes, and the container's last one takes the IOMMU's mappings
+    /// of guest RAM with it.
+    pub fn settle(&mut self, keep: impl Fn(&Path) -> bool) {
+        self.park_leaving();
+        let (kept, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut self.kept_open)
+            .into_iter()
+            .partition(|k| keep(&k.path));
+        self.kept_open = kept;
+        for k in gone {
+            let t = std::time::Instant::now();
+            drop(k.device);
+            tracing::info!(
+                "{}: function closed in {:.1} ms",
+                k.path.display(),
+                t.elapsed().as_secs_f64() * 1000.0
+            );
+        }
+    }
+
+    /// Whether the function at `path` is kept open off the bus.
+    pub fn is_kept_open(&self, path: &Path) -> bool {
+        self.kept_open.iter().any(|k| k.path == path)
     }
 
     pub fn info(&self) -> Vec<DeviceInfo> {

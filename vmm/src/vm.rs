@@ -545,6 +545,12 @@ impl Vm {
         Ok(slot)
     }
 
+    /// Park the passthrough functions that left the bus, and close those `keep`
+    /// does not want kept open (see [`DeviceManager::settle`]).
+    pub fn settle_removed(&mut self, keep: impl Fn(&std::path::Path) -> bool) {
+        self.devices.settle(keep);
+    }
+
     /// Slots flagged for the guest and not yet read by it: (rescan, eject).
     pub fn hotplug_pending(&self) -> (u32, u32) {
         self.hotplug().pending()
