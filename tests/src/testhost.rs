@@ -477,10 +477,10 @@ impl Session {
                 ));
             }
         }
-        if status == 0 {
+        if status == 0 && !self.keep {
             let _ = fs::remove_dir_all(&dir);
             let _ = fs::remove_dir_all(self.workdir.join(name));
-        } else {
+        } else if status != 0 {
             self.keep = true;
             eprintln!(
                 "testhost: job `{name}` failed (status {status}); work dir kept: {}",
