@@ -349,7 +349,7 @@ harness::guest_test_kernels!(fn tandem_failover_pair_primary_carries_traffic(env
     // Plugged as it was kept, and reset for the guest's driver: it carries traffic
     // (through a new master: the rebound virtio_net made one).
     let (master, slaves) = master_with_slaves(&mut agent, 2)?;
-    vm.wait_log("(kept open since it left)", Duration::from_secs(5))?;
+    vm.wait_log("(its function was open already)", Duration::from_secs(5))?;
     assert_eq!(info(&vm)?["pairs"][0]["kept_open"], false);
     let primary = e1000e_dev(&mut agent)?;
     agent.run_ok(&format!(
@@ -847,7 +847,7 @@ harness::guest_test_kernels!(fn tandem_failover_primary_replugged_after_migratio
     let after = counters(&mut agent, &primary)?;
     assert!(out.status == 0 && after.1 - before.1 >= 10, "traffic on the primary that came back: {before:?} -> {after:?}: {}", out.stdout);
     // It came back as it had been kept: open, its guest RAM mapped for DMA.
-    vm.wait_log("(kept open since it left)", Duration::from_secs(1))?;
+    vm.wait_log("(its function was open already)", Duration::from_secs(1))?;
 
     // The migration itself, the primary on the bus: Tandem takes it off first.
     let good = format!("id=vf0,path=/sys/bus/pci/devices/{},failover=net0,slot=6", b.bdf);
@@ -862,8 +862,14 @@ harness::guest_test_kernels!(fn tandem_failover_primary_replugged_after_migratio
     );
     assert_eq!(vm.wait_exit(Duration::from_secs(30))?, 0, "the source's exit status; log: {}", vm.log());
     let mut agent = dest.migrated_agent(env, "mgdst")?;
-    // Plugged by the destination itself (no API call), into the slot --device gave.
+    // Plugged by the destination itself (no API call), into the slot --device gave,
+    // from a function it opened (and mapped guest RAM for) while the memory arrived.
     wait_pair(&dest, "plugged", false, "the destination's primary")?;
+    let log = dest.log();
+    assert!(
+        log.contains("ahead of its plug") && log.contains("(its function was open already)"),
+        "the destination opened its primary's function ahead: {log}"
+    );
     let (m, slaves) = master_with_slaves(&mut agent, 2)?;
     assert_eq!(m, master, "the same failover master: {slaves:?}");
     let primary = e1000e_dev(&mut agent)?;

@@ -169,7 +169,16 @@ pub struct DeviceManager {
     /// names it (a hidden failover primary), and closed once it does not
     /// ([`DeviceManager::settle`]).
     kept_open: Vec<KeptOpen>,
+    /// Functions being opened ahead ([`DeviceManager::open_ahead`]), with how long each
+    /// took.
+    opening: Option<std::thread::JoinHandle<Vec<Opened>>>,
 }
+
+type Opened = (
+    PathBuf,
+    Result<VfioPciDevice, devices::vfio::VfioPciError>,
+    std::time::Duration,
+);
 
 /// A passthrough function off the bus, still open.
 struct KeptOpen {
@@ -201,6 +210,7 @@ impl DeviceManager {
             events,
             vfio,
             kept_open: vec![],
+            opening: None,
         }
     }
 
@@ -499,6 +509,7 @@ impl DeviceManager {
             });
         }
         self.park_leaving();
+        self.take_opened(true);
         let parked = self
             .kept_open
             .iter()
@@ -533,7 +544,7 @@ impl DeviceManager {
             if reopened {
                 ""
             } else {
-                " (kept open since it left)"
+                " (its function was open already)"
             }
         );
         Ok(slot)
@@ -621,6 +632,78 @@ impl DeviceManager {
         Ok(entry.slot)
     }
 
+    /// Open the functions at `paths` on a thread of their own, before any device has
+    /// them (see [`Vm::prepare`]): each is kept open off the bus until a device with
+    /// its path is added. A function that cannot be opened is left for its plug,
+    /// which says why.
+    ///
+    /// [`Vm::prepare`]: crate::vm::Vm::prepare
+    pub fn open_ahead(&mut self, paths: Vec<PathBuf>) {
+        if paths.is_empty() {
+            return;
+        }
+        let opener = match self.vfio.opener() {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!("cannot open passthrough functions ahead: {e}");
+                return;
+            }
+        };
+        let opening = std::thread::Builder::new()
+            .name("vfio-open".into())
+            .spawn(move || {
+                paths
+                    .into_iter()
+                    .map(|p| {
+                        let t = std::time::Instant::now();
+                        let dev = opener.open(&p);
+                        (p, dev, t.elapsed())
+                    })
+                    .collect()
+            });
+        match opening {
+            Ok(t) => self.opening = Some(t),
+            Err(e) => tracing::warn!("cannot open passthrough functions ahead: {e}"),
+        }
+    }
+
+    /// Take over what [`DeviceManager::open_ahead`] opened: waits for it if `wait`,
+    /// else only if it is done.
+    fn take_opened(&mut self, wait: bool) {
+        if !wait && !self.opening.as_ref().is_some_and(|t| t.is_finished()) {
+            return;
+        }
+        let Some(t) = self.opening.take() else {
+            return;
+        };
+        let Ok(opened) = t.join() else {
+            tracing::warn!(
+                "opening passthrough functions ahead failed; each is opened when plugged"
+            );
+            return;
+        };
+        for (path, dev, took) in opened {
+            match dev {
+                Ok(dev) => {
+                    tracing::info!(
+                        "{}: opened and guest RAM mapped for its DMA in {:.0} ms, ahead of its plug",
+                        path.display(),
+                        took.as_secs_f64() * 1000.0
+                    );
+                    self.kept_open.push(KeptOpen {
+                        path,
+                        device: Arc::new(Mutex::new(dev)),
+                        parked: true,
+                    });
+                }
+                Err(e) => tracing::warn!(
+                    "{}: cannot open it ahead ({e}); it is opened when plugged",
+                    path.display()
+                ),
+            }
+        }
+    }
+
     /// A passthrough function off the bus stays open, to be parked by
     /// [`DeviceManager::settle`] once whoever waits for the removal is answered.
     fn leave(&mut self, path: &Path, device: Arc<Mutex<VfioPciDevice>>) {
@@ -653,6 +736,7 @@ impl DeviceManager {
     /// of guest RAM with it.
     pub fn settle(&mut self, keep: impl Fn(&Path) -> bool) {
         self.park_leaving();
+        self.take_opened(false);
         let (kept, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut self.kept_open)
             .into_iter()
             .partition(|k| keep(&k.path));

@@ -135,7 +135,32 @@ impl VfioHost {
 
     /// Open the device at `sysfs` and make guest RAM reachable by its DMA.
     pub fn open(&mut self, sysfs: &Path) -> Result<VfioPciDevice, VfioPciError> {
-        let container = self.container()?;
+        self.opener()?.open(sysfs)
+    }
+
+    /// What opening a device needs, for another thread (see [`VfioOpener`]).
+    pub fn opener(&mut self) -> Result<VfioOpener, VfioPciError> {
+        Ok(VfioOpener {
+            container: self.container()?,
+            mem: self.mem.clone(),
+            routes: self.routes.clone(),
+            mapper: self.mapper.clone(),
+        })
+    }
+}
+
+/// Opens passthrough functions in the VM's container, from any thread.
+pub struct VfioOpener {
+    container: Arc<VfioContainer>,
+    mem: GuestMemoryMmap,
+    routes: Arc<dyn InterruptRoutes>,
+    mapper: Arc<KvmMapper>,
+}
+
+impl VfioOpener {
+    /// Open the device at `sysfs` and make guest RAM reachable by its DMA.
+    pub fn open(&self, sysfs: &Path) -> Result<VfioPciDevice, VfioPciError> {
+        let container = &self.container;
         let dev = VfioPciDevice::open(
             sysfs,
             container.clone(),

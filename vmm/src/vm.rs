@@ -122,6 +122,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A machine made by [`Vm::prepare`], waiting for its state.
+pub struct Prepared(Machine);
+
 /// What `Vm::create` and `Vm::restore` share: the KVM VM with its memory, buses,
 /// platform devices and an empty PCI device table.
 struct Machine {
@@ -136,7 +139,7 @@ struct Machine {
 impl Machine {
     fn new(
         kvm_handle: &Kvm,
-        cfg: &VmConfig,
+        memory_bytes: u64,
         mem: &GuestMemoryMmap,
         serial: &Arc<Mutex<Serial>>,
         events: &Arc<VmEvents>,
@@ -200,7 +203,7 @@ impl Machine {
         let ram_slots = vm_memory::GuestMemoryBackend::num_regions(mem) as u32;
         let mapper = Arc::new(KvmMapper::new(vm_fd.clone(), ram_slots, max_slots));
         let vfio = VfioHost::new(vm_fd.clone(), mem.clone(), routes.clone(), mapper);
-        let (mmio64_start, mmio64_size) = mmio64_window(cfg.memory_bytes);
+        let (mmio64_start, mmio64_size) = mmio64_window(memory_bytes);
         let devices = DeviceManager::new(
             pci,
             routes,
@@ -268,7 +271,7 @@ impl Vm {
             size: cfg.memory_bytes >> 20,
             reason: e.to_string(),
         })?;
-        let mut m = Machine::new(kvm_handle, cfg, &mem, serial, events)?;
+        let mut m = Machine::new(kvm_handle, cfg.memory_bytes, &mem, serial, events)?;
         let files = cfg.boot.as_deref().ok_or(BootError::NoKernel)?;
         let entry = boot::load_linux(&mem, files, &cfg.cmdline, cfg.memory_bytes)?;
         boot::write_boot_tables(&mem)?;
@@ -317,15 +320,35 @@ impl Vm {
         m.into_vm(vcpus, cpuids, events, cfg, mem)
     }
 
-    /// Build the VM a migration source saved: `mem` holds its memory already, `cfg`
-    /// has this host's taps. Devices come back paused and vCPUs stopped; [`Vm::start`]
-    /// and [`Vm::resume_devices`] run them.
-    pub fn restore(
+    /// The machine of a VM whose state comes later (a migration's destination, as
+    /// soon as its memory exists): the KVM VM with `mem`, buses and platform devices;
+    /// and the passthrough functions at `open_ahead` are opened, with guest RAM mapped
+    /// for their DMA, on a thread of their own while the memory arrives, to be kept
+    /// off the bus until their devices are added. Opening and mapping take seconds in
+    /// the nested test host: done now, they are not in the way after the guest
+    /// resumes (and never in the downtime: nothing waits for them before a plug).
+    pub fn prepare(
         kvm_handle: &Kvm,
+        memory_bytes: u64,
+        mem: &GuestMemoryMmap,
+        serial: &Arc<Mutex<Serial>>,
+        events: &Arc<VmEvents>,
+        open_ahead: Vec<std::path::PathBuf>,
+    ) -> Result<Prepared, VmError> {
+        let mut m = Machine::new(kvm_handle, memory_bytes, mem, serial, events)?;
+        m.devices.open_ahead(open_ahead);
+        Ok(Prepared(m))
+    }
+
+    /// Build the VM a migration source saved on `machine` (from [`Vm::prepare`] with
+    /// the same memory): `mem` holds its memory already, `cfg` has this host's taps.
+    /// Devices come back paused and vCPUs stopped; [`Vm::start`] and
+    /// [`Vm::resume_devices`] run them.
+    pub fn restore(
+        machine: Prepared,
         cfg: &VmConfig,
         mem: GuestMemoryMmap,
         state: VmState,
-        serial: &Arc<Mutex<Serial>>,
         events: &Arc<VmEvents>,
     ) -> Result<Self, VmError> {
         if state.vcpus.len() != usize::from(cfg.vcpus) || state.memory_bytes != cfg.memory_bytes {
@@ -337,7 +360,7 @@ impl Vm {
                 cfg.memory_bytes >> 20
             )));
         }
-        let mut m = Machine::new(kvm_handle, cfg, &mem, serial, events)?;
+        let Prepared(mut m) = machine;
         snapshot::restore(&mut *lock(&m.legacy.serial), state.serial)?;
         snapshot::restore(&mut *lock(&m.legacy.i8042), state.i8042)?;
         snapshot::restore(&mut *lock(&m.legacy.pm), state.pm)?;

@@ -311,9 +311,15 @@ impl Vmm {
     pub(super) fn receive_migration(&mut self, inc: &config::IncomingSpec) -> Result<Vm, VmmError> {
         let url = migration::Url::parse(&inc.url).map_err(VmmError::Guest)?;
         let kvm = &self.kvm;
+        let (serial, events) = (&self.serial, &self.events);
         let mut nets = Vec::new();
         let mut shape = (0u64, 0u8);
         let mut booted_from = None;
+        // The machine is made as soon as the memory is: this host's passthrough
+        // functions are opened, and guest RAM mapped for their DMA, on a thread of their
+        // own while the memory arrives (see `Vm::prepare`).
+        let open_ahead: Vec<_> = inc.devices.iter().map(|d| d.path.clone()).collect();
+        let mut machine = None;
         let incoming = migration::receive(
             &url,
             self.signals.as_raw_fd(),
@@ -389,8 +395,13 @@ impl Vmm {
                         config::host_memory_bytes() >> 20
                     ));
                 }
-                crate::memory::create(bytes)
-                    .map_err(|e| format!("cannot allocate {} MiB: {e}", bytes >> 20))
+                let mem = crate::memory::create(bytes)
+                    .map_err(|e| format!("cannot allocate {} MiB: {e}", bytes >> 20))?;
+                machine = Some(
+                    Vm::prepare(kvm, bytes, &mem, serial, events, open_ahead)
+                        .map_err(|e| e.to_string())?,
+                );
+                Ok(mem)
             },
         )
         .map_err(|e| VmmError::Guest(format!("incoming migration: {e}")))?;
@@ -430,8 +441,10 @@ impl Vmm {
             Err(e) => return Err(fail(&mut conn, format!("bad VM state: {e}"))),
         };
         let paused = state.paused;
-        let mut vm = match Vm::restore(&self.kvm, &self.cfg, mem, state, &self.serial, &self.events)
-        {
+        let Some(machine) = machine else {
+            return Err(fail(&mut conn, "no machine was prepared".into()));
+        };
+        let mut vm = match Vm::restore(machine, &self.cfg, mem, state, &self.events) {
             Ok(vm) => vm,
             Err(e) => return Err(fail(&mut conn, e.to_string())),
         };
