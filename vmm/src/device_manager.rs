@@ -171,7 +171,11 @@ pub struct DeviceManager {
     kept_open: Vec<KeptOpen>,
     /// Functions being opened ahead ([`DeviceManager::open_ahead`]), with how long each
     /// took.
-    opening: Option<std::thread::JoinHandle<Vec<Opened>>>,
+    /// The thread's id is there to raise its priority when a plug waits for it.
+    opening: Option<(
+        std::thread::JoinHandle<Vec<Opened>>,
+        Arc<std::sync::atomic::AtomicI32>,
+    )>,
 }
 
 type Opened = (
@@ -649,9 +653,27 @@ impl DeviceManager {
                 return;
             }
         };
+        let tid = Arc::new(std::sync::atomic::AtomicI32::new(0));
+        let its_tid = tid.clone();
         let opening = std::thread::Builder::new()
             .name("vfio-open".into())
             .spawn(move || {
+                // Never in the way of the guest or of the migration: where the host has a
+                // CPU to spare it runs at full speed; where it has none (the nested test
+                // host's one CPU) it waits, until a plug needs it (`take_opened`). Its
+                // seccomp filter is the control loop's.
+                // SAFETY: plain syscalls on the calling thread, no memory involved.
+                its_tid.store(
+                    unsafe { libc::gettid() },
+                    std::sync::atomic::Ordering::SeqCst,
+                );
+                // SAFETY: as above (who 0: the calling thread).
+                if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) } != 0 {
+                    tracing::debug!(
+                        "vfio-open: cannot lower its priority: {}",
+                        std::io::Error::last_os_error()
+                    );
+                }
                 paths
                     .into_iter()
                     .map(|p| {
@@ -662,7 +684,7 @@ impl DeviceManager {
                     .collect()
             });
         match opening {
-            Ok(t) => self.opening = Some(t),
+            Ok(t) => self.opening = Some((t, tid)),
             Err(e) => tracing::warn!("cannot open passthrough functions ahead: {e}"),
         }
     }
@@ -670,12 +692,31 @@ impl DeviceManager {
     /// Take over what [`DeviceManager::open_ahead`] opened: waits for it if `wait`,
     /// else only if it is done.
     fn take_opened(&mut self, wait: bool) {
-        if !wait && !self.opening.as_ref().is_some_and(|t| t.is_finished()) {
-            return;
-        }
-        let Some(t) = self.opening.take() else {
+        let Some((t, tid)) = self.opening.take() else {
             return;
         };
+        if !t.is_finished() {
+            if !wait {
+                self.opening = Some((t, tid));
+                return;
+            }
+            // A plug waits for it: at the guest's priority from now on.
+            let tid = tid.load(std::sync::atomic::Ordering::SeqCst);
+            // SAFETY: a plain syscall on a thread of this process, no memory involved.
+            let raised = tid != 0
+                && unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 0) } == 0;
+            tracing::info!(
+                "a plug waits for the passthrough functions being opened ahead{}",
+                if raised {
+                    String::new()
+                } else {
+                    format!(
+                        " (their thread's priority stays low: {})",
+                        std::io::Error::last_os_error()
+                    )
+                }
+            );
+        }
         let Ok(opened) = t.join() else {
             tracing::warn!(
                 "opening passthrough functions ahead failed; each is opened when plugged"

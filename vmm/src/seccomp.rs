@@ -276,6 +276,8 @@ const NAMED_ONLY: &[Call] = calls![
     SYS_symlink,
     SYS_link,
     SYS_chown,
+    // Allowed with conditions only (the control loop's).
+    SYS_setpriority,
 ];
 
 /// ioctl request classes: `(mask, value)` over the request's low 32 bits.
@@ -416,6 +418,14 @@ pub fn rules(kind: ThreadKind) -> Result<Rules, seccompiler::BackendError> {
             classes.extend(IOCTL_FD);
             classes.extend(IOCTL_TERMINAL);
             allow_if(&mut map, libc::SYS_ioctl, ioctls(&classes)?);
+            // The thread that opens passthrough functions ahead of their plug lowers
+            // its own priority, and the control loop raises it again when a plug
+            // waits for it (`DeviceManager::open_ahead`): threads' priorities only.
+            allow_if(
+                &mut map,
+                libc::SYS_setpriority,
+                vec![cond(0, FULL, libc::PRIO_PROCESS as u64)?],
+            );
             // A host-name lookup may load an NSS module.
             map.insert(libc::SYS_mmap, None);
             map.insert(libc::SYS_mprotect, None);
