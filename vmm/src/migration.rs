@@ -734,6 +734,7 @@ impl Source {
         let paused_at = Instant::now();
         self.tell(ToLoop::Freeze(tx));
         let state = wait_answer(&rx)?;
+        let frozen = paused_at.elapsed();
         let dirty_last = take_dirty(&self.mem, &self.vm_fd)?;
         // What was dirty at the last look and what was dirtied since.
         let merged: Vec<Vec<u64>> = dirty
@@ -748,9 +749,11 @@ impl Source {
         write_frame(s, Kind::MemoryDone, &[])?;
         write_frame(s, Kind::State, &state)?;
         progress.bytes_sent += state.len() as u64;
+        let sent = paused_at.elapsed();
         // The destination builds the VM; it may take a while for a big one.
         s.set_timeout(Some(Duration::from_secs(60)))?;
         expect(s, Kind::Ready)?;
+        let ready = paused_at.elapsed();
         self.check_cancel(started)?;
         // From here the destination owns the guest.
         write_frame(s, Kind::Go, &[])?;
@@ -767,6 +770,15 @@ impl Source {
         progress.phase = "done".into();
         progress.pages_left = 0;
         progress.downtime_ms = Some(paused_at.elapsed().as_millis() as u64);
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        tracing::info!(
+            "migration: downtime {:.1} ms: guest stopped and its state saved in {:.1}, the last {p} pages and the state sent in {:.1}, the destination built the VM in {:.1}, and ran it in {:.1}",
+            ms(paused_at.elapsed()),
+            ms(frozen),
+            ms(sent - frozen),
+            ms(ready - sent),
+            ms(paused_at.elapsed() - ready)
+        );
         progress.elapsed_ms = started.elapsed().as_millis() as u64;
         Ok(progress)
     }
