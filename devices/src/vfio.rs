@@ -438,17 +438,10 @@ impl VfioPciDevice {
     /// ([`VfioPciDevice::rearm`]) skips opening the function, its reset on close,
     /// and the IOMMU unmapping and re-pinning all guest RAM.
     pub fn park(&mut self) {
-        if self.msix_enabled() {
-            let _ = self.device.disable_msix();
-        }
-        if self.msi_enabled() {
-            let _ = self.device.disable_msi();
-        }
         // The BARs leave guest memory before decoding stops: vfio-pci refuses faults
         // on a BAR mapping while decoding is off, and a vCPU that touched one
         // through its KVM slot would fail with EFAULT.
-        self.memory_on = false;
-        self.sync_slots();
+        self.off_guest();
         let cmd = self.real_read(COMMAND_REG) as u16 & !(CMD_IO | CMD_MEMORY | CMD_BUS_MASTER);
         self.device.region_write(
             VFIO_PCI_CONFIG_REGION_INDEX,
@@ -464,6 +457,21 @@ impl VfioPciDevice {
         if let Some(m) = self.msi.as_mut() {
             m.reset();
         }
+    }
+
+    /// Interrupts off on the host and the BARs out of guest memory (for [`park`] and
+    /// drop).
+    ///
+    /// [`park`]: VfioPciDevice::park
+    fn off_guest(&mut self) {
+        if self.msix_enabled() {
+            let _ = self.device.disable_msix();
+        }
+        if self.msi_enabled() {
+            let _ = self.device.disable_msi();
+        }
+        self.memory_on = false;
+        self.sync_slots();
     }
 
     /// Make a parked function fit for a guest's driver again, as a fresh open
@@ -967,14 +975,7 @@ impl crate::snapshot::Snapshot for VfioPciDevice {
 
 impl Drop for VfioPciDevice {
     fn drop(&mut self) {
-        if self.msix_enabled() {
-            let _ = self.device.disable_msix();
-        }
-        if self.msi_enabled() {
-            let _ = self.device.disable_msi();
-        }
-        self.memory_on = false;
-        self.sync_slots();
+        self.off_guest();
         for m in &self.maps {
             // SAFETY: our own mapping from `map_bars`; no guest mapping of it is left.
             unsafe { libc::munmap(m.host as *mut libc::c_void, m.len as usize) };
