@@ -255,10 +255,9 @@ impl Msi {
             addr: u64::from(self.addr_lo) | (u64::from(self.addr_hi) << 32),
             data: u32::from(self.data),
         });
-        for (gsi, _) in &self.vector {
-            if let Err(e) = self.routes.set_msi_route(*gsi, msg) {
-                crate::guest_warn!("MSI: cannot update the route: {e}");
-            }
+        let routes: Vec<_> = self.vector.iter().map(|(gsi, _)| (*gsi, msg)).collect();
+        if let Err(e) = self.routes.set_msi_routes(&routes) {
+            crate::guest_warn!("MSI: cannot update the route: {e}");
         }
     }
 }

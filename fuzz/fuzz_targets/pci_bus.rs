@@ -35,7 +35,7 @@ impl InterruptRoutes for Routes {
             .map(|i| Ok((32 + i as u32, EventFd::new(libc::EFD_NONBLOCK)?)))
             .collect()
     }
-    fn set_msi_route(&self, _: u32, _: Option<MsiMessage>) -> io::Result<()> {
+    fn set_msi_routes(&self, _: &[(u32, Option<MsiMessage>)]) -> io::Result<()> {
         Ok(())
     }
     fn free_msi(&self, _: &[(u32, EventFd)]) {}

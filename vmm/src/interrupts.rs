@@ -147,12 +147,15 @@ impl InterruptRoutes for KvmRoutes {
         Ok(out)
     }
 
-    fn set_msi_route(&self, gsi: u32, msg: Option<MsiMessage>) -> io::Result<()> {
+    fn set_msi_routes(&self, routes: &[(u32, Option<MsiMessage>)]) -> io::Result<()> {
         let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        let changed = match msg {
-            Some(m) => t.msi.insert(gsi, m) != Some(m),
-            None => t.msi.remove(&gsi).is_some(),
-        };
+        let mut changed = false;
+        for (gsi, msg) in routes {
+            changed |= match msg {
+                Some(m) => t.msi.insert(*gsi, *m) != Some(*m),
+                None => t.msi.remove(gsi).is_some(),
+            };
+        }
         if changed {
             self.commit(&t)?;
         }

@@ -31,8 +31,10 @@ pub struct MsiMessage {
 pub trait InterruptRoutes: Send + Sync {
     /// Allocate `count` GSIs with an irqfd registered on each.
     fn allocate_msi(&self, count: usize) -> io::Result<Vec<(u32, EventFd)>>;
-    /// Route `gsi` to `msg`, or remove its route (None).
-    fn set_msi_route(&self, gsi: u32, msg: Option<MsiMessage>) -> io::Result<()>;
+    /// Route each GSI to its message, or remove its route (None), in one update of
+    /// the routing table: a table update waits for the kernel's readers of the old
+    /// one (about a millisecond even on bare metal), so a whole table goes at once.
+    fn set_msi_routes(&self, routes: &[(u32, Option<MsiMessage>)]) -> io::Result<()>;
     /// Release GSIs from [`InterruptRoutes::allocate_msi`] (unregistering their irqfds).
     fn free_msi(&self, vectors: &[(u32, EventFd)]);
     /// Signal `evt` when the guest writes at MMIO `addr` (any size).
@@ -110,9 +112,7 @@ impl MsixState {
         }
         self.table.pending.fill(false);
         self.table.control = 0;
-        for i in 0..self.count() {
-            self.update_route(i);
-        }
+        self.update_routes(0..self.count());
     }
 
     /// The irqfd of each vector, in vector order.
@@ -152,9 +152,7 @@ impl MsixState {
             (old ^ self.table.control) & CTRL_ENABLE != 0
         };
         if changed {
-            for i in 0..self.count() {
-                self.update_route(i);
-            }
+            self.update_routes(0..self.count());
         }
         self.deliver_pending();
     }
@@ -168,13 +166,21 @@ impl MsixState {
     }
 
     fn update_route(&self, v: usize) {
-        let Some((gsi, _)) = self.vectors.get(v) else {
-            return;
-        };
-        let live = self.enabled() && !(self.passthrough && self.masked(v));
-        let msg = live.then(|| self.message(v));
-        if let Err(e) = self.routes.set_msi_route(*gsi, msg) {
-            crate::guest_warn!("MSI-X vector {v}: cannot update route: {e}");
+        self.update_routes(v..v + 1);
+    }
+
+    /// The routes of vectors `vs` follow the table: a live vector (MSI-X on and, for
+    /// passthrough, unmasked) routes to its message, any other has none.
+    fn update_routes(&self, vs: std::ops::Range<usize>) {
+        let routes: Vec<(u32, Option<MsiMessage>)> = vs
+            .filter_map(|v| {
+                let (gsi, _) = self.vectors.get(v)?;
+                let live = self.enabled() && !(self.passthrough && self.masked(v));
+                Some((*gsi, live.then(|| self.message(v))))
+            })
+            .collect();
+        if let Err(e) = self.routes.set_msi_routes(&routes) {
+            crate::guest_warn!("MSI-X: cannot update {} routes: {e}", routes.len());
         }
     }
 
@@ -276,18 +282,14 @@ impl MsixState {
         }
         self.table = table;
         self.table.control &= CTRL_ENABLE | CTRL_FUNCTION_MASK;
-        for i in 0..n {
-            self.update_route(i);
-        }
+        self.update_routes(0..n);
         Ok(())
     }
 }
 
 impl Drop for MsixState {
     fn drop(&mut self) {
-        for (gsi, _) in &self.vectors {
-            let _ = self.routes.set_msi_route(*gsi, None);
-        }
+        // Freed GSIs lose their routes too.
         self.routes.free_msi(&self.vectors);
     }
 }
@@ -330,8 +332,8 @@ pub(crate) mod tests {
                 })
                 .collect()
         }
-        fn set_msi_route(&self, gsi: u32, msg: Option<MsiMessage>) -> io::Result<()> {
-            self.routes.lock().unwrap().insert(gsi, msg);
+        fn set_msi_routes(&self, routes: &[(u32, Option<MsiMessage>)]) -> io::Result<()> {
+            self.routes.lock().unwrap().extend(routes.iter().copied());
             Ok(())
         }
         fn free_msi(&self, _: &[(u32, EventFd)]) {}
