@@ -361,6 +361,7 @@ impl Vm {
             )));
         }
         let Prepared(mut m) = machine;
+        let t0 = std::time::Instant::now();
         snapshot::restore(&mut *lock(&m.legacy.serial), state.serial)?;
         snapshot::restore(&mut *lock(&m.legacy.i8042), state.i8042)?;
         snapshot::restore(&mut *lock(&m.legacy.pm), state.pm)?;
@@ -373,6 +374,7 @@ impl Vm {
                 .ok_or_else(|| VmError::Restore(format!("no NIC {} configured here", d.id)))?;
             m.devices.restore_net(&net.net, d)?;
         }
+        let t1 = std::time::Instant::now();
         let mut vcpus = Vec::new();
         for s in &state.vcpus {
             let vcpu = m
@@ -383,9 +385,19 @@ impl Vm {
             vcpus.push(vcpu);
         }
         let cpuids = state.vcpus.iter().map(|v| v.cpuid.clone()).collect();
+        let t2 = std::time::Instant::now();
         vmstate::restore_vm(&m.vm_fd, &state.kvm)?;
         // After the devices: news for slots they are in.
         snapshot::restore(&mut *lock(&m.hotplug), state.hotplug)?;
+        let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1000.0;
+        let t3 = std::time::Instant::now();
+        tracing::info!(
+            "restored the devices in {:.1} ms, {} vCPUs in {:.1} ms, the irqchip, PIT and clock in {:.1} ms",
+            ms(t0, t1),
+            vcpus.len(),
+            ms(t1, t2),
+            ms(t2, t3)
+        );
         m.into_vm(vcpus, cpuids, events, cfg, mem)
     }
 

@@ -436,11 +436,14 @@ impl Vmm {
             migration::refuse(conn.as_mut(), &e);
             VmmError::Guest(format!("incoming migration: {e}"))
         };
+        let arrived = std::time::Instant::now();
+        let state_len = state.len();
         let state: crate::vm::VmState = match serde_json::from_slice(&state) {
             Ok(s) => s,
             Err(e) => return Err(fail(&mut conn, format!("bad VM state: {e}"))),
         };
         let paused = state.paused;
+        let parsed = arrived.elapsed();
         let Some(machine) = machine else {
             return Err(fail(&mut conn, "no machine was prepared".into()));
         };
@@ -453,6 +456,12 @@ impl Vmm {
                 vm.reserve_slot(slot);
             }
         }
+        tracing::info!(
+            "migration: the VM was built {:.1} ms after its state arrived ({} KiB, read in {:.1} ms)",
+            arrived.elapsed().as_secs_f64() * 1000.0,
+            state_len >> 10,
+            parsed.as_secs_f64() * 1000.0
+        );
         migration::ready_and_wait_go(conn.as_mut()).map_err(|e| {
             VmmError::Guest(format!(
                 "incoming migration: {e}; the source keeps the guest"
