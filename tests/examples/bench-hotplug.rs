@@ -26,6 +26,12 @@
 //! 3. guest→peer outage on an orderly removal: the longest gap in the frames of that
 //!    flood on the uplink and the standby's tap together (sampled every 2 ms).
 //! 4. Tandem only (QEMU has no surprise removal): the same outages on a surprise removal.
+//! 5. Tandem only (QEMU does not hide a primary when its standby resets): a plug from
+//!    a kept-open function. The standby's driver is unbound in the guest, which hides
+//!    the primary (Tandem keeps its function open), then bound again: the time from
+//!    the bind until the guest's new master has both slaves, on the guest's clock; and
+//!    from Tandem's log, its own share of each plug, from a closed function (open, DMA
+//!    map, plug) and from a kept one (reset, plug).
 //!
 //! When /dev/kvm cannot boot Linux, everything runs inside ONE test host.
 
@@ -82,6 +88,16 @@ struct Sample {
     /// Surprise removal (Tandem): the same two outages (ms).
     p2g_surprise_ms: Option<f64>,
     g2p_surprise_ms: Option<f64>,
+    /// Tandem's share of a plug (its log), the function closed before: median (ms).
+    #[serde(default)]
+    plug_cold_ms: Option<f64>,
+    /// The same, from a function kept open while the primary was hidden (ms).
+    #[serde(default)]
+    plug_kept_ms: Option<f64>,
+    /// The standby's driver bound again -> the guest's master has both slaves, on
+    /// the guest's clock (`/proc/uptime`, 10 ms steps) (ms).
+    #[serde(default)]
+    rebind_enslaved_ms: Option<f64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -562,6 +578,37 @@ fn run_once(
         step(&name, "surprise removal under the peer's ping");
         ctl.remove(true).map_err(fail)?;
         s.p2g_surprise_ms = Some(peer_outage(ping)?);
+        failover_master(&mut agent, 1).map_err(fail)?;
+
+        // 5. A plug from a kept-open function: the standby's driver unbound (the
+        // primary is hidden and its function kept), then bound again.
+        step(&name, "standby driver unbound and bound again");
+        ctl.add().map_err(fail)?;
+        failover_master(&mut agent, 2).map_err(fail)?;
+        // The standby is the guest's only virtio-net (the agent is on the serial line).
+        agent.run_ok(
+            "for v in /sys/bus/virtio/drivers/virtio_net/virtio*; do echo ${v##*/} > /sys/bus/virtio/drivers/virtio_net/unbind; done",
+        )?;
+        wait_guest(
+            &mut agent,
+            "! ls /sys/bus/pci/drivers/e1000e/ | grep -q 0000:",
+            15,
+        )
+        .map_err(fail)?;
+        // Tandem parks the function at the end of the removal's turn.
+        std::thread::sleep(Duration::from_secs(1));
+        let out = agent.run(
+            "read t0 _ < /proc/uptime; for v in /sys/bus/virtio/devices/*; do [ -e $v/driver ] || echo ${v##*/} > /sys/bus/virtio/drivers/virtio_net/bind; done; \
+             n=0; until [ $(ls -d /sys/class/net/*/lower_* 2>/dev/null | wc -l) -ge 2 ]; do n=$((n+1)); [ $n -gt 3000 ] && exit 1; sleep 0.01; done; \
+             read t1 _ < /proc/uptime; awk -v a=$t0 -v b=$t1 'BEGIN { printf \"%d\", (b - a) * 1000 }'",
+            Duration::from_secs(60),
+        )?;
+        if out.status != 0 {
+            return Err(fail(err!(
+                "the primary was not enslaved within 30 s of the standby's rebind"
+            )));
+        }
+        s.rebind_enslaved_ms = out.stdout.trim().parse().ok();
     }
     drop(agent);
     drop(proc);
@@ -569,6 +616,9 @@ fn run_once(
     if kind == "tandem" {
         let log = dirs.logs.join(format!("{name}.tandem.log"));
         let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let (cold, kept) = plug_times(&text);
+        s.plug_cold_ms = bench::stats(&cold).map(|st| st.0);
+        s.plug_kept_ms = bench::stats(&kept).map(|st| st.0);
         let mut on = false;
         for l in text.lines() {
             on |= l.contains("eject requested");
@@ -585,6 +635,31 @@ fn run_once(
         }
     }
     Ok(())
+}
+
+/// Tandem's plugs in its log ("passed through in slot S in N ms", "(its function was
+/// open already)" for a kept one): the times of plugs from a closed function and
+/// from a kept one.
+fn plug_times(log: &str) -> (Vec<f64>, Vec<f64>) {
+    let (mut cold, mut kept) = (Vec::new(), Vec::new());
+    for l in log.lines() {
+        let Some(rest) = l.split(" passed through in slot ").nth(1) else {
+            continue;
+        };
+        let Some(ms) = rest
+            .split(" in ")
+            .nth(1)
+            .and_then(|t| t.split(" ms").next()?.parse::<f64>().ok())
+        else {
+            continue;
+        };
+        if l.contains("(its function was open already)") {
+            kept.push(ms);
+        } else {
+            cold.push(ms);
+        }
+    }
+    (cold, kept)
 }
 
 fn measure(runs: usize, vmms: &[String], mode: Mode, why: &str) -> harness::Result<Report> {
@@ -650,7 +725,7 @@ fn print_report(r: &Report) {
         n("qemu")
     );
     type Get = fn(&Sample) -> Option<f64>;
-    let metrics: [(&str, Get, &str); 10] = [
+    let metrics: [(&str, Get, &str); 13] = [
         ("orderly removal: API -> released", |s| s.release_s, "s"),
         (
             "  of it: the guest reads the request",
@@ -689,6 +764,17 @@ fn print_report(r: &Report) {
             |s| s.g2p_surprise_ms,
             "ms",
         ),
+        (
+            "standby rebind -> primary enslaved",
+            |s| s.rebind_enslaved_ms,
+            "ms",
+        ),
+        (
+            "  Tandem's plug, function kept open",
+            |s| s.plug_kept_ms,
+            "ms",
+        ),
+        ("  Tandem's plug, function closed", |s| s.plug_cold_ms, "ms"),
     ];
     println!();
     println!(

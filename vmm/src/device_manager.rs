@@ -501,6 +501,7 @@ impl DeviceManager {
         path: &Path,
         slot: Option<usize>,
     ) -> Result<usize, DeviceError> {
+        let started = std::time::Instant::now();
         self.check_free(id, slot)?;
         if let Some(e) = self
             .entries
@@ -543,8 +544,9 @@ impl DeviceManager {
             }
         };
         tracing::info!(
-            "device {id}: {} ({vendor:04x}:{device:04x}) passed through in slot {slot}{}",
+            "device {id}: {} ({vendor:04x}:{device:04x}) passed through in slot {slot} in {:.1} ms{}",
             path.display(),
+            started.elapsed().as_secs_f64() * 1000.0,
             if reopened {
                 ""
             } else {
