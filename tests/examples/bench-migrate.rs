@@ -245,8 +245,21 @@ fn primary_back(up: &str, t: Instant) -> Option<f64> {
 
 /// The guest's stamp loop: /proc/uptime about every millisecond into /tmp/up.
 const STAMP_START: &str = "rm -f /tmp/up /tmp/stopup; (while [ ! -e /tmp/stopup ]; do read u i < /proc/uptime; echo $u; usleep 1000; done > /tmp/up &); sleep 0.5";
-/// Stops it and prints the largest step, in seconds.
-const STAMP_END: &str = "touch /tmp/stopup; sleep 0.2; awk 'NR>1{d=$1-p; if(d>m)m=d} {p=$1} END{printf \"%.3f\\n\", m}' /tmp/up";
+/// Stops it and prints the largest step, the stamp it began at and the first stamp,
+/// in seconds of the guest's uptime.
+const STAMP_END: &str = "touch /tmp/stopup; sleep 0.2; awk 'NR==1{f=$1} NR>1{d=$1-p; if(d>m){m=d; at=p}} {p=$1} END{printf \"%.3f %.3f %.3f\\n\", m, at, f}' /tmp/up";
+
+/// STAMP_END's answer: (largest step, where it began from the first stamp), seconds.
+fn stamp_steps(out: &str) -> Option<(f64, f64)> {
+    let v: Vec<f64> = out
+        .split_whitespace()
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    match v[..] {
+        [step, at, first] => Some((step, at - first)),
+        _ => None,
+    }
+}
 
 fn one(
     vmm: &str,
@@ -434,13 +447,9 @@ fn measure_one(
     // The stamp loop's own jitter, with no migration.
     agent.run_ok(STAMP_START)?;
     std::thread::sleep(Duration::from_secs(3));
-    s.guest_jitter_ms = agent
-        .run_ok(STAMP_END)?
-        .trim()
-        .parse::<f64>()
-        .ok()
-        .map(|v| v * 1000.0);
-    // Measure.
+    s.guest_jitter_ms = stamp_steps(&agent.run_ok(STAMP_END)?).map(|(v, _)| v * 1000.0);
+    // Measure. The first stamp is taken about when the command reaches the guest.
+    let stamps_from = wall();
     agent.run_ok(STAMP_START)?;
     let ping_log = dirs.logs.join(format!("{name}-ping.log"));
     let mut ping = Command::new("ping")
@@ -562,8 +571,17 @@ fn measure_one(
         dirs.logs.join(format!("{name}-dst.console.log")),
     )?;
     agent.assume_ready();
-    let stamps = agent.run_ok(STAMP_END)?;
-    s.guest_pause_ms = stamps.trim().parse::<f64>().ok().map(|v| v * 1000.0);
+    let stamps = stamp_steps(&agent.run_ok(STAMP_END)?);
+    s.guest_pause_ms = stamps.map(|(v, _)| v * 1000.0);
+    if let Some((step, at)) = stamps {
+        // On the guest's clock: where a VMM does not advance it by the downtime,
+        // what follows the pause shows that much earlier.
+        eprintln!(
+            "{name}: the guest's longest step, {:.0} ms, began about {:.0} ms after the call",
+            step * 1000.0,
+            (stamps_from + at - t_wall) * 1000.0
+        );
+    }
     agent.run_ok("touch /tmp/stop; true")?;
     drop(src);
     Ok(())
