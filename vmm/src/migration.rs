@@ -43,7 +43,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, Memo
 use crate::config::BootFiles;
 use crate::memory::GuestMemoryMmap;
 
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest kernel or initramfs a destination takes.
 const MAX_BOOT_FILE: u64 = 2 << 30;
 const PAGE: u64 = 4096;
