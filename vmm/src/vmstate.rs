@@ -101,7 +101,7 @@ mod blob {
             b'a'..=b'f' => Ok(c - b'a' + 10),
             _ => Err(format!("{:?} is not a hex digit", char::from(c))),
         };
-        if text.len() % 2 != 0 {
+        if text.len() % 2 == 1 {
             return Err(format!("{} hex digits, not whole bytes", text.len()));
         }
         let mut out = Vec::with_capacity(text.len() / 2);
