@@ -704,19 +704,17 @@ impl DeviceManager {
             }
             // A plug waits for it: at the guest's priority from now on.
             let tid = tid.load(std::sync::atomic::Ordering::SeqCst);
-            // SAFETY: a plain syscall on a thread of this process, no memory involved.
-            let raised = tid != 0
-                && unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 0) } == 0;
+            let low = if tid == 0 {
+                Some("the thread has not started yet".to_string())
+            } else {
+                // SAFETY: a plain syscall on a thread of this process, no memory involved.
+                let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 0) };
+                (r != 0).then(|| std::io::Error::last_os_error().to_string())
+            };
             tracing::info!(
                 "a plug waits for the passthrough functions being opened ahead{}",
-                if raised {
-                    String::new()
-                } else {
-                    format!(
-                        " (their thread's priority stays low: {})",
-                        std::io::Error::last_os_error()
-                    )
-                }
+                low.map(|why| format!(" (their thread's priority stays low: {why})"))
+                    .unwrap_or_default()
             );
         }
         let Ok(opened) = t.join() else {
