@@ -165,21 +165,29 @@ impl MsixState {
         }
     }
 
-    fn update_route(&self, v: usize) {
-        self.update_routes(v..v + 1);
+    /// Vector `v`'s route as the table has it: a live vector (MSI-X on and, for
+    /// passthrough, unmasked) routes to its message, any other has none.
+    fn route(&self, v: usize) -> Option<(u32, Option<MsiMessage>)> {
+        let (gsi, _) = self.vectors.get(v)?;
+        let live = self.enabled() && !(self.passthrough && self.masked(v));
+        Some((*gsi, live.then(|| self.message(v))))
     }
 
-    /// The routes of vectors `vs` follow the table: a live vector (MSI-X on and, for
-    /// passthrough, unmasked) routes to its message, any other has none.
+    /// One vector's route follows the table (a guest's write to its entry).
+    fn update_route(&self, v: usize) {
+        if let Some(r) = self.route(v) {
+            self.set_routes(std::slice::from_ref(&r));
+        }
+    }
+
+    /// The routes of vectors `vs` follow the table, in one update.
     fn update_routes(&self, vs: std::ops::Range<usize>) {
-        let routes: Vec<(u32, Option<MsiMessage>)> = vs
-            .filter_map(|v| {
-                let (gsi, _) = self.vectors.get(v)?;
-                let live = self.enabled() && !(self.passthrough && self.masked(v));
-                Some((*gsi, live.then(|| self.message(v))))
-            })
-            .collect();
-        if let Err(e) = self.routes.set_msi_routes(&routes) {
+        let routes: Vec<_> = vs.filter_map(|v| self.route(v)).collect();
+        self.set_routes(&routes);
+    }
+
+    fn set_routes(&self, routes: &[(u32, Option<MsiMessage>)]) {
+        if let Err(e) = self.routes.set_msi_routes(routes) {
             crate::guest_warn!("MSI-X: cannot update {} routes: {e}", routes.len());
         }
     }
