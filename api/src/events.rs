@@ -108,7 +108,8 @@ pub enum EventKind {
 /// `migration-completed`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrationProgress {
-    /// `precopy`, `stop-and-copy`, `done`.
+    /// `precopy`; `wait-destination` (converged, the guest runs on while the destination
+    /// opens its passthrough functions); `stop-and-copy`; `done`.
     pub phase: String,
     pub round: u32,
     pub bytes_sent: u64,

@@ -5,9 +5,10 @@
 //!
 //! Half the inputs are raw bytes; the other half start with a Hello and boot files the
 //! source's own frame writer makes (so the fuzzer gets past them) and go on with frames
-//! built from the input: page runs at made-up addresses and lengths, MemoryDone, State,
-//! Abort, any kind with any body, and raw bytes. A stream that is taken must hand back
-//! the memory and boot files its Hello announced.
+//! built from the input: page runs at made-up addresses and lengths, RoundEnd,
+//! MemoryDone, State, Abort, any kind with any body, and raw bytes. Half go to a
+//! destination that opens a function ahead, and so answers Prepared mid-stream. A
+//! stream that is taken must hand back the memory and boot files its Hello announced.
 //!
 //! `migration.rs` lives in the `tandem` binary (no library target): it is compiled in
 //! here from its source file, with `config.rs` for the boot files.
@@ -64,9 +65,12 @@ impl Stream for Pipe {
         Ok(())
     }
     fn shutdown(&self) {}
+    fn has_input(&self, _: std::time::Duration) -> io::Result<bool> {
+        Ok(false)
+    }
 }
 
-const KINDS: [Kind; 11] = [
+const KINDS: [Kind; 13] = [
     Kind::Hello,
     Kind::Accept,
     Kind::Refuse,
@@ -78,6 +82,8 @@ const KINDS: [Kind; 11] = [
     Kind::Abort,
     Kind::MemoryDone,
     Kind::Boot,
+    Kind::RoundEnd,
+    Kind::Prepared,
 ];
 
 /// A stream that starts as a source would; returns it with what its Hello announced.
@@ -125,6 +131,11 @@ fn structured(ops: &mut Ops) -> Option<(Vec<u8>, u64, u64)> {
                     body.resize(body.len() + len as usize - usize::from(a & 0x40 != 0), 0x5a);
                 }
                 migration::write_frame(&mut out, Kind::Pages, &body).ok()?;
+            }
+            // The end of a round (its number, or any few bytes), or of the rounds.
+            1 if a & 1 == 1 => {
+                let body = ops.bytes(usize::from(b % 8)).to_vec();
+                migration::write_frame(&mut out, Kind::RoundEnd, &body).ok()?
             }
             1 => migration::write_frame(&mut out, Kind::MemoryDone, &[]).ok()?,
             2 => {
@@ -175,8 +186,16 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
                 return Err(format!("{bytes} bytes of memory"));
             }
             made.set(bytes);
-            memory::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), bytes as usize)])
-                .map_err(|e| e.to_string())
+            let mem = memory::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), bytes as usize)])
+                .map_err(|e| e.to_string())?;
+            // Half the streams go to a destination opening a function, which says
+            // Prepared after the first frame of the rounds.
+            let opening = (mode & 2 == 2).then(|| migration::Opening {
+                count: 1,
+                done: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
+                hurry: Box::new(|| Err("the fuzzer".into())),
+            });
+            Ok((mem, opening))
         },
     );
     if let Ok(incoming) = result {

@@ -863,12 +863,21 @@ harness::guest_test_kernels!(fn tandem_failover_primary_replugged_after_migratio
     assert_eq!(vm.wait_exit(Duration::from_secs(30))?, 0, "the source's exit status; log: {}", vm.log());
     let mut agent = dest.migrated_agent(env, "mgdst")?;
     // Plugged by the destination itself (no API call), into the slot --device gave,
-    // from a function it opened (and mapped guest RAM for) while the memory arrived.
+    // from a function it opened (and mapped guest RAM for) while the memory arrived;
+    // the source did not stop the guest before that was done, so the plug did not wait.
     wait_pair(&dest, "plugged", false, "the destination's primary")?;
     let log = dest.log();
     assert!(
-        log.contains("ahead of its plug") && log.contains("(its function was open already)"),
-        "the destination opened its primary's function ahead: {log}"
+        log.contains("ahead of its plug")
+            && log.contains("(its function was open already)")
+            && log.contains("passthrough functions open")
+            && !log.contains("a plug waits for the passthrough functions"),
+        "the destination opened its primary's function ahead, before the guest stopped: {log}"
+    );
+    assert!(
+        vm.log().contains("the destination's passthrough functions are open"),
+        "the source heard that the destination was ready: {}",
+        vm.log()
     );
     let (m, slaves) = master_with_slaves(&mut agent, 2)?;
     assert_eq!(m, master, "the same failover master: {slaves:?}");

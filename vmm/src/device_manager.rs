@@ -4,6 +4,7 @@
 //! through. Boot is just the first batch of adds.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use api::DeviceInfo;
@@ -171,11 +172,7 @@ pub struct DeviceManager {
     kept_open: Vec<KeptOpen>,
     /// Functions being opened ahead ([`DeviceManager::open_ahead`]), with how long each
     /// took.
-    /// The thread's id is there to raise its priority when a plug waits for it.
-    opening: Option<(
-        std::thread::JoinHandle<Vec<Opened>>,
-        Arc<std::sync::atomic::AtomicI32>,
-    )>,
+    opening: Option<(std::thread::JoinHandle<Vec<Opened>>, OpenAhead)>,
 }
 
 type Opened = (
@@ -183,6 +180,31 @@ type Opened = (
     Result<VfioPciDevice, devices::vfio::VfioPciError>,
     std::time::Duration,
 );
+
+/// The thread opening passthrough functions ahead of their plug
+/// ([`DeviceManager::open_ahead`]).
+#[derive(Clone)]
+pub struct OpenAhead {
+    /// Set once every function is open (or failed to open).
+    pub done: Arc<AtomicBool>,
+    /// The thread's id, once it runs.
+    tid: Arc<AtomicI32>,
+}
+
+impl OpenAhead {
+    /// Run it at the guest's priority from now on.
+    pub fn hurry(&self) -> Result<(), String> {
+        let tid = self.tid.load(Ordering::SeqCst);
+        if tid == 0 {
+            return Err("the thread has not started yet".into());
+        }
+        // SAFETY: a plain syscall on a thread of this process, no memory involved.
+        if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 0) } != 0 {
+            return Err(std::io::Error::last_os_error().to_string());
+        }
+        Ok(())
+    }
+}
 
 /// A passthrough function off the bus, still open.
 struct KeptOpen {
@@ -641,34 +663,35 @@ impl DeviceManager {
     /// Open the functions at `paths` on a thread of their own, before any device has
     /// them (see [`Vm::prepare`]): each is kept open off the bus until a device with
     /// its path is added. A function that cannot be opened is left for its plug,
-    /// which says why.
+    /// which says why. Returns a handle on the thread, if it started.
     ///
     /// [`Vm::prepare`]: crate::vm::Vm::prepare
-    pub fn open_ahead(&mut self, paths: Vec<PathBuf>) {
+    pub fn open_ahead(&mut self, paths: Vec<PathBuf>) -> Option<OpenAhead> {
         if paths.is_empty() {
-            return;
+            return None;
         }
         let opener = match self.vfio.opener() {
             Ok(o) => o,
             Err(e) => {
                 tracing::warn!("cannot open passthrough functions ahead: {e}");
-                return;
+                return None;
             }
         };
-        let tid = Arc::new(std::sync::atomic::AtomicI32::new(0));
-        let its_tid = tid.clone();
+        let ahead = OpenAhead {
+            done: Arc::new(AtomicBool::new(false)),
+            tid: Arc::new(AtomicI32::new(0)),
+        };
+        let (done, tid) = (ahead.done.clone(), ahead.tid.clone());
         let opening = std::thread::Builder::new()
             .name("vfio-open".into())
             .spawn(move || {
-                // Never in the way of the guest or of the migration: where the host has a
-                // CPU to spare it runs at full speed; where it has none (the nested test
-                // host's one CPU) it waits, until a plug needs it (`take_opened`). Its
-                // seccomp filter is the control loop's.
+                // Not in the way of a migration's bulk copy: where the host has a CPU
+                // to spare it runs at full speed; where it has none (the nested test
+                // host's one CPU) it waits until the source has sent the guest's memory
+                // once, or a plug needs it ([`OpenAhead::hurry`]). Its seccomp filter is
+                // the control loop's.
                 // SAFETY: plain syscalls on the calling thread, no memory involved.
-                its_tid.store(
-                    unsafe { libc::gettid() },
-                    std::sync::atomic::Ordering::SeqCst,
-                );
+                tid.store(unsafe { libc::gettid() }, Ordering::SeqCst);
                 // SAFETY: as above (who 0: the calling thread).
                 if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) } != 0 {
                     tracing::debug!(
@@ -676,44 +699,46 @@ impl DeviceManager {
                         std::io::Error::last_os_error()
                     );
                 }
-                paths
+                let opened = paths
                     .into_iter()
                     .map(|p| {
                         let t = std::time::Instant::now();
                         let dev = opener.open(&p);
                         (p, dev, t.elapsed())
                     })
-                    .collect()
+                    .collect();
+                done.store(true, Ordering::Release);
+                opened
             });
         match opening {
-            Ok(t) => self.opening = Some((t, tid)),
-            Err(e) => tracing::warn!("cannot open passthrough functions ahead: {e}"),
+            Ok(t) => {
+                self.opening = Some((t, ahead.clone()));
+                Some(ahead)
+            }
+            Err(e) => {
+                tracing::warn!("cannot open passthrough functions ahead: {e}");
+                None
+            }
         }
     }
 
     /// Take over what [`DeviceManager::open_ahead`] opened: waits for it if `wait`,
     /// else only if it is done.
     fn take_opened(&mut self, wait: bool) {
-        let Some((t, tid)) = self.opening.take() else {
+        let Some((t, ahead)) = self.opening.take() else {
             return;
         };
         if !t.is_finished() {
             if !wait {
-                self.opening = Some((t, tid));
+                self.opening = Some((t, ahead));
                 return;
             }
-            // A plug waits for it: at the guest's priority from now on.
-            let tid = tid.load(std::sync::atomic::Ordering::SeqCst);
-            let low = if tid == 0 {
-                Some("the thread has not started yet".to_string())
-            } else {
-                // SAFETY: a plain syscall on a thread of this process, no memory involved.
-                let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 0) };
-                (r != 0).then(|| std::io::Error::last_os_error().to_string())
-            };
             tracing::info!(
                 "a plug waits for the passthrough functions being opened ahead{}",
-                low.map(|why| format!(" (their thread's priority stays low: {why})"))
+                ahead
+                    .hurry()
+                    .err()
+                    .map(|why| format!(" (their thread's priority stays low: {why})"))
                     .unwrap_or_default()
             );
         }

@@ -414,12 +414,17 @@ fn remote_send_migration(socket: &std::path::Path, body: &str) -> ExitCode {
             match ev.get("type").and_then(|t| t.as_str()).unwrap_or("") {
                 "migration-started" => println!("migration to {} started", ev["url"].as_str().unwrap_or("?")),
                 "migration-progress" => println!(
-                    "round {:>2}: {:>8} KiB sent, {:>7} pages left, {:>6} Mbit/s, downtime estimate {} ms",
+                    "round {:>2}: {:>8} KiB sent, {:>7} pages left, {:>6} Mbit/s, downtime estimate {} ms{}",
                     n("round"),
                     n("bytes_sent") >> 10,
                     n("pages_left"),
                     n("rate_mbps"),
-                    n("estimated_downtime_ms")
+                    n("estimated_downtime_ms"),
+                    if ev["phase"].as_str() == Some("wait-destination") {
+                        " (the destination is opening its passthrough functions)"
+                    } else {
+                        ""
+                    }
                 ),
                 "migration-paused" => println!(
                     "guest paused after round {} with {} pages left",

@@ -43,7 +43,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, Memo
 use crate::config::BootFiles;
 use crate::memory::GuestMemoryMmap;
 
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Largest kernel or initramfs a destination takes.
 const MAX_BOOT_FILE: u64 = 2 << 30;
 const PAGE: u64 = 4096;
@@ -56,6 +56,13 @@ static ZERO_PAGE: [u8; PAGE as usize] = [0; PAGE as usize];
 pub const MAX_ROUNDS: u32 = 30;
 /// Dirty pages a stop sends anyway: 1 MiB, a few ms on any link this runs on.
 const FEW_PAGES: u64 = 256;
+/// How long a converged source keeps the guest running for a destination still
+/// opening its passthrough functions (see [`Kind::Prepared`]); after that it stops the
+/// guest anyway, and the destination plugs them once they are open.
+const PREPARE_WAIT: Duration = Duration::from_secs(30);
+/// Between rounds while the source waits for the destination: what the guest
+/// dirties meanwhile is sent in rounds this far apart.
+const WAIT_ROUND: Duration = Duration::from_millis(200);
 
 /// What the source does after a pre-copy round.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,6 +112,14 @@ pub(crate) enum Kind {
     /// The source is done with memory rounds (the next frame is State).
     MemoryDone = 10,
     Boot = 11,
+    /// The source finished a round of pages (its number in the body, 4 bytes LE).
+    RoundEnd = 12,
+    /// Destination → source, during the rounds: its passthrough functions are open and
+    /// guest RAM is mapped for their DMA (JSON [`Prepared`]). A destination that said
+    /// in its Accept that it opens some sends it once; the source does not stop the
+    /// guest before it, so that the opening and the pinning of guest RAM (seconds for
+    /// a big guest) are neither in the downtime nor in the way of the resumed guest.
+    Prepared = 13,
 }
 
 impl Kind {
@@ -112,6 +127,7 @@ impl Kind {
         use Kind::*;
         [
             Hello, Accept, Refuse, Pages, State, Ready, Go, Running, Abort, MemoryDone, Boot,
+            RoundEnd, Prepared,
         ]
         .into_iter()
         .find(|k| *k as u8 == v)
@@ -177,6 +193,32 @@ impl Url {
 pub trait Stream: Read + Write + Send {
     fn set_timeout(&self, t: Option<Duration>) -> io::Result<()>;
     fn shutdown(&self);
+    /// Whether the other side has sent something (or closed) within `wait`.
+    fn has_input(&self, wait: Duration) -> io::Result<bool>;
+}
+
+/// [`Stream::has_input`] of a socket.
+fn fd_has_input(fd: RawFd, wait: Duration) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = wait.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: `p` is one valid pollfd for the duration of the call.
+    let n = unsafe { libc::poll(&mut p, 1, ms) };
+    match n {
+        n if n < 0 => {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                Ok(false)
+            } else {
+                Err(e)
+            }
+        }
+        0 => Ok(false),
+        _ => Ok(true),
+    }
 }
 
 impl Stream for std::net::TcpStream {
@@ -187,6 +229,9 @@ impl Stream for std::net::TcpStream {
     fn shutdown(&self) {
         let _ = std::net::TcpStream::shutdown(self, std::net::Shutdown::Both);
     }
+    fn has_input(&self, wait: Duration) -> io::Result<bool> {
+        fd_has_input(self.as_raw_fd(), wait)
+    }
 }
 
 impl Stream for UnixStream {
@@ -196,6 +241,9 @@ impl Stream for UnixStream {
     }
     fn shutdown(&self) {
         let _ = UnixStream::shutdown(self, std::net::Shutdown::Both);
+    }
+    fn has_input(&self, wait: Duration) -> io::Result<bool> {
+        fd_has_input(self.as_raw_fd(), wait)
     }
 }
 
@@ -317,6 +365,11 @@ fn read_frame(r: &mut dyn Stream) -> io::Result<(Kind, Vec<u8>)> {
 /// Read a frame of kind `want`; a Refuse or Abort from the other side is its reason.
 fn expect(r: &mut dyn Stream, want: Kind) -> io::Result<Vec<u8>> {
     let (kind, body) = read_frame(r)?;
+    wanted(kind, body, want)
+}
+
+/// A frame read, if it is of kind `want` (see [`expect`]).
+fn wanted(kind: Kind, body: Vec<u8>, want: Kind) -> io::Result<Vec<u8>> {
     match kind {
         k if k == want => Ok(body),
         Kind::Refuse | Kind::Abort => {
@@ -354,6 +407,23 @@ pub struct Hello {
     pub kernel: BootFileInfo,
     pub initramfs: Option<BootFileInfo>,
     pub cmdline: String,
+}
+
+/// The destination's Accept.
+#[derive(Default, Serialize, Deserialize)]
+pub struct Accepted {
+    /// Passthrough functions it opens while the memory arrives: if any, it sends
+    /// [`Kind::Prepared`] once they are open, and the source waits for that before it
+    /// stops the guest.
+    #[serde(default)]
+    pub opening: u32,
+}
+
+/// The destination's [`Kind::Prepared`].
+#[derive(Serialize, Deserialize)]
+pub struct Prepared {
+    /// From its Accept to the functions being open and guest RAM mapped.
+    pub after_ms: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -708,7 +778,13 @@ impl Source {
         let s = c.as_mut();
         s.set_timeout(Some(Duration::from_secs(30)))?;
         write_json(s, Kind::Hello, &self.hello)?;
-        expect(s, Kind::Accept)?;
+        let accepted: Accepted = match expect(s, Kind::Accept)? {
+            b if b.is_empty() => Accepted::default(),
+            b => parse("accept", &b)?,
+        };
+        // The destination opens passthrough functions while the memory arrives: the
+        // guest is not stopped before it says they are open (or PREPARE_WAIT).
+        let mut dest_opening = accepted.opening > 0;
         // The control loop starts taking the failover primaries off the bus now, while
         // the boot files go (tens of MiB: about 0.9 s in the nested test host).
         let go_ahead = self.ask_go_ahead();
@@ -724,14 +800,22 @@ impl Source {
         };
         let t = Instant::now();
         let (mut bytes, pages) = self.send_pages(s, None, started)?;
+        write_frame(s, Kind::RoundEnd, &0u32.to_le_bytes())?;
         let mut round_time = t.elapsed();
         let mut last_pages = pages;
         progress.pages_sent = pages;
         progress.bytes_sent = bytes;
         let downtime = Duration::from_millis(self.params.downtime_ms);
         let mut dirty;
+        // Rounds run only because the destination was not ready, since when, and when
+        // the control loop last heard of one.
+        let mut waiting = (0u32, None::<Instant>, Instant::now());
         loop {
             self.check_cancel(started)?;
+            if dest_opening && s.has_input(Duration::ZERO)? {
+                read_prepared(expect(s, Kind::Prepared)?)?;
+                dest_opening = false;
+            }
             dirty = take_dirty(&self.mem, &self.vm_fd)?;
             let left = count_pages(&dirty);
             // Bytes per second over the last round.
@@ -741,8 +825,49 @@ impl Source {
             progress.rate_mbps = (rate * 8.0 / 1e6) as u64;
             progress.estimated_downtime_ms = estimate.as_millis() as u64;
             progress.elapsed_ms = started.elapsed().as_millis() as u64;
-            self.tell(ToLoop::Progress(progress.clone()));
-            match next_step(progress.round, last_pages, left, estimate, downtime) {
+            let mut next = next_step(
+                progress.round - waiting.0,
+                last_pages,
+                left,
+                estimate,
+                downtime,
+            );
+            progress.phase = "precopy".into();
+            if next != Next::Round && dest_opening {
+                let since = *waiting.1.get_or_insert_with(Instant::now);
+                if since.elapsed() < PREPARE_WAIT {
+                    if waiting.0 == 0 {
+                        tracing::info!(
+                            "migration: ready to stop the guest after round {}, but the destination is still opening its passthrough functions; the guest runs on until it has",
+                            progress.round
+                        );
+                    }
+                    progress.phase = "wait-destination".into();
+                    // What the guest dirties meanwhile goes in rounds WAIT_ROUND apart.
+                    if s.has_input(WAIT_ROUND)? {
+                        read_prepared(expect(s, Kind::Prepared)?)?;
+                        dest_opening = false;
+                    }
+                    waiting.0 += 1;
+                    next = Next::Round;
+                } else {
+                    tracing::warn!(
+                        "migration: the destination has not opened its passthrough functions after {} s; stopping the guest anyway (they are plugged there once open)",
+                        PREPARE_WAIT.as_secs()
+                    );
+                    dest_opening = false;
+                }
+            }
+            // While it waits, the control loop hears of the first round and then of one
+            // a second.
+            if progress.phase != "wait-destination"
+                || waiting.0 == 1
+                || waiting.2.elapsed() >= Duration::from_secs(1)
+            {
+                waiting.2 = Instant::now();
+                self.tell(ToLoop::Progress(progress.clone()));
+            }
+            match next {
                 Next::Round => {}
                 Next::Stop => break,
                 Next::StopNotConverged => {
@@ -757,10 +882,18 @@ impl Source {
             let t = Instant::now();
             let pages;
             (bytes, pages) = self.send_pages(s, Some(&dirty), started)?;
+            write_frame(s, Kind::RoundEnd, &progress.round.to_le_bytes())?;
             last_pages = pages;
             round_time = t.elapsed();
             progress.bytes_sent += bytes;
             progress.pages_sent += pages;
+        }
+        if waiting.0 > 0 {
+            tracing::info!(
+                "migration: {} rounds ({:.0} ms) waited for the destination's passthrough functions",
+                waiting.0,
+                waiting.1.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1000.0)
+            );
         }
 
         // Stop and copy.
@@ -791,7 +924,16 @@ impl Source {
         let sent = paused_at.elapsed();
         // The destination builds the VM; it may take a while for a big one.
         s.set_timeout(Some(Duration::from_secs(60)))?;
-        expect(s, Kind::Ready)?;
+        // A destination that was not ready at the stop may say it is before Ready.
+        match read_frame(s)? {
+            (Kind::Prepared, body) if dest_opening => {
+                read_prepared(body)?;
+                expect(s, Kind::Ready)?;
+            }
+            (kind, body) => {
+                wanted(kind, body, Kind::Ready)?;
+            }
+        }
         let ready = paused_at.elapsed();
         self.check_cancel(started)?;
         // From here the destination owns the guest.
@@ -823,6 +965,16 @@ impl Source {
     }
 }
 
+/// The destination's [`Kind::Prepared`], logged.
+fn read_prepared(body: Vec<u8>) -> io::Result<()> {
+    let p: Prepared = parse("prepared", &body)?;
+    tracing::info!(
+        "migration: the destination's passthrough functions are open, {} ms after it accepted the VM",
+        p.after_ms
+    );
+    Ok(())
+}
+
 fn wait_answer(rx: &Receiver<Result<Vec<u8>, String>>) -> io::Result<Vec<u8>> {
     match rx.recv_timeout(Duration::from_secs(30)) {
         Ok(Ok(state)) => Ok(state),
@@ -841,21 +993,33 @@ pub struct Incoming {
     pub boot: BootFiles,
 }
 
+/// Passthrough functions the destination opens while the memory arrives: how many,
+/// a flag set once they are open, and what gives their opening the guest's priority
+/// (called once the guest's memory has come once: the rest of the rounds are small,
+/// and the source waits for them before it stops the guest).
+pub struct Opening {
+    pub count: u32,
+    pub done: Arc<AtomicBool>,
+    pub hurry: Box<dyn Fn() -> Result<(), String>>,
+}
+
 pub fn receive(
     url: &Url,
     stop: RawFd,
     check: impl FnOnce(&Hello) -> Result<(), String>,
-    make_mem: impl FnOnce(u64) -> Result<GuestMemoryMmap, String>,
+    make_mem: impl FnOnce(u64) -> Result<(GuestMemoryMmap, Option<Opening>), String>,
 ) -> io::Result<Incoming> {
     receive_on(accept(url, stop)?, check, make_mem)
 }
 
 /// [`receive`] on a connection already made: everything the stream says is checked
-/// here (the `fuzz` target `migration_stream` feeds it any bytes).
+/// here (the `fuzz` target `migration_stream` feeds it any bytes). `make_mem` makes
+/// the memory, and says what it opens meanwhile: the source hears once that is done
+/// ([`Kind::Prepared`]).
 pub fn receive_on(
     mut conn: Box<dyn Stream>,
     check: impl FnOnce(&Hello) -> Result<(), String>,
-    make_mem: impl FnOnce(u64) -> Result<GuestMemoryMmap, String>,
+    make_mem: impl FnOnce(u64) -> Result<(GuestMemoryMmap, Option<Opening>), String>,
 ) -> io::Result<Incoming> {
     let s = conn.as_mut();
     s.set_timeout(Some(Duration::from_secs(60)))?;
@@ -893,11 +1057,18 @@ pub fn receive_on(
     if let Err(e) = check(&hello) {
         return Err(refuse(s, e));
     }
-    let mem = match make_mem(hello.memory_bytes) {
+    let (mem, mut opening) = match make_mem(hello.memory_bytes) {
         Ok(m) => m,
         Err(e) => return Err(refuse(s, e)),
     };
-    write_frame(s, Kind::Accept, &[])?;
+    write_json(
+        s,
+        Kind::Accept,
+        &Accepted {
+            opening: opening.as_ref().map_or(0, |o| o.count),
+        },
+    )?;
+    let accepted_at = Instant::now();
     let boot = BootFiles {
         kernel: receive_boot_file(s, 0, &hello.kernel)?,
         initramfs: match &hello.initramfs {
@@ -906,10 +1077,19 @@ pub fn receive_on(
         },
     };
     let mut pages = 0u64;
+    let mut rounds = 0u32;
     loop {
         let (kind, body) = read_frame(s)?;
         match kind {
             Kind::Pages => pages += write_pages(&mem, &body)?,
+            Kind::RoundEnd => {
+                rounds += 1;
+                if rounds == 1 {
+                    if let Some(Err(why)) = opening.as_ref().map(|o| (o.hurry)()) {
+                        tracing::info!("migration: the passthrough functions' opening stays at a low priority: {why}");
+                    }
+                }
+            }
             Kind::MemoryDone => break,
             Kind::Abort => {
                 let r: Reason = parse("abort", &body)?;
@@ -920,8 +1100,19 @@ pub fn receive_on(
             }
             other => return Err(proto(format!("expected pages, got {other:?}"))),
         }
+        if opening
+            .as_ref()
+            .is_some_and(|o| o.done.load(Ordering::Acquire))
+        {
+            opening = None;
+            let after_ms = accepted_at.elapsed().as_millis() as u64;
+            tracing::info!(
+                "migration: passthrough functions open {after_ms} ms after the VM was accepted, during round {rounds}"
+            );
+            write_json(s, Kind::Prepared, &Prepared { after_ms })?;
+        }
     }
-    tracing::info!("migration: received {pages} pages");
+    tracing::info!("migration: received {pages} pages in {rounds} rounds and the stop's");
     let state = expect(s, Kind::State)?;
     Ok(Incoming {
         conn,
@@ -1169,6 +1360,76 @@ mod tests {
         refuse(a.as_mut(), "cancelled");
         let e = receive_boot_file(b.as_mut(), 0, &info).unwrap_err();
         assert!(e.to_string().contains("cancelled"), "{e}");
+    }
+
+    /// A destination that opens passthrough functions says so in its Accept, and says
+    /// Prepared once, after the first frame that follows their opening, during the
+    /// rounds; a round's end is taken as such.
+    #[test]
+    fn the_destination_says_when_its_functions_are_open() {
+        let (mut src, dst) = pair();
+        let done = Arc::new(AtomicBool::new(false));
+        let flag = done.clone();
+        let dest = std::thread::spawn(move || {
+            receive_on(
+                dst,
+                |_| Ok(()),
+                |bytes| {
+                    Ok((
+                        crate::memory::create(bytes).map_err(|e| e.to_string())?,
+                        Some(Opening {
+                            count: 1,
+                            done: flag,
+                            hurry: Box::new(|| Ok(())),
+                        }),
+                    ))
+                },
+            )
+        });
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            memory_bytes: 1 << 20,
+            vcpus: 1,
+            nets: Vec::new(),
+            cpuid: Vec::new(),
+            kernel: BootFileInfo {
+                path: "/boot/vmlinuz".into(),
+                bytes: 3,
+            },
+            initramfs: None,
+            cmdline: String::new(),
+        };
+        let s = src.as_mut();
+        write_json(s, Kind::Hello, &hello).unwrap();
+        let accepted: Accepted = parse("accept", &expect(s, Kind::Accept).unwrap()).unwrap();
+        assert_eq!(accepted.opening, 1);
+        write_frame(s, Kind::Boot, b"\x00abc").unwrap();
+        let mut run = Vec::new();
+        run.extend_from_slice(&0x2000u64.to_le_bytes());
+        run.extend_from_slice(&PAGE.to_le_bytes());
+        run.extend_from_slice(&[9u8; PAGE as usize]);
+        write_frame(s, Kind::Pages, &run).unwrap();
+        write_frame(s, Kind::RoundEnd, &0u32.to_le_bytes()).unwrap();
+        assert!(
+            !s.has_input(Duration::from_millis(200)).unwrap(),
+            "Prepared before the functions are open"
+        );
+        done.store(true, Ordering::Release);
+        // The next frame, a waiting round's end, brings it.
+        write_frame(s, Kind::RoundEnd, &1u32.to_le_bytes()).unwrap();
+        assert!(s.has_input(Duration::from_secs(10)).unwrap());
+        let p: Prepared = parse("prepared", &expect(s, Kind::Prepared).unwrap()).unwrap();
+        assert!(p.after_ms >= 200, "{}", p.after_ms);
+        write_frame(s, Kind::Pages, &run).unwrap();
+        write_frame(s, Kind::MemoryDone, &[]).unwrap();
+        write_frame(s, Kind::State, b"{}").unwrap();
+        let got = dest.join().unwrap().unwrap();
+        assert_eq!(got.state, b"{}");
+        assert_eq!(got.mem.read_obj::<u8>(GuestAddress(0x2fff)).unwrap(), 9);
+        assert!(
+            !s.has_input(Duration::ZERO).unwrap(),
+            "Prepared is said once"
+        );
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::acpi::{self, AcpiLayout};
 use crate::boot::{self, BootError};
 use crate::config::{DeviceSpec, NetSpec, VmConfig};
 use crate::cpu::{self, CpuError};
-use crate::device_manager::{DeviceError, DeviceManager, DeviceState};
+use crate::device_manager::{DeviceError, DeviceManager, DeviceState, OpenAhead};
 use crate::events::VmEvents;
 use crate::interrupts::KvmRoutes;
 use crate::layout::*;
@@ -327,6 +327,8 @@ impl Vm {
     /// off the bus until their devices are added. Opening and mapping take seconds in
     /// the nested test host: done now, they are not in the way after the guest
     /// resumes (and never in the downtime: nothing waits for them before a plug).
+    /// The handle returned, if any, says when they are open: the source waits for
+    /// that before it stops the guest.
     pub fn prepare(
         kvm_handle: &Kvm,
         memory_bytes: u64,
@@ -334,10 +336,10 @@ impl Vm {
         serial: &Arc<Mutex<Serial>>,
         events: &Arc<VmEvents>,
         open_ahead: Vec<std::path::PathBuf>,
-    ) -> Result<Prepared, VmError> {
+    ) -> Result<(Prepared, Option<OpenAhead>), VmError> {
         let mut m = Machine::new(kvm_handle, memory_bytes, mem, serial, events)?;
-        m.devices.open_ahead(open_ahead);
-        Ok(Prepared(m))
+        let opening = m.devices.open_ahead(open_ahead);
+        Ok((Prepared(m), opening))
     }
 
     /// Build the VM a migration source saved on `machine` (from [`Vm::prepare`] with

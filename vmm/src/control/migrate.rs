@@ -397,11 +397,19 @@ impl Vmm {
                 }
                 let mem = crate::memory::create(bytes)
                     .map_err(|e| format!("cannot allocate {} MiB: {e}", bytes >> 20))?;
-                machine = Some(
+                let count = open_ahead.len() as u32;
+                let (prepared, opening) =
                     Vm::prepare(kvm, bytes, &mem, serial, events, open_ahead)
-                        .map_err(|e| e.to_string())?,
-                );
-                Ok(mem)
+                        .map_err(|e| e.to_string())?;
+                machine = Some(prepared);
+                Ok((
+                    mem,
+                    opening.map(|ahead| migration::Opening {
+                        count,
+                        done: ahead.done.clone(),
+                        hurry: Box::new(move || ahead.hurry()),
+                    }),
+                ))
             },
         )
         .map_err(|e| VmmError::Guest(format!("incoming migration: {e}")))?;
