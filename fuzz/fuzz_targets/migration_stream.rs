@@ -5,7 +5,7 @@
 //!
 //! Half the inputs are raw bytes; the other half start with a Hello and boot files the
 //! source's own frame writer makes (so the fuzzer gets past them) and go on with frames
-//! built from the input: page runs at made-up addresses and lengths, RoundEnd,
+//! built from the input: page runs at made-up addresses and lengths, RoundEnd, Waiting,
 //! MemoryDone, State, Abort, any kind with any body, and raw bytes. Half go to a
 //! destination that opens a function ahead, and so answers Prepared mid-stream. A
 //! stream that is taken must hand back the memory and boot files its Hello announced.
@@ -70,7 +70,7 @@ impl Stream for Pipe {
     }
 }
 
-const KINDS: [Kind; 13] = [
+const KINDS: [Kind; 14] = [
     Kind::Hello,
     Kind::Accept,
     Kind::Refuse,
@@ -84,6 +84,7 @@ const KINDS: [Kind; 13] = [
     Kind::Boot,
     Kind::RoundEnd,
     Kind::Prepared,
+    Kind::Waiting,
 ];
 
 /// A stream that starts as a source would; returns it with what its Hello announced.
@@ -132,11 +133,13 @@ fn structured(ops: &mut Ops) -> Option<(Vec<u8>, u64, u64)> {
                 }
                 migration::write_frame(&mut out, Kind::Pages, &body).ok()?;
             }
-            // The end of a round (its number, or any few bytes), or of the rounds.
+            // The end of a round (its number, or any few bytes), a waiting source's
+            // tick, or the end of the rounds.
             1 if a & 1 == 1 => {
                 let body = ops.bytes(usize::from(b % 8)).to_vec();
                 migration::write_frame(&mut out, Kind::RoundEnd, &body).ok()?
             }
+            1 if a & 2 == 2 => migration::write_frame(&mut out, Kind::Waiting, &[]).ok()?,
             1 => migration::write_frame(&mut out, Kind::MemoryDone, &[]).ok()?,
             2 => {
                 let body = ops.bytes(usize::from(a)).to_vec();

@@ -60,9 +60,8 @@ const FEW_PAGES: u64 = 256;
 /// opening its passthrough functions (see [`Kind::Prepared`]); after that it stops the
 /// guest anyway, and the destination plugs them once they are open.
 const PREPARE_WAIT: Duration = Duration::from_secs(30);
-/// Between rounds while the source waits for the destination: what the guest
-/// dirties meanwhile is sent in rounds this far apart.
-const WAIT_ROUND: Duration = Duration::from_millis(200);
+/// While the source waits for the destination, a [`Kind::Waiting`] tick this often.
+const WAIT_TICK: Duration = Duration::from_millis(200);
 
 /// What the source does after a pre-copy round.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,6 +119,9 @@ pub(crate) enum Kind {
     /// guest before it, so that the opening and the pinning of guest RAM (seconds for
     /// a big guest) are neither in the downtime nor in the way of the resumed guest.
     Prepared = 13,
+    /// The source waits for Prepared, sending nothing else (an empty body): the
+    /// destination looks at its functions after every frame.
+    Waiting = 14,
 }
 
 impl Kind {
@@ -127,7 +129,7 @@ impl Kind {
         use Kind::*;
         [
             Hello, Accept, Refuse, Pages, State, Ready, Go, Running, Abort, MemoryDone, Boot,
-            RoundEnd, Prepared,
+            RoundEnd, Prepared, Waiting,
         ]
         .into_iter()
         .find(|k| *k as u8 == v)
@@ -566,6 +568,14 @@ fn take_dirty(mem: &GuestMemoryMmap, vm: &VmFd) -> io::Result<Vec<Vec<u64>>> {
     Ok(out)
 }
 
+/// Pages dirty in either of two looks at the log.
+fn merge(a: &[Vec<u64>], b: &[Vec<u64>]) -> Vec<Vec<u64>> {
+    a.iter()
+        .zip(b)
+        .map(|(a, b)| a.iter().zip(b).map(|(x, y)| x | y).collect())
+        .collect()
+}
+
 fn count_pages(dirty: &[Vec<u64>]) -> u64 {
     dirty
         .iter()
@@ -622,6 +632,47 @@ impl Source {
                 self.params.timeout_s
             )));
         }
+        Ok(())
+    }
+
+    /// Keep the guest running until the destination says its passthrough functions
+    /// are open (see [`Kind::Prepared`]), at most [`PREPARE_WAIT`]; nothing is sent
+    /// meanwhile but a [`Kind::Waiting`] tick every [`WAIT_TICK`], after which the
+    /// destination looks at its functions again. The guest's writes meanwhile stay in
+    /// the dirty log for the rounds that follow.
+    fn wait_destination(
+        &self,
+        s: &mut dyn Stream,
+        started: Instant,
+        progress: &mut MigrationProgress,
+    ) -> io::Result<()> {
+        tracing::info!(
+            "migration: ready to stop the guest after round {}, but the destination is still opening its passthrough functions; the guest runs on until it has",
+            progress.round
+        );
+        progress.phase = "wait-destination".into();
+        self.tell(ToLoop::Progress(progress.clone()));
+        let since = Instant::now();
+        loop {
+            self.check_cancel(started)?;
+            if s.has_input(WAIT_TICK)? {
+                read_prepared(expect(s, Kind::Prepared)?)?;
+                break;
+            }
+            if since.elapsed() >= PREPARE_WAIT {
+                tracing::warn!(
+                    "migration: the destination has not opened its passthrough functions after {} s; stopping the guest anyway (they are plugged there once open)",
+                    PREPARE_WAIT.as_secs()
+                );
+                break;
+            }
+            write_frame(s, Kind::Waiting, &[])?;
+        }
+        tracing::info!(
+            "migration: waited {:.0} ms for the destination's passthrough functions",
+            since.elapsed().as_secs_f64() * 1000.0
+        );
+        progress.phase = "precopy".into();
         Ok(())
     }
 
@@ -807,9 +858,8 @@ impl Source {
         progress.bytes_sent = bytes;
         let downtime = Duration::from_millis(self.params.downtime_ms);
         let mut dirty;
-        // Rounds run only because the destination was not ready, since when, and when
-        // the control loop last heard of one.
-        let mut waiting = (0u32, None::<Instant>, Instant::now());
+        // What was dirty before a wait for the destination, sent with what follows it.
+        let mut carried: Option<Vec<Vec<u64>>> = None;
         loop {
             self.check_cancel(started)?;
             if dest_opening && s.has_input(Duration::ZERO)? {
@@ -817,6 +867,9 @@ impl Source {
                 dest_opening = false;
             }
             dirty = take_dirty(&self.mem, &self.vm_fd)?;
+            if let Some(before) = carried.take() {
+                dirty = merge(&before, &dirty);
+            }
             let left = count_pages(&dirty);
             // Bytes per second over the last round.
             let rate = bytes as f64 / round_time.as_secs_f64().max(1e-6);
@@ -825,47 +878,17 @@ impl Source {
             progress.rate_mbps = (rate * 8.0 / 1e6) as u64;
             progress.estimated_downtime_ms = estimate.as_millis() as u64;
             progress.elapsed_ms = started.elapsed().as_millis() as u64;
-            let mut next = next_step(
-                progress.round - waiting.0,
-                last_pages,
-                left,
-                estimate,
-                downtime,
-            );
-            progress.phase = "precopy".into();
+            self.tell(ToLoop::Progress(progress.clone()));
+            let next = next_step(progress.round, last_pages, left, estimate, downtime);
             if next != Next::Round && dest_opening {
-                let since = *waiting.1.get_or_insert_with(Instant::now);
-                if since.elapsed() < PREPARE_WAIT {
-                    if waiting.0 == 0 {
-                        tracing::info!(
-                            "migration: ready to stop the guest after round {}, but the destination is still opening its passthrough functions; the guest runs on until it has",
-                            progress.round
-                        );
-                    }
-                    progress.phase = "wait-destination".into();
-                    // What the guest dirties meanwhile goes in rounds WAIT_ROUND apart.
-                    if s.has_input(WAIT_ROUND)? {
-                        read_prepared(expect(s, Kind::Prepared)?)?;
-                        dest_opening = false;
-                    }
-                    waiting.0 += 1;
-                    next = Next::Round;
-                } else {
-                    tracing::warn!(
-                        "migration: the destination has not opened its passthrough functions after {} s; stopping the guest anyway (they are plugged there once open)",
-                        PREPARE_WAIT.as_secs()
-                    );
-                    dest_opening = false;
-                }
-            }
-            // While it waits, the control loop hears of the first round and then of one
-            // a second.
-            if progress.phase != "wait-destination"
-                || waiting.0 == 1
-                || waiting.2.elapsed() >= Duration::from_secs(1)
-            {
-                waiting.2 = Instant::now();
-                self.tell(ToLoop::Progress(progress.clone()));
+                self.wait_destination(s, started, &mut progress)?;
+                dest_opening = false;
+                // What is dirty now goes with what the guest dirtied during the wait, in
+                // rounds judged afresh (the next at least: its set is not the last
+                // round's leftover).
+                carried = Some(std::mem::take(&mut dirty));
+                last_pages = u64::MAX;
+                continue;
             }
             match next {
                 Next::Round => {}
@@ -888,13 +911,6 @@ impl Source {
             progress.bytes_sent += bytes;
             progress.pages_sent += pages;
         }
-        if waiting.0 > 0 {
-            tracing::info!(
-                "migration: {} rounds ({:.0} ms) waited for the destination's passthrough functions",
-                waiting.0,
-                waiting.1.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1000.0)
-            );
-        }
 
         // Stop and copy.
         self.tell(ToLoop::Paused {
@@ -909,11 +925,7 @@ impl Source {
         let frozen = paused_at.elapsed();
         let dirty_last = take_dirty(&self.mem, &self.vm_fd)?;
         // What was dirty at the last look and what was dirtied since.
-        let merged: Vec<Vec<u64>> = dirty
-            .iter()
-            .zip(&dirty_last)
-            .map(|(a, b)| a.iter().zip(b).map(|(x, y)| x | y).collect())
-            .collect();
+        let merged = merge(&dirty, &dirty_last);
         progress.phase = "stop-and-copy".into();
         let (b, p) = self.send_pages(s, Some(&merged), started)?;
         progress.bytes_sent += b;
@@ -1090,6 +1102,7 @@ pub fn receive_on(
                     }
                 }
             }
+            Kind::Waiting => {}
             Kind::MemoryDone => break,
             Kind::Abort => {
                 let r: Reason = parse("abort", &body)?;
@@ -1415,8 +1428,8 @@ mod tests {
             "Prepared before the functions are open"
         );
         done.store(true, Ordering::Release);
-        // The next frame, a waiting round's end, brings it.
-        write_frame(s, Kind::RoundEnd, &1u32.to_le_bytes()).unwrap();
+        // The next frame, a waiting source's tick, brings it.
+        write_frame(s, Kind::Waiting, &[]).unwrap();
         assert!(s.has_input(Duration::from_secs(10)).unwrap());
         let p: Prepared = parse("prepared", &expect(s, Kind::Prepared).unwrap()).unwrap();
         assert!(p.after_ms >= 200, "{}", p.after_ms);

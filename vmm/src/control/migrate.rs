@@ -237,10 +237,15 @@ impl Vmm {
                 migration::ToLoop::Accepted(go) => self.hold_primaries(vm, go),
                 migration::ToLoop::Progress(p) => {
                     tracing::info!(
-                        "migration round {}: {} pages left, {} Mbit/s",
+                        "migration round {}: {} pages left, {} Mbit/s{}",
                         p.round,
                         p.pages_left,
-                        p.rate_mbps
+                        p.rate_mbps,
+                        if p.phase == "wait-destination" {
+                            "; waiting for the destination's passthrough functions"
+                        } else {
+                            ""
+                        }
                     );
                     self.hub.publish(None, EventKind::MigrationProgress(p));
                 }
