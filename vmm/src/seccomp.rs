@@ -567,8 +567,41 @@ fn call_name(nr: i64) -> Option<&'static str> {
     .map(|(_, name)| name.trim_start_matches("SYS_"))
 }
 
+/// The path a forbidden `open`/`openat` was given, from the caller's registers: what
+/// it tried to open tells which code made the call. At most 120 bytes.
+///
+/// # Safety
+/// `ctx` is the ucontext the kernel passed to a SIGSYS handler, or null.
+unsafe fn opened_path(nr: i64, ctx: *mut libc::c_void, out: &mut [u8; 120]) -> usize {
+    if ctx.is_null() {
+        return 0;
+    }
+    // SAFETY: the caller's promise: the kernel's ucontext for this signal.
+    let regs = unsafe { &(*(ctx as *const libc::ucontext_t)).uc_mcontext.gregs };
+    let ptr = match nr {
+        libc::SYS_openat => regs[libc::REG_RSI as usize],
+        libc::SYS_open => regs[libc::REG_RDI as usize],
+        _ => return 0,
+    } as *const u8;
+    if ptr.is_null() {
+        return 0;
+    }
+    let mut n = 0;
+    while n < out.len() {
+        // SAFETY: the C library passed this NUL-terminated path to the kernel a moment
+        // ago; it is read up to its NUL or 120 bytes.
+        let b = unsafe { *ptr.add(n) };
+        if b == 0 {
+            break;
+        }
+        out[n] = b;
+        n += 1;
+    }
+    n
+}
+
 /// SIGSYS: a thread made a call its filter forbids. Say which, and end the process.
-extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     use std::io::Write;
     // For SIGSYS the kernel fills si_code, then (after the 16-byte header) the
     // calling address and, at offset 24, the system call number.
@@ -579,16 +612,23 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr()) };
     let len = name.iter().position(|&b| b == 0).unwrap_or(16);
     let thread = std::str::from_utf8(&name[..len]).unwrap_or("?");
-    let mut buf = [0u8; 320];
+    let mut path = [0u8; 120];
+    // SAFETY: `ctx` is what the kernel passed with this SIGSYS.
+    let plen = unsafe { opened_path(nr.into(), ctx, &mut path) };
+    let path = std::str::from_utf8(&path[..plen]).unwrap_or("?");
+    let mut buf = [0u8; 512];
     let mut out = &mut buf[..];
     const SYS_SECCOMP: i32 = 1;
     let _ = if code == SYS_SECCOMP {
         writeln!(
             out,
-            "tandem: seccomp: thread '{thread}' made system call {nr} ({}), which its filter \
-             forbids; the VMM stops (exit status {EXIT_STATUS}; --seccomp log lets such calls \
-             through and logs them)",
+            "tandem: seccomp: thread '{thread}' made system call {nr} ({}){}{}{}, which its \
+             filter forbids; the VMM stops (exit status {EXIT_STATUS}; --seccomp log lets such \
+             calls through and logs them)",
             call_name(nr.into()).unwrap_or("unnamed"),
+            if plen > 0 { " on \"" } else { "" },
+            path,
+            if plen > 0 { "\"" } else { "" },
         )
     } else {
         writeln!(out, "tandem: thread '{thread}' got SIGSYS; the VMM stops")
