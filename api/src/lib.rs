@@ -21,8 +21,6 @@ pub mod client;
 pub mod events;
 pub mod server;
 
-use std::sync::mpsc::Sender;
-
 use serde::{Deserialize, Serialize};
 
 pub const API_PREFIX: &str = "/api/v1/";
@@ -359,9 +357,23 @@ pub struct ErrorBody {
     pub error: String,
 }
 
+/// Where the control loop sends a request's answer. Sending needs no runtime; the
+/// API thread awaits it, with no thread of its own per request.
+pub type Answer = tokio::sync::oneshot::Sender<ApiResponse>;
+/// Where an [`Answer`] arrives.
+pub type Answered = tokio::sync::oneshot::Receiver<ApiResponse>;
+
+/// Why an [`Answered`] has nothing yet (`Empty`) or never will (`Closed`).
+pub use tokio::sync::oneshot::error::TryRecvError;
+
+/// A request's answer channel.
+pub fn answer_channel() -> (Answer, Answered) {
+    tokio::sync::oneshot::channel()
+}
+
 pub struct ApiMessage {
     pub request: ApiRequest,
-    pub reply: Sender<ApiResponse>,
+    pub reply: Answer,
     /// The control loop takes the request before carrying it out; the API thread
     /// gives it up when it stops waiting. Whichever comes first wins, so a request
     /// whose client was told it was not carried out never is.

@@ -16,7 +16,7 @@ use std::convert::Infallible;
 use std::io;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::thread::{self, JoinHandle};
@@ -30,7 +30,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::sync::Semaphore;
+use tokio::sync::{oneshot, Semaphore};
 
 use crate::events::{EventHub, Subscription};
 use crate::{
@@ -64,20 +64,20 @@ enum NoAnswer {
 
 /// Wait for the control loop's answer: up to `first` for it to be taken (else
 /// the request is abandoned), and `grace` more once it was.
-fn wait_answer(
-    answer: &Receiver<ApiResponse>,
+async fn wait_answer(
+    mut answer: oneshot::Receiver<ApiResponse>,
     claim: &Claim,
     first: Duration,
     grace: Duration,
 ) -> Result<ApiResponse, NoAnswer> {
-    match answer.recv_timeout(first) {
-        Ok(a) => Ok(a),
-        Err(RecvTimeoutError::Disconnected) => Err(NoAnswer::Gone),
-        Err(RecvTimeoutError::Timeout) if claim.abandon() => Err(NoAnswer::NotTaken),
-        Err(RecvTimeoutError::Timeout) => match answer.recv_timeout(grace) {
-            Ok(a) => Ok(a),
-            Err(RecvTimeoutError::Disconnected) => Err(NoAnswer::Gone),
-            Err(RecvTimeoutError::Timeout) => Err(NoAnswer::TakenUnanswered),
+    match tokio::time::timeout(first, &mut answer).await {
+        Ok(Ok(a)) => Ok(a),
+        Ok(Err(_)) => Err(NoAnswer::Gone),
+        Err(_) if claim.abandon() => Err(NoAnswer::NotTaken),
+        Err(_) => match tokio::time::timeout(grace, answer).await {
+            Ok(Ok(a)) => Ok(a),
+            Ok(Err(_)) => Err(NoAnswer::Gone),
+            Err(_) => Err(NoAnswer::TakenUnanswered),
         },
     }
 }
@@ -219,7 +219,7 @@ pub mod fuzz {
                 .build()
                 .expect("a tokio runtime")
         });
-        let (tx, rx) = channel::<ApiMessage>();
+        let (tx, rx) = std::sync::mpsc::channel::<ApiMessage>();
         let rx = std::sync::Mutex::new(rx);
         let events = EventHub::new();
         let ctx = Arc::new(Ctx {
@@ -360,7 +360,7 @@ async fn handle(
             }
         }
     };
-    let (reply, answer) = channel();
+    let (reply, answer) = oneshot::channel();
     let claim = Claim::default();
     let msg = ApiMessage {
         request: ApiRequest { endpoint, body },
@@ -379,37 +379,32 @@ async fn handle(
         );
     }
     (ctx.notify)();
-    // The control loop answers on a std channel: wait for it off the runtime's thread.
-    let answer = tokio::task::spawn_blocking(move || {
-        wait_answer(&answer, &claim, ANSWER_TIMEOUT, TAKEN_GRACE)
-    })
-    .await;
-    match answer {
-        Ok(Ok(Ok(serde_json::Value::Null))) => {
+    match wait_answer(answer, &claim, ANSWER_TIMEOUT, TAKEN_GRACE).await {
+        Ok(Ok(serde_json::Value::Null)) => {
             let mut r = Response::new(Full::new(Bytes::new()).boxed());
             *r.status_mut() = StatusCode::NO_CONTENT;
             r
         }
-        Ok(Ok(Ok(v))) => json(StatusCode::OK, v.to_string()),
-        Ok(Ok(Err(ApiError { status, message }))) => error(
+        Ok(Ok(v)) => json(StatusCode::OK, v.to_string()),
+        Ok(Err(ApiError { status, message })) => error(
             StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             message,
         ),
-        Ok(Err(NoAnswer::NotTaken)) => error(
+        Err(NoAnswer::NotTaken) => error(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
                 "the VMM did not take the request within {} s; it was not carried out and will not be",
                 ANSWER_TIMEOUT.as_secs()
             ),
         ),
-        Ok(Err(NoAnswer::TakenUnanswered)) => error(
+        Err(NoAnswer::TakenUnanswered) => error(
             StatusCode::GATEWAY_TIMEOUT,
             format!(
                 "the VMM took the request but did not answer within {} s: its outcome is unknown (vm.info and the event stream tell)",
                 (ANSWER_TIMEOUT + TAKEN_GRACE).as_secs()
             ),
         ),
-        Ok(Err(NoAnswer::Gone)) | Err(_) => error(
+        Err(NoAnswer::Gone) => error(
             StatusCode::SERVICE_UNAVAILABLE,
             "the VMM ended before answering".into(),
         ),
@@ -471,39 +466,42 @@ fn uid_may_connect(uid: u32) -> bool {
 mod tests {
     #[test]
     fn a_request_is_carried_out_or_abandoned_never_both() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let wait =
+            |rx, claim: &Claim, first, grace| rt.block_on(wait_answer(rx, claim, first, grace));
         let short = Duration::from_millis(20);
         // Nobody takes it: abandoned, and the control loop will skip it.
-        let (_tx, rx) = channel::<ApiResponse>();
+        let (_tx, rx) = oneshot::channel::<ApiResponse>();
         let claim = Claim::default();
-        assert_eq!(
-            wait_answer(&rx, &claim, short, short),
-            Err(NoAnswer::NotTaken)
-        );
+        assert_eq!(wait(rx, &claim, short, short), Err(NoAnswer::NotTaken));
         assert!(!claim.take(), "an abandoned request is never carried out");
         // Taken in time but never answered: the outcome is unknown.
-        let (_tx, rx) = channel::<ApiResponse>();
+        let (_tx, rx) = oneshot::channel::<ApiResponse>();
         let claim = Claim::default();
         assert!(claim.take());
         assert_eq!(
-            wait_answer(&rx, &claim, short, short),
+            wait(rx, &claim, short, short),
             Err(NoAnswer::TakenUnanswered)
         );
-        // Taken, answered during the grace period.
-        let (tx, rx) = channel::<ApiResponse>();
+        // Taken, answered during the grace period, from another thread.
+        let (tx, rx) = oneshot::channel::<ApiResponse>();
         let claim = Claim::default();
         assert!(claim.take());
         let t = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(60));
             tx.send(Ok(serde_json::Value::Null)).unwrap();
         });
-        let r = wait_answer(&rx, &claim, short, Duration::from_secs(5));
+        let r = wait(rx, &claim, short, Duration::from_secs(5));
         assert_eq!(r, Ok(Ok(serde_json::Value::Null)));
         t.join().unwrap();
         // The control loop went away.
-        let (tx, rx) = channel::<ApiResponse>();
+        let (tx, rx) = oneshot::channel::<ApiResponse>();
         drop(tx);
         assert_eq!(
-            wait_answer(&rx, &Claim::default(), short, short),
+            wait(rx, &Claim::default(), short, short),
             Err(NoAnswer::Gone)
         );
     }
@@ -518,7 +516,7 @@ mod tests {
 
     fn serve_with(hub: Arc<EventHub>) -> (tempdir::Dir, std::sync::mpsc::Receiver<ApiMessage>) {
         let dir = tempdir::Dir::new();
-        let (tx, rx) = channel();
+        let (tx, rx) = std::sync::mpsc::channel();
         start(&dir.path.join("api.sock"), tx, Arc::new(|| {}), hub, || {}).unwrap();
         (dir, rx)
     }

@@ -126,7 +126,7 @@ struct Outgoing {
 /// The say-so a migration thread waits for before it copies: every primary held.
 struct HoldWait {
     go: Sender<Result<(), String>>,
-    waiting: Vec<(String, Receiver<ApiResponse>)>,
+    waiting: Vec<(String, api::Answered)>,
 }
 
 #[derive(Clone, Copy)]
@@ -174,7 +174,7 @@ struct PendingRemoval {
     started: Instant,
     deadline: Instant,
     on_timeout: OnTimeout,
-    reply: Sender<ApiResponse>,
+    reply: api::Answer,
 }
 
 /// The answer of a finished removal; `steps` for one the guest answered.
@@ -805,7 +805,7 @@ impl Vmm {
     /// `vm.remove-device`: answers `reply` at once (surprise, or a bad
     /// request), or keeps it in a [`PendingRemoval`] until the guest ejects
     /// the device or the deadline passes.
-    fn remove_device(&mut self, vm: &mut Vm, body: &serde_json::Value, reply: Sender<ApiResponse>) {
+    fn remove_device(&mut self, vm: &mut Vm, body: &serde_json::Value, reply: api::Answer) {
         let req: RemoveDevice = match api::from_body(body) {
             Ok(r) => r,
             Err(e) => {
@@ -813,14 +813,17 @@ impl Vmm {
                 return;
             }
         };
-        let refuse = |e: ApiError| {
+        let refuse = |reply: api::Answer, e: ApiError| {
             let _ = reply.send(Err(e));
         };
         if !(1..=RemoveDevice::MAX_TIMEOUT_MS).contains(&req.timeout_ms) {
-            return refuse(ApiError::bad_request(format!(
-                "timeout_ms must be 1..={}",
-                RemoveDevice::MAX_TIMEOUT_MS
-            )));
+            return refuse(
+                reply,
+                ApiError::bad_request(format!(
+                    "timeout_ms must be 1..={}",
+                    RemoveDevice::MAX_TIMEOUT_MS
+                )),
+            );
         }
         // A failover primary (plugged or hidden) goes the way its pair decides.
         if self.failover.machine.standby_of(&req.id).is_some() {
@@ -849,27 +852,30 @@ impl Vmm {
             return;
         }
         if let Some(primary) = self.failover.primary_of(&req.id) {
-            return refuse(ApiError::conflict(format!(
-                "{} is the standby of the failover primary {primary}: remove {primary} first",
-                req.id
-            )));
+            return refuse(
+                reply,
+                ApiError::conflict(format!(
+                    "{} is the standby of the failover primary {primary}: remove {primary} first",
+                    req.id
+                )),
+            );
         }
         let Some(slot) = vm.devices().slot_of(&req.id) else {
-            return refuse(ApiError::not_found(format!(
-                "no device with id {:?}",
-                req.id
-            )));
+            return refuse(
+                reply,
+                ApiError::not_found(format!("no device with id {:?}", req.id)),
+            );
         };
         if self.pending.iter().any(|p| p.id == req.id) && !req.surprise {
-            return refuse(ApiError::conflict(format!(
-                "the removal of {} is already under way",
-                req.id
-            )));
+            return refuse(
+                reply,
+                ApiError::conflict(format!("the removal of {} is already under way", req.id)),
+            );
         }
         let started = Instant::now();
         if req.surprise {
             if let Err(e) = self.drop_device(vm, &req.id, true) {
-                return refuse(ApiError::internal(e.to_string()));
+                return refuse(reply, ApiError::internal(e.to_string()));
             }
             self.hub.publish(
                 Some(&req.id),
@@ -886,7 +892,7 @@ impl Vmm {
             return;
         }
         if let Err(e) = vm.request_eject(&req.id) {
-            return refuse(ApiError::internal(e.to_string()));
+            return refuse(reply, ApiError::internal(e.to_string()));
         }
         tracing::info!("device {}: eject requested (slot {slot})", req.id);
         self.hub

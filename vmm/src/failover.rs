@@ -3,10 +3,8 @@
 //! `control.rs` feeds the machine and carries out its actions.
 
 use std::collections::BTreeMap;
-use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
-use api::ApiResponse;
 use net_failover::{Input, Machine, RequestId, TimerToken};
 
 use crate::config::VmConfig;
@@ -21,7 +19,7 @@ pub struct Waiting {
     pub id: String,
     pub slot: usize,
     pub started: Instant,
-    pub reply: Sender<ApiResponse>,
+    pub reply: api::Answer,
     /// A migration's hold (the primary's configuration stays), not an API removal.
     pub hold: bool,
 }
@@ -118,27 +116,16 @@ impl Failover {
     }
 
     /// Keep `reply` until the machine answers the request this returns.
-    pub fn remember(&mut self, id: &str, slot: usize, reply: Sender<ApiResponse>) -> RequestId {
+    pub fn remember(&mut self, id: &str, slot: usize, reply: api::Answer) -> RequestId {
         self.remember_as(id, slot, reply, false)
     }
 
     /// [`Failover::remember`] for a migration's hold of primary `id`.
-    pub fn remember_hold(
-        &mut self,
-        id: &str,
-        slot: usize,
-        reply: Sender<ApiResponse>,
-    ) -> RequestId {
+    pub fn remember_hold(&mut self, id: &str, slot: usize, reply: api::Answer) -> RequestId {
         self.remember_as(id, slot, reply, true)
     }
 
-    fn remember_as(
-        &mut self,
-        id: &str,
-        slot: usize,
-        reply: Sender<ApiResponse>,
-        hold: bool,
-    ) -> RequestId {
+    fn remember_as(&mut self, id: &str, slot: usize, reply: api::Answer, hold: bool) -> RequestId {
         self.next_request += 1;
         let r = RequestId(self.next_request);
         self.requests.insert(

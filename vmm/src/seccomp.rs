@@ -129,8 +129,8 @@ const VCPU: &[Call] = calls![
     SYS_clone3,
 ];
 
-/// The API server: its socket, tokio's epoll and eventfd, a helper thread per
-/// waiting request.
+/// The API server: its socket, tokio's epoll and eventfd. No threads: it awaits the
+/// control loop's answers on its own thread.
 const API: &[Call] = calls![
     SYS_accept4,
     SYS_read,
@@ -146,7 +146,6 @@ const API: &[Call] = calls![
     SYS_epoll_wait,
     SYS_epoll_pwait,
     SYS_epoll_ctl,
-    SYS_clone3,
 ];
 
 /// The serial console: stdin, the socket and its clients, the output file and
@@ -434,7 +433,7 @@ pub fn rules(kind: ThreadKind) -> Result<Rules, seccompiler::BackendError> {
     // Threads, not processes.
     if matches!(
         kind,
-        ThreadKind::Vcpu | ThreadKind::Api | ThreadKind::Serial | ThreadKind::Control
+        ThreadKind::Vcpu | ThreadKind::Serial | ThreadKind::Control
     ) {
         let thread = libc::CLONE_THREAD as u64;
         allow_if(&mut map, libc::SYS_clone, vec![cond(0, thread, thread)?]);

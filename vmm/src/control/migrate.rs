@@ -158,7 +158,7 @@ impl Vmm {
         };
         let mut waiting = Vec::new();
         for id in &primaries {
-            let (tx, rx) = channel();
+            let (tx, rx) = api::answer_channel();
             let slot = self.primary_slot(id);
             let request = self.failover.remember_hold(id, slot, tx);
             tracing::info!("migration: failover primary {id} leaves the bus first");
@@ -190,14 +190,14 @@ impl Vmm {
             return;
         };
         let mut failed = None;
-        h.waiting.retain(|(id, rx)| match rx.try_recv() {
+        h.waiting.retain_mut(|(id, rx)| match rx.try_recv() {
             Ok(Ok(_)) => false,
             Ok(Err(e)) => {
                 failed.get_or_insert(format!("failover primary {id}: {}", e.message));
                 false
             }
-            Err(std::sync::mpsc::TryRecvError::Empty) => true,
-            Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+            Err(api::TryRecvError::Empty) => true,
+            Err(api::TryRecvError::Closed) => {
                 failed.get_or_insert(format!("failover primary {id}: no answer"));
                 false
             }
