@@ -412,7 +412,7 @@ pub struct Hello {
 }
 
 /// The destination's Accept.
-#[derive(Default, Serialize, Deserialize)]
+#[derive(Serialize, Deserialize)]
 pub struct Accepted {
     /// Passthrough functions it opens while the memory arrives: if any, it sends
     /// [`Kind::Prepared`] once they are open, and the source waits for that before it
@@ -639,13 +639,13 @@ impl Source {
     /// are open (see [`Kind::Prepared`]), at most [`PREPARE_WAIT`]; nothing is sent
     /// meanwhile but a [`Kind::Waiting`] tick every [`WAIT_TICK`], after which the
     /// destination looks at its functions again. The guest's writes meanwhile stay in
-    /// the dirty log for the rounds that follow.
+    /// the dirty log for the rounds that follow. Whether Prepared came.
     fn wait_destination(
         &self,
         s: &mut dyn Stream,
         started: Instant,
         progress: &mut MigrationProgress,
-    ) -> io::Result<()> {
+    ) -> io::Result<bool> {
         tracing::info!(
             "migration: ready to stop the guest after round {}, but the destination is still opening its passthrough functions; the guest runs on until it has",
             progress.round
@@ -653,27 +653,27 @@ impl Source {
         progress.phase = "wait-destination".into();
         self.tell(ToLoop::Progress(progress.clone()));
         let since = Instant::now();
-        loop {
+        let prepared = loop {
             self.check_cancel(started)?;
             if s.has_input(WAIT_TICK)? {
                 read_prepared(expect(s, Kind::Prepared)?)?;
-                break;
+                break true;
             }
             if since.elapsed() >= PREPARE_WAIT {
                 tracing::warn!(
                     "migration: the destination has not opened its passthrough functions after {} s; stopping the guest anyway (they are plugged there once open)",
                     PREPARE_WAIT.as_secs()
                 );
-                break;
+                break false;
             }
             write_frame(s, Kind::Waiting, &[])?;
-        }
+        };
         tracing::info!(
             "migration: waited {:.0} ms for the destination's passthrough functions",
             since.elapsed().as_secs_f64() * 1000.0
         );
         progress.phase = "precopy".into();
-        Ok(())
+        Ok(prepared)
     }
 
     /// Send the pages `dirty` marks, or every page that is not all zeros if None
@@ -829,13 +829,12 @@ impl Source {
         let s = c.as_mut();
         s.set_timeout(Some(Duration::from_secs(30)))?;
         write_json(s, Kind::Hello, &self.hello)?;
-        let accepted: Accepted = match expect(s, Kind::Accept)? {
-            b if b.is_empty() => Accepted::default(),
-            b => parse("accept", &b)?,
-        };
+        let accepted: Accepted = parse("accept", &expect(s, Kind::Accept)?)?;
         // The destination opens passthrough functions while the memory arrives: the
-        // guest is not stopped before it says they are open (or PREPARE_WAIT).
+        // guest is not stopped before it says they are open (or PREPARE_WAIT). Until
+        // it has said so, a Prepared may come at any point before Ready.
         let mut dest_opening = accepted.opening > 0;
+        let mut waited = false;
         // The control loop starts taking the failover primaries off the bus now, while
         // the boot files go (tens of MiB: about 0.9 s in the nested test host).
         let go_ahead = self.ask_go_ahead();
@@ -880,9 +879,9 @@ impl Source {
             progress.elapsed_ms = started.elapsed().as_millis() as u64;
             self.tell(ToLoop::Progress(progress.clone()));
             let next = next_step(progress.round, last_pages, left, estimate, downtime);
-            if next != Next::Round && dest_opening {
-                self.wait_destination(s, started, &mut progress)?;
-                dest_opening = false;
+            if next != Next::Round && dest_opening && !waited {
+                waited = true;
+                dest_opening = !self.wait_destination(s, started, &mut progress)?;
                 // What is dirty now goes with what the guest dirtied during the wait, in
                 // rounds judged afresh (the next at least: its set is not the last
                 // round's leftover).
@@ -936,16 +935,7 @@ impl Source {
         let sent = paused_at.elapsed();
         // The destination builds the VM; it may take a while for a big one.
         s.set_timeout(Some(Duration::from_secs(60)))?;
-        // A destination that was not ready at the stop may say it is before Ready.
-        match read_frame(s)? {
-            (Kind::Prepared, body) if dest_opening => {
-                read_prepared(body)?;
-                expect(s, Kind::Ready)?;
-            }
-            (kind, body) => {
-                wanted(kind, body, Kind::Ready)?;
-            }
-        }
+        expect_ready(s, dest_opening)?;
         let ready = paused_at.elapsed();
         self.check_cancel(started)?;
         // From here the destination owns the guest.
@@ -974,6 +964,18 @@ impl Source {
         );
         progress.elapsed_ms = started.elapsed().as_millis() as u64;
         Ok(progress)
+    }
+}
+
+/// The destination's Ready. One that had not said Prepared by then (`prepared_due`:
+/// the source gave up waiting) may say it first.
+fn expect_ready(s: &mut dyn Stream, prepared_due: bool) -> io::Result<()> {
+    match read_frame(s)? {
+        (Kind::Prepared, body) if prepared_due => {
+            read_prepared(body)?;
+            expect(s, Kind::Ready).map(drop)
+        }
+        (kind, body) => wanted(kind, body, Kind::Ready).map(drop),
     }
 }
 
@@ -1442,6 +1444,25 @@ mod tests {
         assert!(
             !s.has_input(Duration::ZERO).unwrap(),
             "Prepared is said once"
+        );
+    }
+
+    /// After a wait that timed out, the destination's late Prepared may come before
+    /// its Ready; once Prepared was heard (or never due), it is out of order.
+    #[test]
+    fn a_late_prepared_may_precede_ready_only_while_due() {
+        let (mut a, mut b) = pair();
+        let prepared = serde_json::to_vec(&Prepared { after_ms: 31_000 }).unwrap();
+        write_frame(a.as_mut(), Kind::Prepared, &prepared).unwrap();
+        write_frame(a.as_mut(), Kind::Ready, &[]).unwrap();
+        expect_ready(b.as_mut(), true).unwrap();
+        write_frame(a.as_mut(), Kind::Ready, &[]).unwrap();
+        expect_ready(b.as_mut(), true).unwrap();
+        write_frame(a.as_mut(), Kind::Prepared, &prepared).unwrap();
+        let e = expect_ready(b.as_mut(), false).unwrap_err();
+        assert!(
+            e.to_string().contains("expected Ready, got Prepared"),
+            "{e}"
         );
     }
 
