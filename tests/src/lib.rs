@@ -6,6 +6,7 @@ pub mod bench;
 pub mod cpio;
 pub mod guestnet;
 pub mod image;
+pub mod l1cpu;
 pub mod mode;
 pub mod qemu;
 pub mod qmp;

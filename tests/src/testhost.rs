@@ -250,6 +250,8 @@ impl Session {
         cmd.args([
             "-accel", "tcg", "-cpu", "EPYC", "-machine", "q35", "-smp", "1", "-m", "4G",
         ])
+        // Thread names (`CPU 0/TCG`, ...) for the watchdog's report of a stall.
+        .args(["-name", "tandem-l1,debug-threads=on"])
         .args(["-nodefaults", "-display", "none", "-no-reboot"])
         // A monitor on a short socket path: when L1 hangs, the watchdog asks
         // it where L1's CPU is before killing it.
@@ -631,7 +633,9 @@ impl Session {
 
     /// Saves L1's registers (from QEMU's monitor) as `file` in the work dir and prints them.
     fn dump_registers(&self, file: &str) {
-        let regs = monitor_command(&self.monitor, "info registers\nx/8i $pc\ninfo lapic");
+        let mut regs = monitor_command(&self.monitor, "info registers\nx/8i $pc\ninfo lapic");
+        regs.push_str("\n\n");
+        regs.push_str(&crate::l1cpu::report(self.child.id(), &regs));
         let _ = fs::write(self.workdir.join(file), &regs);
         eprintln!("testhost: L1's CPU as the monitor shows it (L1 boots nokaslr: look RIP up in its /proc/kallsyms; the package System.map is a stub):\n{regs}");
     }

@@ -109,6 +109,18 @@ fn testhost_survives_broken_jobs() {
     assert!(e.contains("froze") && e.contains("frozen"), "{e}");
     let regs = std::fs::read_to_string(s.workdir().join("l1-registers.txt")).unwrap_or_default();
     assert!(regs.contains("RIP="), "L1's registers are saved: {regs:?}");
+    // And what the monitor does not show: the TCG CPU's flags, found in the outer
+    // QEMU's memory from those registers, and its threads by name.
+    assert!(
+        regs.contains("CPU state at")
+            && regs.contains("hflags2=")
+            && regs.contains("interrupt_request=0x"),
+        "L1's TCG flags are read: {regs}"
+    );
+    assert!(
+        regs.contains("CPU 0/TCG"),
+        "the outer QEMU's threads: {regs}"
+    );
     let workdir = s.workdir().to_path_buf();
     drop(s);
     let _ = std::fs::remove_dir_all(&workdir);
