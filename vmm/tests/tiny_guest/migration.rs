@@ -245,3 +245,200 @@ fn a_waiting_destination_ends_on_sigterm() {
     assert!(err.contains("stopped by a signal"), "{err}");
     assert!(!url.exists(), "the socket is removed");
 }
+
+/// A guest that reads its KVM clock (kvmclock: the clock a Linux guest keeps time with
+/// here) in a tight loop and prints each step between two readings of 2 ms or more as
+/// `g` and the step in nanoseconds (16 hex digits); then it reads the clock afresh, so
+/// its own printing is not counted. Assembled with `as --64` from:
+///
+/// ```text
+///     .code64
+///     .set PV, 0x4000
+///     .set THRESH, 2000000
+///     .macro NOW
+///     1:  mov PV, %esi
+///         test $1, %esi
+///         jnz 1b
+///         lfence
+///         rdtsc
+///         shl $32, %rdx
+///         or %rdx, %rax
+///         sub PV+8, %rax
+///         movsbl PV+28, %ecx
+///         test %ecx, %ecx
+///         js 2f
+///         shl %cl, %rax
+///         jmp 3f
+///     2:  neg %ecx
+///         shr %cl, %rax
+///     3:  mov PV+24, %edi
+///         mul %rdi
+///         shrd $32, %rdx, %rax
+///         add PV+16, %rax
+///         cmp PV, %esi
+///         jne 1b
+///     .endm
+///     start:
+///         mov $0x4b564d01, %ecx
+///         mov $(PV | 1), %eax
+///         xor %edx, %edx
+///         wrmsr
+///         NOW
+///         mov %rax, %r14
+///     top:
+///         NOW
+///         mov %rax, %rbx
+///         sub %r14, %rbx
+///         mov %rax, %r14
+///         cmp $THRESH, %rbx
+///         jb top
+///         mov $0x3f8, %dx
+///         mov $'g', %al
+///         out %al, %dx
+///         mov $16, %r8d
+///     4:  rol $4, %rbx
+///         mov %ebx, %eax
+///         and $0xf, %eax
+///         cmp $10, %eax
+///         jb 5f
+///         add $('a'-'0'-10), %eax
+///     5:  add $'0', %eax
+///         out %al, %dx
+///         dec %r8d
+///         jnz 4b
+///         mov $'\n', %al
+///         out %al, %dx
+///         NOW
+///         mov %rax, %r14
+///         jmp top
+/// ```
+const CLOCK_STEPS_GUEST: &[u8] = &[
+    0xb9, 0x01, 0x4d, 0x56, 0x4b, 0xb8, 0x01, 0x40, 0x00, 0x00, 0x31, 0xd2, 0x0f, 0x30, 0x8b, 0x34,
+    0x25, 0x00, 0x40, 0x00, 0x00, 0xf7, 0xc6, 0x01, 0x00, 0x00, 0x00, 0x75, 0xf1, 0x0f, 0xae, 0xe8,
+    0x0f, 0x31, 0x48, 0xc1, 0xe2, 0x20, 0x48, 0x09, 0xd0, 0x48, 0x2b, 0x04, 0x25, 0x08, 0x40, 0x00,
+    0x00, 0x0f, 0xbe, 0x0c, 0x25, 0x1c, 0x40, 0x00, 0x00, 0x85, 0xc9, 0x78, 0x05, 0x48, 0xd3, 0xe0,
+    0xeb, 0x05, 0xf7, 0xd9, 0x48, 0xd3, 0xe8, 0x8b, 0x3c, 0x25, 0x18, 0x40, 0x00, 0x00, 0x48, 0xf7,
+    0xe7, 0x48, 0x0f, 0xac, 0xd0, 0x20, 0x48, 0x03, 0x04, 0x25, 0x10, 0x40, 0x00, 0x00, 0x3b, 0x34,
+    0x25, 0x00, 0x40, 0x00, 0x00, 0x75, 0xa7, 0x49, 0x89, 0xc6, 0x8b, 0x34, 0x25, 0x00, 0x40, 0x00,
+    0x00, 0xf7, 0xc6, 0x01, 0x00, 0x00, 0x00, 0x75, 0xf1, 0x0f, 0xae, 0xe8, 0x0f, 0x31, 0x48, 0xc1,
+    0xe2, 0x20, 0x48, 0x09, 0xd0, 0x48, 0x2b, 0x04, 0x25, 0x08, 0x40, 0x00, 0x00, 0x0f, 0xbe, 0x0c,
+    0x25, 0x1c, 0x40, 0x00, 0x00, 0x85, 0xc9, 0x78, 0x05, 0x48, 0xd3, 0xe0, 0xeb, 0x05, 0xf7, 0xd9,
+    0x48, 0xd3, 0xe8, 0x8b, 0x3c, 0x25, 0x18, 0x40, 0x00, 0x00, 0x48, 0xf7, 0xe7, 0x48, 0x0f, 0xac,
+    0xd0, 0x20, 0x48, 0x03, 0x04, 0x25, 0x10, 0x40, 0x00, 0x00, 0x3b, 0x34, 0x25, 0x00, 0x40, 0x00,
+    0x00, 0x75, 0xa7, 0x48, 0x89, 0xc3, 0x4c, 0x29, 0xf3, 0x49, 0x89, 0xc6, 0x48, 0x81, 0xfb, 0x80,
+    0x84, 0x1e, 0x00, 0x72, 0x95, 0x66, 0xba, 0xf8, 0x03, 0xb0, 0x67, 0xee, 0x41, 0xb8, 0x10, 0x00,
+    0x00, 0x00, 0x48, 0xc1, 0xc3, 0x04, 0x89, 0xd8, 0x83, 0xe0, 0x0f, 0x83, 0xf8, 0x0a, 0x72, 0x03,
+    0x83, 0xc0, 0x27, 0x83, 0xc0, 0x30, 0xee, 0x41, 0xff, 0xc8, 0x75, 0xe6, 0xb0, 0x0a, 0xee, 0x8b,
+    0x34, 0x25, 0x00, 0x40, 0x00, 0x00, 0xf7, 0xc6, 0x01, 0x00, 0x00, 0x00, 0x75, 0xf1, 0x0f, 0xae,
+    0xe8, 0x0f, 0x31, 0x48, 0xc1, 0xe2, 0x20, 0x48, 0x09, 0xd0, 0x48, 0x2b, 0x04, 0x25, 0x08, 0x40,
+    0x00, 0x00, 0x0f, 0xbe, 0x0c, 0x25, 0x1c, 0x40, 0x00, 0x00, 0x85, 0xc9, 0x78, 0x05, 0x48, 0xd3,
+    0xe0, 0xeb, 0x05, 0xf7, 0xd9, 0x48, 0xd3, 0xe8, 0x8b, 0x3c, 0x25, 0x18, 0x40, 0x00, 0x00, 0x48,
+    0xf7, 0xe7, 0x48, 0x0f, 0xac, 0xd0, 0x20, 0x48, 0x03, 0x04, 0x25, 0x10, 0x40, 0x00, 0x00, 0x3b,
+    0x34, 0x25, 0x00, 0x40, 0x00, 0x00, 0x75, 0xa7, 0x49, 0x89, 0xc6, 0xe9, 0x0a, 0xff, 0xff, 0xff,
+];
+
+/// The steps a clock-steps guest printed, in ms.
+fn clock_steps(log: &[u8]) -> Vec<f64> {
+    String::from_utf8_lossy(log)
+        .lines()
+        .filter_map(|l| l.strip_prefix('g'))
+        .filter_map(|h| u64::from_str_radix(h.trim(), 16).ok())
+        .map(|ns| ns as f64 / 1e6)
+        .collect()
+}
+
+fn median_range(v: &[f64]) -> String {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    format!("{:.1} ({:.1}-{:.1})", s[s.len() / 2], s[0], s[s.len() - 1])
+}
+
+/// The pause a migrated guest sees on its own clock is the downtime Tandem reports:
+/// the guest's KVM clock counts the whole downtime (the source reads it with the host's
+/// real time, the destination sets it with `KVM_CLOCK_REALTIME`), so a guest's timers
+/// and timeouts see the world's time. On this host's KVM, without the nested test host's
+/// outer emulator, the two figures can be set side by side: each migration prints
+/// Tandem's downtime, the step the guest's clock made, and their difference.
+/// `TANDEM_DOWNTIME_RUNS` sets how many migrations (default 3).
+#[test]
+fn the_guest_clock_counts_the_downtime() {
+    let runs: usize = std::env::var("TANDEM_DOWNTIME_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let dir = Scratch::new("clock");
+    let k = dir.kernel(CLOCK_STEPS_GUEST);
+    let log = dir.path("a.log");
+    let mut api_sock = dir.path("a.api");
+    let child = tandem(&[
+        "run",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--serial",
+        &format!("file={}", log.display()),
+        "--api-socket",
+        api_sock.to_str().unwrap(),
+    ])
+    .stdout(Stdio::null())
+    .spawn()
+    .unwrap();
+    let mut source = Running(child);
+    wait_for(&api_sock);
+    std::thread::sleep(Duration::from_millis(300));
+    let (mut reported, mut seen) = (Vec::new(), Vec::new());
+    for round in 0..runs {
+        let name = format!("d{round}");
+        let (dest, url, log, dest_api) = destination(&dir, &name, &[]);
+        let out = send_migration(&api_sock, &url);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "round {round}: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The result's line is the last to name a downtime (progress lines estimate it).
+        let downtime: f64 = stdout
+            .rsplit("downtime ")
+            .next()
+            .and_then(|r| r.split(" ms").next())
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no downtime in {stdout}"));
+        assert!(source.0.wait().unwrap().success());
+        // The first step the guest prints on the destination spans the migration.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let step = loop {
+            if let Some(&s) = clock_steps(&std::fs::read(&log).unwrap_or_default()).first() {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: the guest's clock made no step of 2 ms or more across a {downtime} ms downtime"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        eprintln!(
+            "round {round}: downtime {downtime:.0} ms as Tandem reports it; the guest's clock stepped {step:.1} ms ({:+.1} ms)",
+            step - downtime
+        );
+        // Tandem's figure is whole milliseconds, and ends at the destination's word
+        // that the guest runs, a little after the guest's first reading.
+        assert!(
+            step + 2.0 >= downtime,
+            "round {round}: the guest's clock stepped {step:.1} ms across a {downtime} ms downtime: it lost time"
+        );
+        reported.push(downtime);
+        seen.push(step);
+        source = dest;
+        api_sock = dest_api;
+    }
+    let diff: Vec<f64> = seen.iter().zip(&reported).map(|(s, r)| s - r).collect();
+    eprintln!(
+        "{runs} migrations, median (min-max): downtime as Tandem reports it {} ms; the step the guest's clock made {} ms; difference {} ms",
+        median_range(&reported),
+        median_range(&seen),
+        median_range(&diff)
+    );
+    let (st, _) = api(&api_sock, "PUT", "/api/v1/vm.shutdown", "");
+    assert!(st < 300);
+    let _ = source.0.wait();
+}
