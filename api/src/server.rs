@@ -30,7 +30,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::Semaphore;
 
 use crate::events::{EventHub, Subscription};
 use crate::{
@@ -65,7 +65,7 @@ enum NoAnswer {
 /// Wait for the control loop's answer: up to `first` for it to be taken (else
 /// the request is abandoned), and `grace` more once it was.
 async fn wait_answer(
-    mut answer: oneshot::Receiver<ApiResponse>,
+    mut answer: crate::Answered,
     claim: &Claim,
     first: Duration,
     grace: Duration,
@@ -360,7 +360,7 @@ async fn handle(
             }
         }
     };
-    let (reply, answer) = oneshot::channel();
+    let (reply, answer) = crate::answer_channel();
     let claim = Claim::default();
     let msg = ApiMessage {
         request: ApiRequest { endpoint, body },
@@ -474,12 +474,12 @@ mod tests {
             |rx, claim: &Claim, first, grace| rt.block_on(wait_answer(rx, claim, first, grace));
         let short = Duration::from_millis(20);
         // Nobody takes it: abandoned, and the control loop will skip it.
-        let (_tx, rx) = oneshot::channel::<ApiResponse>();
+        let (_tx, rx) = crate::answer_channel();
         let claim = Claim::default();
         assert_eq!(wait(rx, &claim, short, short), Err(NoAnswer::NotTaken));
         assert!(!claim.take(), "an abandoned request is never carried out");
         // Taken in time but never answered: the outcome is unknown.
-        let (_tx, rx) = oneshot::channel::<ApiResponse>();
+        let (_tx, rx) = crate::answer_channel();
         let claim = Claim::default();
         assert!(claim.take());
         assert_eq!(
@@ -487,7 +487,7 @@ mod tests {
             Err(NoAnswer::TakenUnanswered)
         );
         // Taken, answered during the grace period, from another thread.
-        let (tx, rx) = oneshot::channel::<ApiResponse>();
+        let (tx, rx) = crate::answer_channel();
         let claim = Claim::default();
         assert!(claim.take());
         let t = std::thread::spawn(move || {
@@ -498,7 +498,7 @@ mod tests {
         assert_eq!(r, Ok(Ok(serde_json::Value::Null)));
         t.join().unwrap();
         // The control loop went away.
-        let (tx, rx) = oneshot::channel::<ApiResponse>();
+        let (tx, rx) = crate::answer_channel();
         drop(tx);
         assert_eq!(
             wait(rx, &Claim::default(), short, short),

@@ -199,28 +199,34 @@ pub trait Stream: Read + Write + Send {
     fn has_input(&self, wait: Duration) -> io::Result<bool>;
 }
 
-/// [`Stream::has_input`] of a socket.
-fn fd_has_input(fd: RawFd, wait: Duration) -> io::Result<bool> {
-    let mut p = libc::pollfd {
+/// A pollfd waiting for input on `fd`.
+fn poll_in(fd: RawFd) -> libc::pollfd {
+    libc::pollfd {
         fd,
         events: libc::POLLIN,
         revents: 0,
-    };
-    let ms = wait.as_millis().min(i32::MAX as u128) as i32;
-    // SAFETY: `p` is one valid pollfd for the duration of the call.
-    let n = unsafe { libc::poll(&mut p, 1, ms) };
-    match n {
-        n if n < 0 => {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                Ok(false)
-            } else {
-                Err(e)
-            }
-        }
-        0 => Ok(false),
-        _ => Ok(true),
     }
+}
+
+/// poll(2) on `fds` for up to `ms` (-1: no limit): how many are ready, None when a
+/// signal interrupted the wait.
+fn poll_fds(fds: &mut [libc::pollfd], ms: i32) -> io::Result<Option<usize>> {
+    // SAFETY: `fds` is a valid slice of pollfd for the duration of the call.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return match e.kind() {
+            io::ErrorKind::Interrupted => Ok(None),
+            _ => Err(e),
+        };
+    }
+    Ok(Some(n as usize))
+}
+
+/// [`Stream::has_input`] of a socket.
+fn fd_has_input(fd: RawFd, wait: Duration) -> io::Result<bool> {
+    let ms = wait.as_millis().min(i32::MAX as u128) as i32;
+    Ok(poll_fds(&mut [poll_in(fd)], ms)?.is_some_and(|n| n > 0))
 }
 
 impl Stream for std::net::TcpStream {
@@ -263,27 +269,10 @@ pub fn connect(url: &Url) -> io::Result<Box<dyn Stream>> {
 /// Wait until `listener` has a connection, or `stop` (the VMM's signal fd) is
 /// readable: SIGTERM or Ctrl-C ends a destination still waiting for its source.
 fn wait_readable(listener: RawFd, stop: RawFd) -> io::Result<()> {
-    let mut fds = [
-        libc::pollfd {
-            fd: listener,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: stop,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
+    let mut fds = [poll_in(listener), poll_in(stop)];
     loop {
-        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
+        if poll_fds(&mut fds, -1)?.is_none() {
+            continue;
         }
         if fds[1].revents != 0 {
             return Err(io::Error::new(
