@@ -27,6 +27,30 @@ fn testhost_survives_broken_jobs() {
         "the job's namespace has br0: {}",
         o.output
     );
+    // The watchdog's second wake-up, a key press through QEMU's monitor, reaches L1 as a
+    // device interrupt (its i8042 keyboard's IRQ 1).
+    let keyboard_irqs = |s: &mut Session| -> u64 {
+        let o = s
+            .run_job(
+                "keyboard-irqs",
+                &sh("awk '$1 == \"1:\" { print $2 }' /proc/interrupts"),
+            )
+            .expect("keyboard interrupts");
+        o.output.trim().parse().unwrap_or_else(|_| {
+            panic!(
+                "no keyboard interrupt line in L1's /proc/interrupts: {:?}",
+                o.output
+            )
+        })
+    };
+    let before = keyboard_irqs(&mut s);
+    monitor_command(s.monitor_path(), "sendkey ctrl");
+    std::thread::sleep(Duration::from_millis(500));
+    let after = keyboard_irqs(&mut s);
+    assert!(
+        after > before,
+        "a key press is an interrupt in L1: {before} -> {after}"
+    );
     // A tap left behind by a job goes with the job's namespace.
     let o = s
         .run_job(
