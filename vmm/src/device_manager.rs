@@ -661,12 +661,16 @@ impl DeviceManager {
     }
 
     /// Open the functions at `paths` on a thread of their own, before any device has
-    /// them (see [`Vm::prepare`]): each is kept open off the bus until a device with
-    /// its path is added. A function that cannot be opened is left for its plug,
-    /// which says why. Returns a handle on the thread, if it started.
+    /// them (see [`Vm::prepare`] and [`Vm::create`]): each is kept open off the bus
+    /// until a device with its path is added. A function that cannot be opened is
+    /// left for its plug, which says why. `background`: the thread runs at the lowest
+    /// priority until [`OpenAhead::hurry`] (a migration's destination, which must not
+    /// slow the copy); else at the guest's. Returns a handle on the thread, if it
+    /// started.
     ///
     /// [`Vm::prepare`]: crate::vm::Vm::prepare
-    pub fn open_ahead(&mut self, paths: Vec<PathBuf>) -> Option<OpenAhead> {
+    /// [`Vm::create`]: crate::vm::Vm::create
+    pub fn open_ahead(&mut self, paths: Vec<PathBuf>, background: bool) -> Option<OpenAhead> {
         if paths.is_empty() {
             return None;
         }
@@ -685,15 +689,15 @@ impl DeviceManager {
         let opening = std::thread::Builder::new()
             .name("vfio-open".into())
             .spawn(move || {
-                // Not in the way of a migration's bulk copy: where the host has a CPU
-                // to spare it runs at full speed; where it has none (the nested test
-                // host's one CPU) it waits until the source has sent the guest's memory
-                // once, or a plug needs it ([`OpenAhead::hurry`]). Its seccomp filter is
-                // the control loop's.
+                // In the background, not in the way of a migration's bulk copy: where
+                // the host has a CPU to spare it runs at full speed; where it has none
+                // (the nested test host's one CPU) it waits until the source has sent
+                // the guest's memory once, or a plug needs it ([`OpenAhead::hurry`]).
+                // Its seccomp filter is the control loop's.
                 // SAFETY: plain syscalls on the calling thread, no memory involved.
                 tid.store(unsafe { libc::gettid() }, Ordering::SeqCst);
                 // SAFETY: as above (who 0: the calling thread).
-                if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) } != 0 {
+                if background && unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) } != 0 {
                     tracing::debug!(
                         "vfio-open: cannot lower its priority: {}",
                         std::io::Error::last_os_error()

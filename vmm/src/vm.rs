@@ -293,6 +293,14 @@ impl Vm {
         for d in cfg.devices.iter().filter(|d| d.failover.is_none()) {
             m.devices.add_vfio(&d.id, &d.path, d.slot)?;
         }
+        // Meanwhile their functions are opened, and guest RAM mapped for their DMA, on a
+        // thread of their own while the guest boots: the plug after the ack takes them
+        // over rather than opening them on the control loop, where the API would wait
+        // (2.7 s for 512 MiB in the nested test host). The old boot's functions are
+        // closed by now: the control loop stops and drops a VM before it boots again.
+        let primaries = cfg.devices.iter().filter(|d| d.failover.is_some());
+        m.devices
+            .open_ahead(primaries.map(|d| d.path.clone()).collect(), false);
 
         // vCPUs.
         let base_cpuid: CpuId = kvm_handle
@@ -338,7 +346,7 @@ impl Vm {
         open_ahead: Vec<std::path::PathBuf>,
     ) -> Result<(Prepared, Option<OpenAhead>), VmError> {
         let mut m = Machine::new(kvm_handle, memory_bytes, mem, serial, events)?;
-        let opening = m.devices.open_ahead(open_ahead);
+        let opening = m.devices.open_ahead(open_ahead, true);
         Ok((Prepared(m), opening))
     }
 
