@@ -512,8 +512,9 @@ pub enum ToLoop {
     /// answers once every failover primary is off the bus (their DMA is not in the
     /// dirty log), or why not.
     Accepted(Sender<Result<(), String>>),
-    /// Stop the guest and return its saved state (JSON), or why not.
-    Freeze(Sender<Result<Vec<u8>, String>>),
+    /// Stop the guest and return when its vCPUs had stopped and its saved state
+    /// (JSON), or why not.
+    Freeze(Sender<Result<(Instant, Vec<u8>), String>>),
     Progress(MigrationProgress),
     Paused {
         round: u32,
@@ -906,10 +907,11 @@ impl Source {
             pages_left: progress.pages_left,
         });
         let (tx, rx) = std::sync::mpsc::channel();
-        // The downtime runs from here: the control loop stops the guest first thing.
-        let paused_at = Instant::now();
+        let asked_at = Instant::now();
         self.tell(ToLoop::Freeze(tx));
-        let state = wait_answer(&rx)?;
+        // The downtime runs from the moment the guest's vCPUs had stopped (on a loaded
+        // host the control loop may take a few ms to get to it, while the guest runs).
+        let (paused_at, state) = wait_frozen(&rx)?;
         let frozen = paused_at.elapsed();
         let dirty_last = take_dirty(&self.mem, &self.vm_fd)?;
         // What was dirty at the last look and what was dirtied since.
@@ -944,8 +946,9 @@ impl Source {
         progress.downtime_ms = Some(paused_at.elapsed().as_millis() as u64);
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         tracing::info!(
-            "migration: downtime {:.1} ms: guest stopped and its state saved in {:.1}, the last {p} pages and the state sent in {:.1}, the destination built the VM in {:.1}, and ran it in {:.1}",
+            "migration: downtime {:.1} ms, from the guest's stop ({:.1} ms after the request): its state saved in {:.1}, the last {p} pages and the state sent in {:.1}, the destination built the VM in {:.1}, and ran it in {:.1}",
             ms(paused_at.elapsed()),
+            ms(paused_at.saturating_duration_since(asked_at)),
             ms(frozen),
             ms(sent - frozen),
             ms(ready - sent),
@@ -978,9 +981,11 @@ fn read_prepared(body: Vec<u8>) -> io::Result<()> {
     Ok(())
 }
 
-fn wait_answer(rx: &Receiver<Result<Vec<u8>, String>>) -> io::Result<Vec<u8>> {
+fn wait_frozen(
+    rx: &Receiver<Result<(Instant, Vec<u8>), String>>,
+) -> io::Result<(Instant, Vec<u8>)> {
     match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(Ok(state)) => Ok(state),
+        Ok(Ok(frozen)) => Ok(frozen),
         Ok(Err(e)) => Err(io::Error::other(format!("cannot stop the guest: {e}"))),
         Err(_) => Err(io::Error::other("the VMM did not stop the guest in 30 s")),
     }

@@ -256,12 +256,14 @@ impl Vmm {
                 migration::ToLoop::Freeze(reply) => {
                     let answer = match vm.freeze() {
                         Ok(was_paused) => {
+                            let stopped_at = std::time::Instant::now();
                             if let Some(m) = self.migration.as_mut() {
                                 m.frozen = Some(was_paused);
                             }
                             vm.save(&self.kvm, was_paused)
                                 .map_err(|e| e.to_string())
                                 .and_then(|st| serde_json::to_vec(&st).map_err(|e| e.to_string()))
+                                .map(|st| (stopped_at, st))
                         }
                         Err(e) => Err(e.to_string()),
                     };
