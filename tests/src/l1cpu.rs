@@ -269,6 +269,31 @@ fn threads(pid: u32) -> String {
     s
 }
 
+/// The system calls of thread `tid` over one second, counted by `strace -c` where it
+/// is installed: what a busy outer QEMU thread does (a timer firing over and over, a
+/// device's I/O, ...).
+fn syscalls(tid: u32) -> String {
+    let out = std::process::Command::new("timeout")
+        .args(["-s", "INT", "1", "strace", "-c", "-p", &tid.to_string()])
+        .stdout(std::process::Stdio::null())
+        .output();
+    match out {
+        Ok(o) if String::from_utf8_lossy(&o.stderr).contains("calls") => {
+            let text = String::from_utf8_lossy(&o.stderr);
+            let rows: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.trim().is_empty() && !l.contains("strace: Process"))
+                .take(12)
+                .collect();
+            format!(
+                "  system calls of thread {tid} over 1 s:\n    {}",
+                rows.join("\n    ")
+            )
+        }
+        _ => format!("  system calls of thread {tid}: not counted (no strace)"),
+    }
+}
+
 /// What the monitor does not show of L1's CPU, as text for the register dump: its TCG
 /// flags (found from the registers the monitor printed) and the outer QEMU's threads.
 pub fn report(pid: u32, registers: &str) -> String {
@@ -304,6 +329,9 @@ pub fn report(pid: u32, registers: &str) -> String {
         },
     }
     s += &threads(pid);
+    s.push('\n');
+    // The main loop's thread has the process's id.
+    s += &syscalls(pid);
     s.push('\n');
     s
 }
