@@ -145,6 +145,11 @@ fn testhost_survives_broken_jobs() {
         regs.contains("CPU 0/TCG"),
         "the outer QEMU's threads: {regs}"
     );
+    // (strace comes with scripts/setup.)
+    assert!(
+        regs.contains("system calls of thread") && regs.contains("usecs/call"),
+        "what the outer QEMU's main loop does: {regs}"
+    );
     let workdir = s.workdir().to_path_buf();
     drop(s);
     let _ = std::fs::remove_dir_all(&workdir);
