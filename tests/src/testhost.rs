@@ -69,7 +69,7 @@ pub struct TestHost {
     /// Longest time L1 may go without a heartbeat on its console before it counts as frozen.
     pub freeze_timeout: Duration,
     /// After this long without a heartbeat the watchdog saves L1's registers and tries to
-    /// wake it (QEMU's `stop` + `cont`, then a key press, then an NMI); None: never (see
+    /// wake it (a key press, then QEMU's `stop` + `cont`, then an NMI); None: never (see
     /// [`Session::stalls`]).
     pub stall_kick: Option<Duration>,
     /// Extra environment for the job.
@@ -640,13 +640,12 @@ impl Session {
         eprintln!("testhost: L1's CPU as the monitor shows it (L1 boots nokaslr: look RIP up in its /proc/kallsyms; the package System.map is a stub):\n{regs}");
     }
 
-    /// L1's heartbeat stopped `gap` ago: the first time, save its registers and stop and
-    /// continue its CPU through QEMU's monitor (which makes QEMU look at the CPU's pending
-    /// interrupts again); 10 s later, if it still sleeps, press a key (a device
-    /// interrupt, which makes L1's LAPIC tell the CPU again what it has pending: in the
-    /// freezes that outlived the first two kicks the CPU could take interrupts, but QEMU
-    /// had no interrupt request for it while its LAPIC held a deliverable one, see
-    /// tests/README.md); 10 s after that, an NMI.
+    /// L1's heartbeat stopped `gap` ago: the first time, save its registers and press a
+    /// key through QEMU's monitor (a device interrupt, which makes L1's LAPIC tell the
+    /// CPU again what it holds: the freeze is a halted CPU whose LAPIC has a deliverable
+    /// interrupt QEMU's TCG lost the request for, see tests/README.md); 10 s later, if
+    /// it still sleeps, stop and continue its CPU (which cured the stalls early in L1's
+    /// life); 10 s after that, an NMI.
     fn kick(&mut self, gap: Duration) {
         if self.stall.is_none() {
             eprintln!(
@@ -660,8 +659,8 @@ impl Session {
             .stall
             .get_or_insert_with(|| (Instant::now(), Vec::new()));
         let next = match kicks.len() {
-            0 => "stop/cont",
-            1 if last.elapsed() > Duration::from_secs(10) => "a key press",
+            0 => "a key press",
+            1 if last.elapsed() > Duration::from_secs(10) => "stop/cont",
             2 if last.elapsed() > Duration::from_secs(10) => "an NMI",
             _ => return,
         };
