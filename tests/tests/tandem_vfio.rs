@@ -320,9 +320,16 @@ harness::guest_test_kernels!(fn tandem_failover_pair_primary_carries_traffic(env
         return Err(err!("ping on the standby after the removal: {}\nguest: {d}\nhost: {host}\n{}", out.stdout, vm.log()).into());
     }
 
-    // Re-added into the same slot: enslaved again, traffic back on the primary.
+    // Re-added into the same slot: enslaved again, traffic back on the primary. The API
+    // removal closed its function: it is opened off the control loop, and the request
+    // answered once it is plugged.
     let added = vm.remote_args(&["add-device", &dev])?;
     assert!(added.contains("\"slot\":6") || added.contains("\"slot\": 6"), "{added}");
+    let log = vm.log();
+    assert!(
+        log.contains("vm.add-device vf0: opening") && log.contains("vm.add-device vf0: answered"),
+        "{log}"
+    );
     events.wait_for(ev("primary-plugged", "vf0"), Duration::from_secs(10))?;
     master_with_slaves(&mut agent, 2)?;
     let primary = e1000e_dev(&mut agent)?;

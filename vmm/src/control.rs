@@ -282,6 +282,17 @@ fn read_signal(fd: RawFd) -> Option<i32> {
     (n as usize == size).then_some(info.ssi_signo as i32)
 }
 
+/// A `vm.add-device` waiting for its function to be opened off the control loop.
+struct PendingAdd {
+    spec: DeviceSpec,
+    reply: api::Answer,
+    since: Instant,
+}
+
+/// How often the control loop looks whether a function being opened for a
+/// `vm.add-device` is open.
+const ADDING_POLL: Duration = Duration::from_millis(20);
+
 pub struct Vmm {
     cfg: VmConfig,
     kvm: Kvm,
@@ -295,6 +306,9 @@ pub struct Vmm {
     boots: u32,
     sockets: Vec<PathBuf>,
     pending: Vec<PendingRemoval>,
+    /// `vm.add-device` requests whose function is being opened off this loop: each is
+    /// carried out and answered once it is open.
+    adding: Vec<PendingAdd>,
     /// The failover pairs: `net_failover` decides, this loop carries it out.
     failover: Failover,
     /// Bridges being steered to primaries that just came up.
@@ -388,6 +402,7 @@ impl Vmm {
             boots: 0,
             sockets,
             pending: Vec::new(),
+            adding: Vec::new(),
             failover,
             steering: Default::default(),
             migration: None,
@@ -483,6 +498,7 @@ impl Vmm {
         let mut next_reraise = Instant::now();
         loop {
             self.expire_removals(&mut vm);
+            self.finish_adding(&mut vm);
             self.advance_hold();
             self.steering.run();
             for input in self.failover.expired_timers() {
@@ -496,6 +512,7 @@ impl Vmm {
                 .map(|p| p.deadline)
                 .chain(self.failover.next_deadline())
                 .chain(self.steering.next_deadline())
+                .chain((!self.adding.is_empty()).then(|| Instant::now() + ADDING_POLL))
                 .min();
             if vm.hotplug_pending() == (0, 0) {
                 next_reraise = Instant::now() + HOTPLUG_RERAISE;
@@ -538,6 +555,7 @@ impl Vmm {
                         let _ = self.events.reset_evt.read();
                         tracing::info!("the guest reset; booting again");
                         self.cancel_migration("the guest reset");
+                        self.abandon_adding("the guest reset before it was plugged");
                         vm.stop();
                         self.forget_old_resets();
                         self.steering.clear();
@@ -578,6 +596,7 @@ impl Vmm {
                         Some(ApiAction::Reboot) => {
                             tracing::info!("reboot requested through the API");
                             self.cancel_migration("the VM rebooted");
+                            self.abandon_adding("the VM rebooted before it was plugged");
                             // Stop first: the new boot reopens the same taps.
                             vm.stop();
                             self.forget_old_resets();
@@ -589,8 +608,15 @@ impl Vmm {
             }
             // Whoever waited has been answered: passthrough functions that left the
             // bus are quiesced, and those that nothing names any more are closed (a
-            // hidden failover primary stays open for its return).
-            let configured: Vec<_> = self.cfg.devices.iter().map(|d| d.path.clone()).collect();
+            // hidden failover primary stays open for its return, and so does a function
+            // opened for a `vm.add-device` still to be carried out).
+            let configured: Vec<_> = self
+                .cfg
+                .devices
+                .iter()
+                .map(|d| d.path.clone())
+                .chain(self.adding.iter().map(|a| a.spec.path.clone()))
+                .collect();
             vm.settle_removed(|p| configured.iter().any(|c| c == p));
         }
     }
@@ -663,7 +689,11 @@ impl Vmm {
                     None => Err(ApiError::conflict("no migration is under way")),
                 },
                 Endpoint::VmAddNet => self.add_net(vm, &msg.request.body),
-                Endpoint::VmAddDevice => self.add_device(vm, &msg.request.body),
+                Endpoint::VmAddDevice => {
+                    // Answered now, or once its function is open.
+                    self.add_device(vm, &msg.request.body, msg.reply);
+                    continue;
+                }
                 Endpoint::VmRemoveDevice => {
                     // Answered now, or once the guest releases the device.
                     self.remove_device(vm, &msg.request.body, msg.reply);
@@ -773,15 +803,100 @@ impl Vmm {
             .unwrap_or(0)
     }
 
-    /// `vm.add-device`: the body is `--device` as a JSON object.
-    fn add_device(&mut self, vm: &mut Vm, body: &serde_json::Value) -> ApiResponse {
+    /// `vm.add-device`: the body is `--device` as a JSON object. A function that is not
+    /// open yet is opened off this loop (it maps all of guest RAM for the device's DMA:
+    /// seconds for a big guest), and the request is carried out and answered once it
+    /// is; meanwhile the API answers everything else.
+    fn add_device(&mut self, vm: &mut Vm, body: &serde_json::Value, reply: api::Answer) {
+        let spec = match self.device_spec(body) {
+            Ok(spec) => spec,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        // What the plug would refuse, refused before anything is opened (a failover
+        // primary's slot is checked when it is added below).
+        let slot = spec.slot.filter(|_| spec.failover.is_none());
+        if let Err(e) = vm.devices().check_vfio_add(&spec.id, &spec.path, slot) {
+            let _ = reply.send(Err(add_failed(e.into())));
+            return;
+        }
+        if vm.open_for_plug(&spec.path) {
+            tracing::info!(
+                "vm.add-device {}: opening {} off the control loop; answered once it is plugged",
+                spec.id,
+                spec.path.display()
+            );
+            self.adding.push(PendingAdd {
+                spec,
+                reply,
+                since: Instant::now(),
+            });
+            return;
+        }
+        let _ = reply.send(self.add_device_spec(vm, spec));
+    }
+
+    /// A `vm.add-device` body as a device, checked against the VM's configuration and
+    /// the requests still being carried out.
+    fn device_spec(&self, body: &serde_json::Value) -> Result<DeviceSpec, ApiError> {
         let kv = api::json_to_kv(api::SpecBody::Device, body).map_err(ApiError::bad_request)?;
-        let mut n = self.cfg.devices.len();
-        while self.cfg.devices.iter().any(|d| d.id == format!("dev{n}")) {
+        let mut n = self.cfg.devices.len() + self.adding.len();
+        let taken = |id: &str| {
+            self.cfg.devices.iter().any(|d| d.id == id)
+                || self.adding.iter().any(|a| a.spec.id == id)
+        };
+        while taken(&format!("dev{n}")) {
             n += 1;
         }
         let spec = config::parse_device(&kv, n).map_err(refused)?;
-        self.add_device_spec(vm, spec)
+        if let Some(a) = self
+            .adding
+            .iter()
+            .find(|a| a.spec.id == spec.id || a.spec.path == spec.path)
+        {
+            return Err(ApiError::conflict(format!(
+                "--device {}: {} is being added as {} already",
+                spec.id,
+                a.spec.path.display(),
+                a.spec.id
+            )));
+        }
+        let mut all = self.cfg.devices.clone();
+        all.extend(self.adding.iter().map(|a| a.spec.clone()));
+        all.push(spec.clone());
+        config::check_devices(&self.cfg.nets, &all).map_err(refused)?;
+        config::check_vfio_host(&spec).map_err(refused)?;
+        config::check_primary_mac(&spec, &self.cfg.nets).map_err(refused)?;
+        Ok(spec)
+    }
+
+    /// Carry out and answer the `vm.add-device` requests whose functions are open (or
+    /// could not be: the plug opens them again and says why).
+    fn finish_adding(&mut self, vm: &mut Vm) {
+        if self.adding.is_empty() || vm.is_opening() {
+            return;
+        }
+        for a in std::mem::take(&mut self.adding) {
+            let id = a.spec.id.clone();
+            let answer = self.add_device_spec(vm, a.spec);
+            tracing::info!(
+                "vm.add-device {id}: answered {} ms after the request",
+                a.since.elapsed().as_millis()
+            );
+            let _ = a.reply.send(answer);
+        }
+    }
+
+    /// The `vm.add-device` requests still waiting for their functions get `why`.
+    fn abandon_adding(&mut self, why: &str) {
+        for a in std::mem::take(&mut self.adding) {
+            let _ = a.reply.send(Err(ApiError::conflict(format!(
+                "--device {}: not added: {why}; add it again",
+                a.spec.id
+            ))));
+        }
     }
 
     /// Adds the passthrough device `spec` (checked here against what the VM has): a

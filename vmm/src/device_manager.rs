@@ -516,14 +516,14 @@ impl DeviceManager {
             .collect()
     }
 
-    /// Open a host PCI function through VFIO and put it in its slot.
-    pub fn add_vfio(
-        &mut self,
+    /// Whether the function at `path` may be passed through as `id` (in `slot`, if
+    /// given): the id and slot free, the function not passed through already.
+    pub fn check_vfio_add(
+        &self,
         id: &str,
         path: &Path,
         slot: Option<usize>,
-    ) -> Result<usize, DeviceError> {
-        let started = std::time::Instant::now();
+    ) -> Result<(), DeviceError> {
         self.check_free(id, slot)?;
         if let Some(e) = self
             .entries
@@ -535,6 +535,18 @@ impl DeviceManager {
                 what: format!("{} is already passed through as {}", path.display(), e.id),
             });
         }
+        Ok(())
+    }
+
+    /// Open a host PCI function through VFIO and put it in its slot.
+    pub fn add_vfio(
+        &mut self,
+        id: &str,
+        path: &Path,
+        slot: Option<usize>,
+    ) -> Result<usize, DeviceError> {
+        let started = std::time::Instant::now();
+        self.check_vfio_add(id, path, slot)?;
         self.park_leaving();
         self.take_opened(true);
         let parked = self
@@ -724,6 +736,23 @@ impl DeviceManager {
                 None
             }
         }
+    }
+
+    /// Start opening the function at `path` on the open-ahead thread, for a plug that
+    /// follows once it is open ([`DeviceManager::is_opening`] false): true if started.
+    /// False when it is open already (kept off the bus), or another opening is under
+    /// way (the plug then opens it, or waits for that one).
+    pub fn open_for_plug(&mut self, path: &Path) -> bool {
+        if self.is_kept_open(path) || self.opening.is_some() {
+            return false;
+        }
+        self.open_ahead(vec![path.to_path_buf()], false).is_some()
+    }
+
+    /// Whether functions are being opened ahead; takes over the opened ones once done.
+    pub fn is_opening(&mut self) -> bool {
+        self.take_opened(false);
+        self.opening.is_some()
     }
 
     /// Take over what [`DeviceManager::open_ahead`] opened: waits for it if `wait`,

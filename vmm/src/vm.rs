@@ -537,6 +537,17 @@ impl Vm {
         self.vcpu_threads.len()
     }
 
+    /// Start opening the passthrough function at `path` off the control loop, for a
+    /// plug once it is open (see [`DeviceManager::open_for_plug`]).
+    pub fn open_for_plug(&mut self, path: &std::path::Path) -> bool {
+        self.devices.open_for_plug(path)
+    }
+
+    /// Whether passthrough functions are being opened off the control loop.
+    pub fn is_opening(&mut self) -> bool {
+        self.devices.is_opening()
+    }
+
     pub fn devices(&self) -> &DeviceManager {
         &self.devices
     }

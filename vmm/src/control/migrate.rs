@@ -48,6 +48,11 @@ impl Vmm {
                 "a device removal is waiting for the guest: migrate once it is done",
             ));
         }
+        if !self.adding.is_empty() {
+            return Err(ApiError::conflict(
+                "a device is being added (its function is being opened): migrate once it is done",
+            ));
+        }
         for p in self.failover.machine.pairs() {
             let Some((id, _, st)) = p.primary else {
                 continue;
