@@ -95,6 +95,25 @@ fn destination(dir: &Scratch, name: &str, extra: &[&str]) -> (Running, PathBuf, 
     (r, url, log, api_sock)
 }
 
+/// Round `round` of a series: a fresh destination `d<round>`, and the guest sent to it
+/// from the VMM at `api_sock`, which must succeed. Returns the destination, its console
+/// log and API socket, and what `send-migration` printed.
+fn migrate_round(
+    dir: &Scratch,
+    api_sock: &Path,
+    round: usize,
+) -> (Running, PathBuf, PathBuf, String) {
+    let (dest, url, log, dest_api) = destination(dir, &format!("d{round}"), &[]);
+    let out = send_migration(api_sock, &url);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "round {round}: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (dest, log, dest_api, stdout)
+}
+
 fn send_migration(api_sock: &Path, url: &Path) -> Output {
     run_bounded(
         tandem(&[
@@ -148,15 +167,7 @@ fn live_migration_there_and_back() {
     wait_growth(&logs[0], "after a refused migration");
 
     for round in 0..3 {
-        let name = format!("d{round}");
-        let (dest, url, log, dest_api) = destination(&dir, &name, &[]);
-        let out = send_migration(&api_sock, &url);
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "round {round}: {stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (dest, log, dest_api, stdout) = migrate_round(&dir, &api_sock, round);
         assert!(
             stdout.contains("migration to unix:") && stdout.contains("completed in"),
             "{stdout}"
@@ -384,15 +395,7 @@ fn the_guest_clock_counts_the_downtime() {
     std::thread::sleep(Duration::from_millis(300));
     let (mut reported, mut seen) = (Vec::new(), Vec::new());
     for round in 0..runs {
-        let name = format!("d{round}");
-        let (dest, url, log, dest_api) = destination(&dir, &name, &[]);
-        let out = send_migration(&api_sock, &url);
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "round {round}: {stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (dest, log, dest_api, stdout) = migrate_round(&dir, &api_sock, round);
         // The result's line is the last to name a downtime (progress lines estimate it).
         let downtime: f64 = stdout
             .rsplit("downtime ")
