@@ -277,20 +277,29 @@ fn syscalls(tid: u32) -> String {
         .args(["-s", "INT", "1", "strace", "-c", "-p", &tid.to_string()])
         .stdout(std::process::Stdio::null())
         .output();
-    match out {
-        Ok(o) if String::from_utf8_lossy(&o.stderr).contains("calls") => {
-            let text = String::from_utf8_lossy(&o.stderr);
-            let rows: Vec<&str> = text
-                .lines()
-                .filter(|l| !l.trim().is_empty() && !l.contains("strace: Process"))
-                .take(12)
-                .collect();
-            format!(
-                "  system calls of thread {tid} over 1 s:\n    {}",
-                rows.join("\n    ")
-            )
-        }
-        _ => format!("  system calls of thread {tid}: not counted (no strace)"),
+    let o = match out {
+        Ok(o) => o,
+        Err(e) => return format!("  system calls of thread {tid}: not counted ({e})"),
+    };
+    let text = String::from_utf8_lossy(&o.stderr);
+    if text.contains("usecs/call") {
+        let rows: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.contains("strace: Process"))
+            .take(12)
+            .collect();
+        format!(
+            "  system calls of thread {tid} over 1 s:\n    {}",
+            rows.join("\n    ")
+        )
+    } else if text.contains("attached") {
+        // strace prints no table for a thread that made no system call.
+        format!("  system calls of thread {tid} over 1 s: none")
+    } else {
+        format!(
+            "  system calls of thread {tid}: not counted ({})",
+            text.lines().next().unwrap_or("strace printed nothing")
+        )
     }
 }
 

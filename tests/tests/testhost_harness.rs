@@ -150,9 +150,9 @@ fn testhost_survives_broken_jobs() {
         regs.contains("CPU 0/TCG"),
         "the outer QEMU's threads: {regs}"
     );
-    // (strace comes with scripts/setup.)
+    // (strace comes with scripts/setup; a stopped QEMU's main loop may make none.)
     assert!(
-        regs.contains("system calls of thread") && regs.contains("usecs/call"),
+        regs.contains("system calls of thread") && !regs.contains("not counted"),
         "what the outer QEMU's main loop does: {regs}"
     );
     let workdir = s.workdir().to_path_buf();
