@@ -8,7 +8,7 @@
 //! virtual-interrupt masking left on. Those live in `hflags`/`hflags2` of QEMU's
 //! `CPUX86State`, which starts with the sixteen general registers and RIP, followed by
 //! `eflags`, three condition-code words, `cc_op`, `df`, `hflags` and `hflags2`
-//! (`target/i386/cpu.h`, QEMU 7.2 to 10). The monitor prints the registers, so the
+//! (QEMU 10.0's `target/i386/cpu.h`). The monitor prints the registers, so the
 //! structure is found by looking for those seventeen values in the outer QEMU's memory
 //! (`/proc/PID/mem`; the harness runs as root). Debian's QEMU has no symbols to ask a
 //! debugger for them.
@@ -69,29 +69,33 @@ fn pattern(registers: &str) -> Option<Vec<u8>> {
     Some(p)
 }
 
-/// Addresses in process `pid` where `pat` starts at an 8-byte boundary (at most 8).
-fn find(pid: u32, pat: &[u8]) -> Result<Vec<u64>, String> {
+/// The mappings of process `pid`: (start, end, writable).
+fn mappings(pid: u32) -> Result<Vec<(u64, u64, bool)>, String> {
     let maps = fs::read_to_string(format!("/proc/{pid}/maps"))
         .map_err(|e| format!("/proc/{pid}/maps: {e}"))?;
+    Ok(maps
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (a, b) = f.next()?.split_once('-')?;
+            let rw = f.next()?.starts_with("rw");
+            Some((
+                u64::from_str_radix(a, 16).ok()?,
+                u64::from_str_radix(b, 16).ok()?,
+                rw,
+            ))
+        })
+        .collect())
+}
+
+/// Addresses in process `pid` where `pat` starts at an 8-byte boundary (at most 8).
+fn find(pid: u32, pat: &[u8]) -> Result<Vec<u64>, String> {
     let mem =
         fs::File::open(format!("/proc/{pid}/mem")).map_err(|e| format!("/proc/{pid}/mem: {e}"))?;
     let mut found = Vec::new();
     const CHUNK: u64 = 8 << 20;
-    for line in maps.lines() {
-        let mut f = line.split_whitespace();
-        let (Some(range), Some(perms)) = (f.next(), f.next()) else {
-            continue;
-        };
-        if !perms.starts_with("rw") {
-            continue;
-        }
-        let Some((a, b)) = range.split_once('-') else {
-            continue;
-        };
-        let (Ok(start), Ok(end)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else {
-            continue;
-        };
-        if end - start > MAX_REGION {
+    for (start, end, rw) in mappings(pid)? {
+        if !rw || end - start > MAX_REGION {
             continue;
         }
         let mut at = start;
@@ -123,7 +127,12 @@ fn find(pid: u32, pat: &[u8]) -> Result<Vec<u64>, String> {
 /// thread's id `tid` as `thread_id`, with the fields around it as a live CPU has them.
 fn interrupt_request(pid: u32, mem: &fs::File, env: u64, tid: u32) -> Option<u32> {
     // Not below the start of the mapping that holds `env`.
-    let from = (env.saturating_sub(CPUSTATE_SPAN) & !7).max(mapping_start(pid, env)?);
+    let start = mappings(pid)
+        .ok()?
+        .into_iter()
+        .find(|&(a, b, _)| a <= env && env < b)?
+        .0;
+    let from = (env.saturating_sub(CPUSTATE_SPAN) & !7).max(start);
     let mut buf = vec![0u8; (env - from) as usize];
     mem.read_exact_at(&mut buf, from).ok()?;
     let u32_at = |o: u64| -> Option<u32> {
@@ -147,19 +156,6 @@ fn interrupt_request(pid: u32, mem: &fs::File, env: u64, tid: u32) -> Option<u32
         }
     }
     None
-}
-
-/// Where the mapping of process `pid` that holds `addr` starts.
-fn mapping_start(pid: u32, addr: u64) -> Option<u64> {
-    let maps = fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
-    maps.lines().find_map(|l| {
-        let (a, b) = l.split_whitespace().next()?.split_once('-')?;
-        let (a, b) = (
-            u64::from_str_radix(a, 16).ok()?,
-            u64::from_str_radix(b, 16).ok()?,
-        );
-        (a <= addr && addr < b).then_some(a)
-    })
 }
 
 /// `CPUState.interrupt_request` in words.

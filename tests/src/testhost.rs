@@ -658,19 +658,20 @@ impl Session {
         let (last, kicks) = self
             .stall
             .get_or_insert_with(|| (Instant::now(), Vec::new()));
-        let next = match kicks.len() {
-            0 => "a key press",
-            1 if last.elapsed() > Duration::from_secs(10) => "stop/cont",
-            2 if last.elapsed() > Duration::from_secs(10) => "an NMI",
-            _ => return,
+        // (what the log calls it, the monitor command), 10 s apart. The key press is a
+        // device interrupt: L1's keyboard (i8042, IRQ 1) through the IOAPIC to the LAPIC,
+        // which then tells the CPU again what it has pending.
+        const KICKS: [(&str, &str); 3] = [
+            ("a key press", "sendkey ctrl"),
+            ("stop/cont", "stop\ncont"),
+            ("an NMI", "nmi"),
+        ];
+        let Some(&(next, cmd)) = KICKS.get(kicks.len()) else {
+            return;
         };
-        let cmd = match next {
-            "stop/cont" => "stop\ncont",
-            // A device interrupt: L1's keyboard (i8042, IRQ 1) through the IOAPIC
-            // to the LAPIC, which then tells the CPU again what it has pending.
-            "a key press" => "sendkey ctrl",
-            _ => "nmi",
-        };
+        if !kicks.is_empty() && last.elapsed() <= Duration::from_secs(10) {
+            return;
+        }
         let _ = monitor_command(&self.monitor, cmd);
         eprintln!("testhost: sent L1 {next}");
         *last = Instant::now();
